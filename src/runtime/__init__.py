@@ -1,0 +1,1 @@
+"""Memory tiers, expert movement and offloaded execution (host store, slot cache, policy, prefetch)."""
