@@ -395,7 +395,8 @@ class NemotronHConfig:
             out["attention"] -= linear(2 * n_a, q, d) + linear(2 * n_a, kv, d)
             if self.moe_latent_size is not None:
                 out["latent_proj"] -= linear(2 * n_e, self.moe_latent_size, d)
-            out["shared_experts"] -= linear(2 * n_e * self.n_shared_experts, self.moe_shared_expert_intermediate_size, d)
+            shared = self.moe_shared_expert_intermediate_size
+            out["shared_experts"] -= linear(2 * n_e * self.n_shared_experts, shared, d)
             out["mlp"] -= linear(2 * n_d, self.intermediate_size, d)
         return out
 
@@ -430,11 +431,18 @@ class NemotronHConfig:
         return (
             f"Nemotron-H: {self.num_layers} layers ({len(self.mamba_layers)} Mamba, {len(self.attention_layers)} "
             f"attention, {self.num_moe_layers} MoE), {self.n_routed_experts} experts top-{self.num_experts_per_tok}, "
-            f"hidden {self.hidden_size}, latent {self.moe_latent_size}, {self.total_params / 1e9:.2f}B params"
+            f"hidden {self.hidden_size}, latent {self.moe_latent_size}, {_count(self.total_params)} params"
         )
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
 
 
 def _ceil_div(a: int, b: int) -> int:

@@ -87,7 +87,9 @@ def load_json(path: str | Path, kind: str, max_version: int, fingerprint: str | 
     try:
         obj = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FileFormatError(f"{path}: not valid JSON ({exc}); the file is truncated or corrupt, regenerate it") from exc
+        raise FileFormatError(
+            f"{path}: not valid JSON ({exc}); the file is truncated or corrupt, regenerate it"
+        ) from exc
     return check_header(obj, path, kind, max_version, fingerprint)
 
 

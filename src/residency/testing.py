@@ -53,7 +53,9 @@ def tiny_config(**overrides: Any) -> NemotronHConfig:
     return NemotronHConfig(**values)
 
 
-def random_weights(config: NemotronHConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def random_weights(
+    config: NemotronHConfig, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
     """Deterministic random tensors for every backbone tensor name of ``config``."""
     gen = torch.Generator().manual_seed(seed)
     out: dict[str, torch.Tensor] = {}
@@ -72,7 +74,6 @@ def _init(name: str, shape: tuple[int, ...], c: NemotronHConfig, gen: torch.Gene
     def uniform(lo: float, hi: float) -> torch.Tensor:
         return lo + (hi - lo) * torch.rand(shape, generator=gen)
 
-    leaf = name.rsplit(".", 2)[-2] if name.endswith(".weight") or name.endswith(".bias") else name.rsplit(".", 1)[-1]
     if name.endswith("norm.weight") or name.endswith("norm_f.weight"):
         return 1.0 + normal(0.1)
     if name.endswith("embeddings.weight"):
@@ -96,7 +97,6 @@ def _init(name: str, shape: tuple[int, ...], c: NemotronHConfig, gen: torch.Gene
         w = normal(1.0 / math.sqrt(shape[1]))
         w[-c.mamba_num_heads:] *= 0.3  # dt rows: keep softplus(dt + dt_bias) well above time_step_min
         return w
-    del leaf
     return normal(1.0 / math.sqrt(shape[-1]))
 
 
