@@ -125,3 +125,10 @@ def test_router_bias_stays_fp32_in_bf16(tiny_checkpoint):
     assert mixer.experts.up_proj.dtype == torch.bfloat16
     logits = model(torch.randint(0, 259, (1, 9)))
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+def test_progress_bar_when_asked(tiny_checkpoint, capsys):
+    OffloadedNemotron.from_pretrained(tiny_checkpoint, device="cpu", progress=True)
+    assert "loading weights" in capsys.readouterr().err
+    OffloadedNemotron.from_pretrained(tiny_checkpoint, device="cpu")  # small checkpoint: no bar by default
+    assert "loading weights" not in capsys.readouterr().err
