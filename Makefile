@@ -20,7 +20,7 @@ demo: setup
 	$(VENV)/bin/residency demo
 
 lint: setup
-	$(VENV)/bin/ruff check src tests examples
+	$(VENV)/bin/ruff check src tests $(wildcard examples benchmarks)
 
 test: setup lint
 	$(PY) -m pytest -q
