@@ -9,7 +9,7 @@ import sys
 from .errors import ResidencyError
 
 # Modules that each define ``register(subparsers)``; a sub-command stores its handler as ``func``.
-COMMAND_MODULES = ("residency.cli_model", "residency.cli_plan")
+COMMAND_MODULES = ("residency.cli_model", "residency.cli_plan", "residency.cli_profile")
 
 
 def build_parser() -> argparse.ArgumentParser:
