@@ -286,22 +286,21 @@ class ResidentExperts(nn.Module):
     def forward(
         self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, pair_norms: torch.Tensor | None = None
     ) -> torch.Tensor:
-        out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+        tokens, k = ids.shape
         flat = ids.reshape(-1)
         order = torch.argsort(flat, stable=True)
         experts, counts = torch.unique_consecutive(flat[order], return_counts=True)
-        k = ids.shape[1]
+        pair_out = torch.empty(tokens * k, x.shape[1], dtype=torch.float32, device=x.device)  # [T*k, L]
         start = 0
         for expert, count in zip(experts.tolist(), counts.tolist()):
             pairs = order[start:start + count]
             start += count
-            tokens = pairs // k
-            h = relu2(F.linear(x[tokens], self.up_proj[expert]))
-            y = F.linear(h, self.down_proj[expert])  # [n, L]
-            if pair_norms is not None:
-                pair_norms.view(-1)[pairs] = y.float().norm(dim=-1)
-            out.index_add_(0, tokens, y.float() * weights.reshape(-1)[pairs, None])
-        return out
+            h = relu2(F.linear(x[pairs // k], self.up_proj[expert]))
+            pair_out[pairs] = F.linear(h, self.down_proj[expert]).float()
+        if pair_norms is not None:
+            pair_norms.copy_(pair_out.norm(dim=-1).view(tokens, k))
+        # weighted sum over k in fp32, in a fixed order
+        return (pair_out.view(tokens, k, -1) * weights.float()[..., None]).sum(1)
 
 
 def route_tokens(

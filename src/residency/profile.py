@@ -365,11 +365,16 @@ class ProfileObserver(MoEObserver):
                       if co_activation else None)
         self.reset()
 
+    @property
+    def counts(self) -> torch.Tensor:
+        """``[2, layers, experts]`` selections of the current prompt."""
+        return self.acc[:, :, 0]
+
     def reset(self) -> None:
         """Start a new prompt."""
-        self.counts = torch.zeros(self.shape, dtype=torch.float64, device=self.device)
-        self.mass = torch.zeros(self.shape, dtype=torch.float64, device=self.device)
-        self.saliency = torch.zeros(self.shape, dtype=torch.float64, device=self.device)
+        phases, layers, experts = self.shape
+        # [phase, layer, (count, gate mass, saliency sum), expert]: one index_add per routing event
+        self.acc = torch.zeros(phases, layers, 3, experts, dtype=torch.float64, device=self.device)
         self.tokens = [0, 0]
         self.steps: list[tuple[bool, list[tuple[torch.Tensor, torch.Tensor] | None]]] = []
 
@@ -378,10 +383,8 @@ class ProfileObserver(MoEObserver):
         ids = event.ids.reshape(-1)
         w = event.weights.reshape(-1).double()
         m = event.moe_index
-        self.counts[phase, m].index_add_(0, ids, torch.ones_like(w))
-        self.mass[phase, m].index_add_(0, ids, w)
-        if event.pair_norms is not None:
-            self.saliency[phase, m].index_add_(0, ids, w * event.pair_norms.reshape(-1).double())
+        norms = event.pair_norms.reshape(-1).double() if event.pair_norms is not None else torch.zeros_like(w)
+        self.acc[phase, m].index_add_(1, ids, torch.stack([torch.ones_like(w), w, w * norms]))
         if m == 0:
             self.tokens[phase] += int(event.ids.shape[0])
             if self.record_trace:
@@ -493,9 +496,10 @@ def profile_model(
                 model.generate(x, max_new_tokens=decode_tokens + 1, temperature=0, stop_at_eos=False)
             else:
                 net(x)
-            counts.append(obs.counts.float().cpu())
-            mass.append(obs.mass.float().cpu())
-            sal.append(obs.saliency.float().cpu())
+            acc = obs.acc.float().cpu()
+            counts.append(acc[:, :, 0])
+            mass.append(acc[:, :, 1])
+            sal.append(acc[:, :, 2])
             tokens.append(torch.tensor(obs.tokens, dtype=torch.int64))
             if trace:
                 i, w, d = obs.trace_rows()
