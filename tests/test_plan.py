@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,11 +50,9 @@ def skewed_profile(config, tokens=4000, seed=0, skew=1.2):
 
 
 @pytest.mark.parametrize("gpu", ["RTX 4090", "H100 PCIe", "DGX Spark"])
-def test_super_plans_without_weights_or_gpu_in_under_a_second(super_config, gpu):
-    start = time.perf_counter()
+def test_super_plans_without_weights_or_gpu(super_config, gpu):
+    # how long this takes is measured by benchmarks/bench_plan.py (docs/benchmarks/planning.md)
     plan = plan_residency(super_config, gpu)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 1.0, f"planning for {gpu} took {elapsed:.2f} s"
     assert plan.fingerprint == super_config.fingerprint()
     assert plan.planned_device_bytes() <= plan.budget["vram_bytes"] == lookup_gpu(gpu).usable_bytes
     assert 0 < plan.hit_rate <= 1 and plan.tokens_per_s > 0

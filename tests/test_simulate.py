@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -239,12 +238,9 @@ def test_synthetic_trace_rejects_bad_parameters():
 
 
 @pytest.mark.slow
-def test_ten_thousand_tokens_over_forty_layers_simulate_in_seconds(super_config):
+def test_ten_thousand_tokens_over_forty_layers_replay_completely(super_config):
+    # the speed of this replay is measured by benchmarks/bench_simulate.py (docs/benchmarks/simulator.md)
     trace = synthetic_trace(super_config, 10_000, skew=1.0, locality=0.3, seed=0)
     plan = plan_residency(super_config, "RTX 4090", trace=trace, miss_path="copy")
-    simulate(plan, synthetic_trace(super_config, 20, seed=1), policy="lru")  # compile outside the timing
-    start = time.perf_counter()
     result = simulate(plan, trace, policy="lru")
-    elapsed = time.perf_counter() - start
     assert int(result.counters["hits"].sum() + result.counters["misses"].sum()) == 10_000 * 40 * 22
-    assert elapsed < 10.0, f"{elapsed:.1f} s"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import torch
 
@@ -61,11 +59,10 @@ def test_constant_routing_is_all_previous_token():
     assert np.allclose(stats.reused_from_previous, 0.9) and np.allclose(stats.reused_within_8, 0.9)
 
 
-def test_large_trace_is_fast():
+def test_large_trace():
     tokens, layers, experts, k = 10_000, 40, 512, 22
     ids = torch.rand(tokens, layers, experts).argsort(-1)[..., :k]
     trace = RoutingTrace(ids=ids, weights=torch.rand(tokens, layers, k), prompt_offsets=torch.tensor([0, tokens]),
                          is_decode=torch.zeros(tokens, dtype=torch.bool), num_experts=experts, fingerprint="t")
-    start = time.perf_counter()
-    temporal_stats(trace)
-    assert time.perf_counter() - start < 10  # generous: about 1 s on a 2-core CI machine
+    stats = temporal_stats(trace)  # about 1 s on a 2-core CPU (vectorised per layer)
+    assert (stats.histogram.sum(1) == tokens * k).all()
