@@ -51,6 +51,7 @@ def run_demo(args: argparse.Namespace) -> int:
         folder = write_tiny_checkpoint(args.dir or Path(tmp) / "tiny-nemotron-h")
         model = OffloadedNemotron.from_pretrained(folder, device="cpu")
         print(f"tiny model: {model.config.describe()} at {folder}")
+        print("(random weights: the text is noise; the demo shows the pipeline and its speed)")
         ids = model.encode(args.prompt)
         out = model.generate(ids, max_new_tokens=args.max_new_tokens, temperature=0.8, seed=args.seed,
                              stop_at_eos=False)
