@@ -14,12 +14,12 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+from _machine import cpu_model, git_commit
 
 from residency.cli_plan import resolve_config
 from residency.plan import plan_residency
@@ -54,13 +54,8 @@ def main() -> int:
                          "tokens_per_s": plan.tokens_per_s, "bound": plan.predicted["bound"]})
             print(f"{gpu:12s} {source:15s} {seconds * 1e3:8.1f} ms  predicted hit rate {plan.hit_rate:.3f}, "
                   f"{plan.tokens_per_s:.1f} tok/s ({plan.predicted['bound']}-bound)")
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor() or "unknown")
+    commit = git_commit()
+    cpu = cpu_model()
     env = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "cpu": cpu, "python": platform.python_version(),
            "numpy": np.__version__, "commit_measured": commit, "repeats": args.repeats}
     if args.out:

@@ -14,13 +14,13 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from _machine import cpu_model, git_commit
 
 from residency import OffloadedNemotron
 from residency.profile import ProfileObserver
@@ -51,16 +51,6 @@ def time_pair(model: OffloadedNemotron, seq: int, repeats: int) -> tuple[float, 
     return statistics.median(plain), statistics.median(profiled)
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md")
@@ -78,13 +68,9 @@ def main() -> int:
                              "ratio": profiled / plain})
                 print(f"{name:45s} {seq:5d} tokens: plain {plain * 1e3:8.2f} ms, profiled {profiled * 1e3:8.2f} ms, "
                       f"ratio {profiled / plain:.3f}")
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    commit = git_commit()
     env = {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "cpu": cpu_name(),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "cpu": cpu_model(),
         "cores": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__,
         "commit_measured": commit, "repeats": args.repeats,
     }

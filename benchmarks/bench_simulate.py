@@ -25,6 +25,7 @@ from pathlib import Path
 import numba
 import numpy as np
 import torch
+from _machine import cpu_model
 
 from residency import __version__
 from residency.cli_plan import resolve_config
@@ -32,16 +33,6 @@ from residency.plan import plan_residency
 from residency.simulate import reference_replay, simulate, static_set_for, synthetic_trace
 
 POLICIES = ("static", "lru", "lfu", "hybrid")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def best_of(fn, repeats: int) -> tuple[float, object]:
