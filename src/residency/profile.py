@@ -373,17 +373,18 @@ class ProfileObserver(MoEObserver):
     def reset(self) -> None:
         """Start a new prompt."""
         phases, layers, experts = self.shape
-        # [phase, layer, (count, gate mass, saliency sum), expert]: one index_add per routing event
-        self.acc = torch.zeros(phases, layers, 3, experts, dtype=torch.float64, device=self.device)
+        # [phase, layer, (count, gate mass, saliency sum), expert]: one index_add per routing event.
+        # float32 (the stored precision) keeps the per-event cost low; counts stay exact below 2^24.
+        self.acc = torch.zeros(phases, layers, 3, experts, dtype=torch.float32, device=self.device)
         self.tokens = [0, 0]
         self.steps: list[tuple[bool, list[tuple[torch.Tensor, torch.Tensor] | None]]] = []
 
     def on_routing(self, event: RoutingEvent) -> None:
         phase = int(event.is_decode)
         ids = event.ids.reshape(-1)
-        w = event.weights.reshape(-1).double()
+        w = event.weights.reshape(-1).float()
         m = event.moe_index
-        norms = event.pair_norms.reshape(-1).double() if event.pair_norms is not None else torch.zeros_like(w)
+        norms = event.pair_norms.reshape(-1) if event.pair_norms is not None else torch.zeros_like(w)
         self.acc[phase, m].index_add_(1, ids, torch.stack([torch.ones_like(w), w, w * norms]))
         if m == 0:
             self.tokens[phase] += int(event.ids.shape[0])
