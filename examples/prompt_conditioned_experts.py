@@ -51,11 +51,15 @@ def main(argv: list[str] | None = None) -> int:
     cmp = code_profile.compare(prose_profile)
     print(f"\ntop-{cmp['top_n']} Jaccard per MoE layer, code vs prose: "
           + ", ".join(f"{j:.2f}" for j in cmp["jaccard"]) + f" (mean {cmp['mean_jaccard']:.2f})")
+    print("share of code's gate mass on prose's top experts, per layer: "
+          + ", ".join(f"{100 * s:.0f}%" for s in cmp["self_mass_in_other_top"]))
 
     both = Profile.merge([code_profile, prose_profile])
     print(f"merged: {both.num_prompts} prompts, {both.tokens} tokens")
     print("\nre-use of experts across tokens in the code trace:")
     print(temporal_stats(code_trace).table())
+    print("the same for decoded tokens only (what a decode-time expert cache sees):")
+    print(temporal_stats(code_trace, phase="decode").table())
 
     try:
         from residency import plots

@@ -32,6 +32,20 @@ def test_profile_then_show(tiny_checkpoint, prompt_file, tmp_path, capsys):
     assert RoutingTrace.load(trace, profile.fingerprint).num_tokens == profile.tokens
     assert main(["profile", "show", str(out)]) == 0
     assert "mean effective experts" in capsys.readouterr().out
+    assert main(["profile", "show", str(out), "--trace", str(trace), "--phase", "decode"]) == 0
+    text = capsys.readouterr().out
+    assert "(decode tokens only)" in text and "6 tokens (0 prefill, 6 decode)" in text and "median" in text
+
+
+def test_compare(tiny_checkpoint, prompt_file, tmp_path, capsys):
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    assert main(["profile", "--model", str(tiny_checkpoint), "--prompts", str(prompt_file), "--out", str(a)]) == 0
+    Profile.load(a).select([0]).save(b)
+    capsys.readouterr()
+    assert main(["profile", "compare", str(a), str(b), "--top-n", "6"]) == 0
+    text = capsys.readouterr().out
+    assert "top-6 experts by gate mass" in text and "mean Jaccard" in text
+    assert main(["profile", "compare", str(a)]) == 2
 
 
 def test_profile_errors(tiny_checkpoint, tmp_path, capsys):
@@ -41,6 +55,8 @@ def test_profile_errors(tiny_checkpoint, tmp_path, capsys):
                  str(tmp_path / "p")]) == 2
     assert "'text', 'prompt' or 'input_ids'" in capsys.readouterr().err
     assert main(["profile", "--model", str(tiny_checkpoint)]) == 2
-    assert "missing --prompts, --out" in capsys.readouterr().out
+    assert "missing --prompts, --out" in capsys.readouterr().err
+    assert main(["profile", "shw", "x"]) == 2
+    assert "unknown or incomplete action 'shw x'" in capsys.readouterr().err
     assert main(["profile", "show", str(tmp_path / "none.safetensors")]) == 2
     assert "no such file" in capsys.readouterr().err

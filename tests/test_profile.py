@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from residency.errors import ResidencyError
 from residency.model import MoEObserver
 from residency.profile import Profile, coverage, top_n_jaccard
 
@@ -163,5 +164,79 @@ def test_merge_weighted_and_associative(tiny_model):
     doubled = Profile.merge([a, b], weights=[2.0, 1.0])
     assert torch.allclose(doubled.counts, 2 * a.counts + b.counts)
     assert doubled.tokens == 2 * a.tokens + b.tokens
-    with pytest.raises(ValueError, match="one non-negative weight"):
+    with pytest.raises(ValueError, match="one finite non-negative weight"):
         Profile.merge([a, b], weights=[1.0])
+    with pytest.raises(ValueError, match="one finite non-negative weight"):
+        Profile.merge([a, b], weights=[1.0, float("nan")])
+
+
+def test_fractional_weights_keep_raw_observations(tiny_model):
+    a, b = (tiny_model.profile([p]) for p in PROMPTS[:2])
+    w = Profile.merge([a, b], weights=[0.01, 1.0])
+    # the stored arrays stay raw observations; the weights apply to the aggregates only
+    assert torch.equal(w.per_prompt_counts, torch.cat([a.per_prompt_counts, b.per_prompt_counts]))
+    assert w.prompt_weights.tolist() == [0.01, 1.0]
+    assert w.token_weight == pytest.approx(0.01 * a.tokens + b.tokens)
+    assert w.tokens == round(0.01 * a.tokens + b.tokens)
+    assert torch.allclose(w.counts, 0.01 * a.counts + b.counts)
+    assert torch.allclose(w.gate_mass, 0.01 * a.gate_mass + b.gate_mass)
+    expected_sal = (0.01 * a.saliency * a.counts + b.saliency * b.counts) / (0.01 * a.counts + b.counts)
+    assert torch.allclose(w.saliency, torch.nan_to_num(expected_sal))
+    per_layer = torch.full((w.num_moe_layers,), w.token_weight * w.top_k, dtype=torch.float64)
+    assert torch.allclose(w.counts.sum(-1), per_layer)
+    # nested weighted merges are associative too (weights multiply)
+    c = tiny_model.profile([PROMPTS[2]])
+    left = Profile.merge([Profile.merge([a, b], [2.0, 3.0]), c], [5.0, 4.0])
+    right = Profile.merge([a, Profile.merge([b, c], [15.0, 4.0])], [10.0, 1.0])
+    assert torch.equal(left.prompt_weights, right.prompt_weights)
+    assert torch.equal(left.gate_mass, right.gate_mass) and torch.equal(left.saliency, right.saliency)
+    assert w.select([1]).prompt_weights.tolist() == [1.0]
+
+
+def test_prompt_jaccard_matches_pairwise_and_ignores_unused_experts(tiny_model):
+    p = tiny_model.profile(PROMPTS + [[1, 200, 201, 202, 203, 204]])
+    m = p.prompt_jaccard(top_n=6)
+    per = p.per_prompt_gate_mass.double().sum(1)
+    for i in range(p.num_prompts):
+        for j in range(p.num_prompts):
+            assert m[i, j].item() == pytest.approx(top_n_jaccard(per[i], per[j], 6).mean().item())
+    # a layer a prompt never reached has an empty top set, not the lowest expert ids
+    values = torch.tensor([[0.0, 0.0, 0.0, 0.0], [3.0, 0.0, 0.0, 0.0]])
+    other = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 2.0]])
+    assert top_n_jaccard(values, other, 2).tolist() == [1.0, 0.0]
+
+
+def test_coverage_of_empty_phase_and_compare_shares(tiny_model):
+    p = tiny_model.profile(PROMPTS)  # prefill only
+    assert (p.phase("decode").coverage() == 0).all()
+    assert (p.phase("prefill").coverage() == p.coverage()).all()
+    q = tiny_model.profile([PROMPTS[0]])
+    cmp = p.compare(q, top_n=8)
+    for m in range(p.num_moe_layers):
+        top_q = [e for e, _ in q.hottest(8)[m]]
+        share = p.gate_mass[m, top_q].sum() / p.gate_mass[m].sum()
+        assert cmp["self_mass_in_other_top"][m] == pytest.approx(share.item())
+    assert cmp["jaccard"] == top_n_jaccard(p.gate_mass, q.gate_mass, 8).tolist()
+    with pytest.raises(ValueError, match="counts or gate_mass"):
+        p.prompt_jaccard(by="saliency")
+
+
+def test_expert_module_that_ignores_pair_norms_is_refused(tiny_model):
+    """A replacement expert implementation that does not fill the norms must not yield silent saliency."""
+    net = tiny_model.model
+    mixer = net.moe_mixers[0]
+    original = mixer.experts
+
+    class NoNorms(torch.nn.Module):
+        def forward(self, x, ids, weights, pair_norms=None):
+            if pair_norms is not None:
+                pair_norms.fill_(float("nan"))  # what an unfilled buffer may hold
+            return original(x, ids, weights, None)
+
+    mixer.experts = NoNorms()
+    try:
+        with pytest.raises(ResidencyError, match="pair_norms"):
+            tiny_model.profile([PROMPTS[0]])
+    finally:
+        mixer.experts = original
+    assert not any(m.observers for m in net.moe_mixers)  # the profiler detached itself

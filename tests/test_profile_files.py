@@ -113,7 +113,50 @@ def test_merge_refuses_other_model(profile_and_trace):
     profile, _ = profile_and_trace
     other = Profile(profile.per_prompt_counts, profile.per_prompt_gate_mass, profile.per_prompt_saliency_sum,
                     profile.prompt_tokens, "nemotron_h-other", profile.top_k, profile.moe_layers)
-    with pytest.raises(FileFormatError, match="different models"):
+    with pytest.raises(ModelMismatchError, match="different models"):
         Profile.merge([profile, other])
-    with pytest.raises(FileFormatError, match="different models"):
+    with pytest.raises(ModelMismatchError, match="different models"):
         profile.compare(other)
+
+
+def _tensor_data_start(path):
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    return data, 8 + n, header
+
+
+def test_tampered_tensor_data(profile_and_trace, tmp_path):
+    profile, _ = profile_and_trace
+    path = profile.save(tmp_path / "p.safetensors")
+    data, start, header = _tensor_data_start(path)
+    begin, _ = header["per_prompt_gate_mass"]["data_offsets"]
+    pos = start + begin + 4 * 7  # one float32 of the gate-mass array
+    value = struct.unpack("<f", data[pos:pos + 4])[0]
+    path.write_bytes(data[:pos] + struct.pack("<f", value + 1.0) + data[pos + 4:])
+    with pytest.raises(FileFormatError, match="do not match the digest"):
+        Profile.load(path)
+
+
+def test_impossible_counts_refused(profile_and_trace, tmp_path):
+    profile, _ = profile_and_trace
+    counts = profile.per_prompt_counts.clone()
+    counts[0, 0, 1, 3] += 1  # one more selection than the prompt's tokens x top_k allow
+    bad = Profile(counts, profile.per_prompt_gate_mass, profile.per_prompt_saliency_sum, profile.prompt_tokens,
+                  profile.fingerprint, profile.top_k, profile.moe_layers)
+    path = bad.save(tmp_path / "bad.safetensors")
+    with pytest.raises(FileFormatError, match="tokens × top_k"):
+        Profile.load(path)
+    counts[0, 0, 1, 3] -= 0.5
+    half = Profile(counts, profile.per_prompt_gate_mass, profile.per_prompt_saliency_sum, profile.prompt_tokens,
+                   profile.fingerprint, profile.top_k, profile.moe_layers)
+    with pytest.raises(FileFormatError, match="whole numbers"):
+        Profile.load(half.save(tmp_path / "half.safetensors"))
+
+
+def test_weights_round_trip(profile_and_trace, tmp_path):
+    profile, _ = profile_and_trace
+    merged = Profile.merge([profile, profile.select([1])], weights=[0.5, 3.0])
+    back = Profile.load(merged.save(tmp_path / "m.safetensors"))
+    assert torch.equal(back.prompt_weights, merged.prompt_weights)
+    assert torch.equal(back.counts, merged.counts) and back.tokens == merged.tokens

@@ -379,7 +379,8 @@ class MoEMixer(nn.Module):
         latent = self.fc1_latent_proj(xn) if self.fc1_latent_proj is not None else xn
         norms = None
         if any(o.wants_pair_norms for o in self.observers):
-            norms = torch.empty(ids.shape, dtype=torch.float32, device=x.device)
+            # NaN until the experts fill it, so an implementation that skips the buffer is caught
+            norms = torch.full(ids.shape, float("nan"), dtype=torch.float32, device=x.device)
         routed = self.experts(latent, ids, weights, norms).to(x.dtype)
         if self.fc2_latent_proj is not None:
             routed = self.fc2_latent_proj(routed)

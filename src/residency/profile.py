@@ -11,7 +11,9 @@ A :class:`Profile` holds, per prompt, per phase (prefill or decode), per MoE lay
   the hidden size; it ranks experts of one layer consistently but is not comparable with norms
   measured in the hidden space.
 
-Sums (not means) are stored so merging profiles is exact and associative. The profiler is an
+Sums (not means) of raw observations are stored, with one weight per prompt (1 unless a weighted
+merge changed it), so merging profiles is exact and associative and the stored arrays always
+satisfy "each layer's counts sum to tokens × top_k" (which loading checks). The profiler is an
 observer on the model's MoE layers (:class:`residency.model.MoEObserver`): it reads the router's
 decision and the norms of the expert outputs the normal forward already computes, so it neither
 changes the output nor runs an expert that was not routed.
@@ -28,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .errors import FileFormatError
+from .errors import FileFormatError, ModelMismatchError, ResidencyError
 from .files import load_tensors, save_tensors
 from .model import MoEObserver, RoutingEvent
 from .trace import RoutingTrace
@@ -46,6 +48,9 @@ class Profile:
     Per-prompt arrays have shape ``[prompts, 2 (prefill, decode), moe_layers, experts]`` (float32);
     ``prompt_tokens`` is ``[prompts, 2]``. The properties ``counts``, ``gate_mass``, ``saliency``
     and ``tokens`` aggregate over prompts and phases (float64), which is what the planner reads.
+
+    ``prompt_weights`` ``[prompts]`` float64 (default all 1) scales each prompt's contribution to
+    the aggregates; the per-prompt arrays themselves always hold the raw observations.
     """
 
     per_prompt_counts: torch.Tensor
@@ -59,6 +64,7 @@ class Profile:
     prompt_hashes: list[str] = field(default_factory=list)
     model_name: str = ""
     co_activation: list[list[tuple[int, int, int]]] = field(default_factory=list)
+    prompt_weights: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         shape = self.per_prompt_counts.shape
@@ -76,6 +82,32 @@ class Profile:
             self.prompt_names = [f"prompt-{i}" for i in range(shape[0])]
         if len(self.prompt_names) != shape[0] or (self.prompt_hashes and len(self.prompt_hashes) != shape[0]):
             raise FileFormatError("profile prompt names/hashes do not match the prompt count")
+        if self.prompt_weights is None:
+            self.prompt_weights = torch.ones(shape[0], dtype=torch.float64)
+        self.prompt_weights = self.prompt_weights.double()
+        if self.prompt_weights.shape != (shape[0],):
+            raise FileFormatError(f"profile prompt_weights must have one entry per prompt ({shape[0]})")
+        if not bool(torch.isfinite(self.prompt_weights).all()) or bool((self.prompt_weights < 0).any()):
+            raise FileFormatError("profile prompt_weights must be finite and non-negative")
+
+    def check_values(self) -> None:
+        """Check the arrays hold possible observations; :meth:`load` calls it.
+
+        Every value finite and non-negative, counts whole numbers, and for every prompt, phase and
+        MoE layer the counts sum to that phase's tokens × top_k (each token picks top_k experts).
+        """
+        for name in ("per_prompt_counts", "per_prompt_gate_mass", "per_prompt_saliency_sum"):
+            t = getattr(self, name)
+            if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+                raise FileFormatError(f"profile array {name} holds negative or non-finite values")
+        c = self.per_prompt_counts.double()
+        if not torch.equal(c, c.round()):
+            raise FileFormatError("profile counts must be whole numbers")
+        if bool((self.prompt_tokens < 0).any()):
+            raise FileFormatError("profile token counts must be non-negative")
+        expected = (self.prompt_tokens.double() * self.top_k)[:, :, None].expand(c.shape[:3])
+        if not torch.equal(c.sum(-1), expected):
+            raise FileFormatError("a layer's counts do not sum to its tokens × top_k")
 
     # ------------------------------------------------------------------ aggregates
     @property
@@ -90,27 +122,46 @@ class Profile:
     def num_experts(self) -> int:
         return int(self.per_prompt_counts.shape[3])
 
+    def _weighted_sum(self, rows: torch.Tensor) -> torch.Tensor:
+        """Sum of per-prompt ``[P, 2, ...]`` arrays over prompts and phases, each prompt scaled by its weight."""
+        x = rows.double()
+        w = self.prompt_weights
+        if not bool((w == 1).all()):
+            x = x * w.view(-1, *([1] * (x.dim() - 1)))
+        return x.sum(dim=(0, 1))
+
     @property
     def counts(self) -> torch.Tensor:
-        """``[moe_layers, experts]`` float64: times each expert was selected."""
-        return self.per_prompt_counts.double().sum(dim=(0, 1))
+        """``[moe_layers, experts]`` float64: times each expert was selected (prompt weights applied)."""
+        return self._weighted_sum(self.per_prompt_counts)
 
     @property
     def gate_mass(self) -> torch.Tensor:
         """``[moe_layers, experts]`` float64: summed routing weight."""
-        return self.per_prompt_gate_mass.double().sum(dim=(0, 1))
+        return self._weighted_sum(self.per_prompt_gate_mass)
 
     @property
     def saliency(self) -> torch.Tensor:
         """``[moe_layers, experts]`` float64: REAP saliency (0 for experts never selected)."""
         counts = self.counts
-        total = self.per_prompt_saliency_sum.double().sum(dim=(0, 1))
-        return torch.where(counts > 0, total / counts.clamp(min=1), torch.zeros_like(total))
+        total = self._weighted_sum(self.per_prompt_saliency_sum)
+        return torch.where(counts > 0, total / counts.clamp(min=1e-300), torch.zeros_like(total))
+
+    def phase_tokens(self, name: str) -> float:
+        """Weighted tokens of one phase (``"prefill"`` or ``"decode"``)."""
+        if name not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, got {name!r}")
+        return float((self.prompt_tokens[:, PHASES.index(name)].double() * self.prompt_weights).sum())
+
+    @property
+    def token_weight(self) -> float:
+        """``Σ weight × tokens`` over prompts: the exact (possibly fractional) token count behind the aggregates."""
+        return float((self.prompt_tokens.double().sum(1) * self.prompt_weights).sum())
 
     @property
     def tokens(self) -> int:
-        """Tokens seen (each token passes every MoE layer once)."""
-        return int(self.prompt_tokens.sum())
+        """Tokens seen (each token passes every MoE layer once); weighted and rounded after a weighted merge."""
+        return int(round(self.token_weight))
 
     def phase(self, name: str) -> Profile:
         """The same profile restricted to ``"prefill"`` or ``"decode"`` tokens."""
@@ -128,66 +179,87 @@ class Profile:
 
     # ------------------------------------------------------------------ selection and merging
     def select(self, prompts: Sequence[int | str]) -> Profile:
-        """A profile of a subset of prompts, given by index or name, in that order."""
+        """A profile of a subset of prompts, given by index or name, in that order.
+
+        Prompt weights are kept; the co-activation pairs (a run-wide summary) are not.
+        """
         index = []
         for p in prompts:
             if isinstance(p, str):
                 if p not in self.prompt_names:
                     raise KeyError(f"no prompt named {p!r}; names are {self.prompt_names[:10]}...")
                 index.append(self.prompt_names.index(p))
+            elif not -self.num_prompts <= int(p) < self.num_prompts:
+                raise IndexError(f"prompt index {p} out of range for a profile of {self.num_prompts} prompts")
             else:
-                index.append(int(p))
+                index.append(int(p) % self.num_prompts)
+        if not index:
+            raise ValueError("select needs at least one prompt")
         idx = torch.tensor(index, dtype=torch.long)
         return Profile(
             self.per_prompt_counts[idx], self.per_prompt_gate_mass[idx], self.per_prompt_saliency_sum[idx],
             self.prompt_tokens[idx], self.fingerprint, self.top_k, list(self.moe_layers),
             [self.prompt_names[i] for i in index],
             [self.prompt_hashes[i] for i in index] if self.prompt_hashes else [], self.model_name, [],
+            self.prompt_weights[idx],
         )
 
     @staticmethod
     def merge(profiles: Sequence[Profile], weights: Sequence[float] | None = None) -> Profile:
-        """Join profiles of one model; ``weights`` scale each profile's observations (default 1 each).
+        """Join profiles of one model; ``weights`` scale each profile's contribution (default 1 each).
 
-        The result keeps every prompt (so it is exact and associative: merging ``[merge([a, b]), c]``
-        equals merging ``[a, merge([b, c])]``). A weight of 2 counts a profile's prompts twice, which
-        is how to balance prompt sets of different sizes before planning.
+        The result keeps every prompt with its raw arrays and multiplies each prompt's weight by its
+        profile's weight, so the aggregates are ``Σ weights[i] × profile_i`` and the default is the
+        plain union of the observations. Merging is exact and associative: ``[merge([a, b]), c]``
+        equals ``[a, merge([b, c])]``. A weight of 2 counts a profile's prompts twice; weights of
+        ``1 / len(set)`` give prompt sets of different sizes equal say before planning. Co-activation
+        pairs are a run-wide summary and are not carried into the result.
         """
         if not profiles:
             raise ValueError("merge needs at least one profile")
-        weights = [1.0] * len(profiles) if weights is None else list(weights)
-        if len(weights) != len(profiles) or any(w < 0 for w in weights):
-            raise ValueError("merge needs one non-negative weight per profile")
+        weights = [1.0] * len(profiles) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(profiles) or any(not w >= 0 or w == float("inf") for w in weights):
+            raise ValueError(f"merge needs one finite non-negative weight per profile, got {weights}")
         first = profiles[0]
         for p in profiles[1:]:
-            if p.fingerprint != first.fingerprint or p.per_prompt_counts.shape[1:] != first.per_prompt_counts.shape[1:]:
-                raise FileFormatError(
-                    f"cannot merge profiles of different models ({p.fingerprint} vs {first.fingerprint})"
-                )
+            first._check_same_model(p, "merge")
 
         def cat(name: str) -> torch.Tensor:
-            parts = [getattr(p, name) * w if w != 1.0 else getattr(p, name) for p, w in zip(profiles, weights)]
-            return torch.cat(parts)
+            return torch.cat([getattr(p, name) for p in profiles])
 
-        tokens = torch.cat([(p.prompt_tokens.double() * w).round().long() for p, w in zip(profiles, weights)])
         names = [n for p in profiles for n in p.prompt_names]
         hashes = [h for p in profiles for h in p.prompt_hashes] if all(p.prompt_hashes for p in profiles) else []
+        prompt_weights = torch.cat([p.prompt_weights * w for p, w in zip(profiles, weights)])
         return Profile(cat("per_prompt_counts"), cat("per_prompt_gate_mass"), cat("per_prompt_saliency_sum"),
-                       tokens, first.fingerprint, first.top_k, list(first.moe_layers), names, hashes,
-                       first.model_name, [])
+                       cat("prompt_tokens"), first.fingerprint, first.top_k, list(first.moe_layers), names, hashes,
+                       first.model_name, [], prompt_weights)
+
+    def _check_same_model(self, other: Profile, what: str) -> None:
+        if other.fingerprint != self.fingerprint:
+            raise ModelMismatchError(
+                f"cannot {what} profiles of different models ({self.fingerprint} vs {other.fingerprint}); "
+                "profile both prompt sets with the same model"
+            )
+        if (other.top_k, other.moe_layers, other.num_experts) != (self.top_k, self.moe_layers, self.num_experts):
+            raise ModelMismatchError(
+                f"cannot {what} profiles with different routing shapes (top-k, MoE layers, experts): "
+                f"({self.top_k}, {len(self.moe_layers)}, {self.num_experts}) vs "
+                f"({other.top_k}, {len(other.moe_layers)}, {other.num_experts}); profile both with the same model"
+            )
 
     def _replace(self, counts, mass, sal, prompt_tokens=None) -> Profile:
         return Profile(counts, mass, sal, self.prompt_tokens if prompt_tokens is None else prompt_tokens,
                        self.fingerprint, self.top_k, list(self.moe_layers), list(self.prompt_names),
-                       list(self.prompt_hashes), self.model_name, list(self.co_activation))
+                       list(self.prompt_hashes), self.model_name, list(self.co_activation), self.prompt_weights)
 
     # ------------------------------------------------------------------ analysis
     def hottest(self, n: int = 5, by: str = "gate_mass") -> list[list[tuple[int, float]]]:
         """Per layer, the ``n`` experts with the largest share of ``by`` (counts, gate_mass or saliency)."""
         values = self._metric(by)
         share = values / values.sum(-1, keepdim=True).clamp(min=1e-30)
-        top = share.topk(min(n, self.num_experts), dim=-1)
-        return [list(zip(i.tolist(), v.tolist())) for i, v in zip(top.indices, top.values)]
+        order = torch.argsort(-share, dim=-1, stable=True)[:, :n]  # ties: lower expert id first
+        top = share.gather(1, order)
+        return [[(e, s) for e, s in zip(i.tolist(), v.tolist()) if s > 0] for i, v in zip(order, top)]
 
     def coverage(self, levels: Sequence[float] = COVERAGE_LEVELS, by: str = "gate_mass") -> torch.Tensor:
         """``[moe_layers, len(levels)]``: fewest experts whose ``by`` mass reaches each level, per layer."""
@@ -204,29 +276,38 @@ class Profile:
         """Per-layer Jaccard of the two top-``top_n`` sets and both coverage tables.
 
         ``top_n`` defaults to the model's top-k. Returns ``{"jaccard": [layers], "mean_jaccard",
-        "coverage_self", "coverage_other", "levels", "top_n"}``.
+        "coverage_self", "coverage_other", "levels", "top_n", "self_mass_in_other_top",
+        "other_mass_in_self_top"}``; the last two are, per layer, the share of one profile's gate mass
+        that falls on the other's top-``top_n`` experts: how well a cache seeded from one workload
+        serves the other.
         """
-        if other.fingerprint != self.fingerprint:
-            raise FileFormatError(f"cannot compare profiles of different models ({self.fingerprint} vs "
-                                  f"{other.fingerprint})")
+        self._check_same_model(other, "compare")
         n = top_n or self.top_k
-        jac = top_n_jaccard(self._metric(by), other._metric(by), n)
+        a, b = self._metric(by), other._metric(by)
+        jac = top_n_jaccard(a, b, n)
         return {
             "top_n": n, "jaccard": jac.tolist(), "mean_jaccard": float(jac.mean()),
             "levels": list(COVERAGE_LEVELS), "coverage_self": self.coverage(by=by).tolist(),
             "coverage_other": other.coverage(by=by).tolist(),
+            "self_mass_in_other_top": _share_in(self.gate_mass, top_n_mask(b, n)).tolist(),
+            "other_mass_in_self_top": _share_in(other.gate_mass, top_n_mask(a, n)).tolist(),
         }
 
     def prompt_jaccard(self, top_n: int | None = None, by: str = "gate_mass") -> torch.Tensor:
         """``[prompts, prompts]``: mean over layers of the Jaccard of per-prompt top-``top_n`` sets."""
         n = top_n or self.top_k
-        per = getattr(self, f"per_prompt_{'gate_mass' if by == 'gate_mass' else 'counts'}").double().sum(1)
+        if by not in ("counts", "gate_mass"):
+            raise ValueError(f"prompt_jaccard ranks by counts or gate_mass, not {by!r}")
+        per = getattr(self, f"per_prompt_{by}").double().sum(1)  # [P, L, E]
         P = self.num_prompts
-        out = torch.ones(P, P, dtype=torch.float64)
-        for i in range(P):
-            for j in range(i + 1, P):
-                out[i, j] = out[j, i] = top_n_jaccard(per[i], per[j], n).mean()
-        return out
+        total = torch.zeros(P, P, dtype=torch.float64)
+        for layer in range(self.num_moe_layers):  # one [P, P] product per layer bounds memory at P² floats
+            member = top_n_mask(per[:, layer], n).double()  # [P, E]
+            inter = member @ member.T
+            size = member.sum(-1)
+            union = size[:, None] + size[None, :] - inter
+            total += torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+        return total / self.num_moe_layers
 
     def _metric(self, by: str) -> torch.Tensor:
         if by == "counts":
@@ -250,7 +331,7 @@ class Profile:
             "model_layer": [self.moe_layers[i] for i in range(layers) for _ in range(experts)],
             "expert": torch.arange(experts).repeat(layers).tolist(),
             "counts": counts.flatten().tolist(),
-            "frequency": (counts / max(self.tokens, 1)).flatten().tolist(),
+            "frequency": (counts / max(self.token_weight, 1e-300)).flatten().tolist(),
             "gate_mass": mass.flatten().tolist(),
             "saliency": sal.flatten().tolist(),
         }
@@ -264,7 +345,7 @@ class Profile:
         used = (self.counts > 0).sum(-1)
         lines = [
             f"profile of {self.model_name or self.fingerprint}: {self.num_prompts} prompts, {self.tokens} tokens "
-            f"({int(self.prompt_tokens[:, 0].sum())} prefill, {int(self.prompt_tokens[:, 1].sum())} decode), "
+            f"({round(self.phase_tokens('prefill'))} prefill, {round(self.phase_tokens('decode'))} decode), "
             f"{self.num_moe_layers} MoE layers x {self.num_experts} experts, top-{self.top_k}",
             "experts needed to cover 50/80/90/95 % of gate mass; effective experts = exp(entropy) "
             f"({self.num_experts} = uniform)",
@@ -295,56 +376,101 @@ class Profile:
             "per_prompt_gate_mass": self.per_prompt_gate_mass.float(),
             "per_prompt_saliency_sum": self.per_prompt_saliency_sum.float(),
             "prompt_tokens": self.prompt_tokens.long(),
+            "prompt_weights": self.prompt_weights.double(),
         }
+        meta["data_sha256"] = tensor_digest(tensors)
         return save_tensors(path, tensors, meta)
 
     @classmethod
     def load(cls, path: str | Path, fingerprint: str | None = None) -> Profile:
-        """Read and validate; with ``fingerprint``, refuse a profile of another model."""
+        """Read and validate; with ``fingerprint``, refuse a profile of another model.
+
+        Raises :class:`~residency.errors.FileFormatError` for a truncated or corrupt file, data that
+        does not match the digest written with it, arrays that disagree with the metadata or hold
+        impossible values, and :class:`~residency.errors.ModelMismatchError` for another model.
+        """
         tensors, meta = load_tensors(path, "profile", PROFILE_FORMAT_VERSION, fingerprint)
         needed = {f"per_prompt_{a}" for a in _ARRAYS} | {"prompt_tokens"}
         if needed - set(tensors):
             raise FileFormatError(f"{path}: profile lacks tensors {sorted(needed - set(tensors))}; regenerate it")
+        if "data_sha256" in meta and meta["data_sha256"] != tensor_digest(tensors):
+            raise FileFormatError(
+                f"{path}: the profile's arrays do not match the digest written with them; the file was modified "
+                "or corrupted after it was saved, regenerate it"
+            )
         try:
-            return cls(
+            profile = cls(
                 tensors["per_prompt_counts"], tensors["per_prompt_gate_mass"], tensors["per_prompt_saliency_sum"],
                 tensors["prompt_tokens"], str(meta["fingerprint"]), int(meta["top_k"]),
                 [int(x) for x in meta["moe_layers"]], list(meta.get("prompt_names", [])),
                 list(meta.get("prompt_hashes", [])), str(meta.get("model_name", "")),
                 [[tuple(p) for p in layer] for layer in meta.get("co_activation", [])],
+                tensors.get("prompt_weights"),
             )
+            profile.check_values()
+        except FileFormatError as exc:
+            raise FileFormatError(f"{path}: {exc}; regenerate it") from exc
         except (KeyError, TypeError, ValueError) as exc:
             raise FileFormatError(
                 f"{path}: profile metadata is incomplete or malformed ({exc}); regenerate it"
             ) from exc
+        return profile
 
 
 def coverage(values: torch.Tensor, levels: Sequence[float] = COVERAGE_LEVELS) -> torch.Tensor:
-    """``[layers, len(levels)]`` int64: fewest experts whose share of ``values [layers, E]`` reaches each level."""
+    """``[layers, len(levels)]`` int64: fewest experts whose share of ``values [layers, E]`` reaches each level.
+
+    A layer with no mass at all (for example the decode phase of a prefill-only profile) needs 0.
+    """
     v = values.double()
-    share = v.sort(dim=-1, descending=True).values.cumsum(-1) / v.sum(-1, keepdim=True).clamp(min=1e-300)
+    total = v.sum(-1, keepdim=True)
+    share = v.sort(dim=-1, descending=True).values.cumsum(-1) / total.clamp(min=1e-300)
     target = torch.tensor(list(levels), dtype=torch.float64)
     # first index where the cumulative share reaches the level (tolerant of rounding), plus one
     reached = share[:, None, :] >= (target[None, :, None] - 1e-12)
-    return reached.to(torch.int64).argmax(-1) + 1
+    return (reached.to(torch.int64).argmax(-1) + 1) * (total > 0).to(torch.int64)
+
+
+def top_n_mask(values: torch.Tensor, n: int) -> torch.Tensor:
+    """Boolean mask of each row's ``n`` largest entries (ties: lower expert id), leaving out zeros.
+
+    Experts that were never picked are not part of a "top" set: a prompt that used 10 experts of a
+    layer has a top-20 set of 10, so short prompts do not look alike through arbitrary unused ids.
+    """
+    n = min(n, values.shape[-1])
+    order = torch.argsort(-values.double(), dim=-1, stable=True)[..., :n]
+    mask = torch.zeros(values.shape, dtype=torch.bool)
+    mask.scatter_(-1, order, True)
+    return mask & (values > 0)
 
 
 def top_n_jaccard(a: torch.Tensor, b: torch.Tensor, n: int) -> torch.Tensor:
-    """``[layers]``: Jaccard similarity of the top-``n`` experts of ``a`` and ``b`` per layer (ties by lower id)."""
-    layers, experts = a.shape
-    n = min(n, experts)
+    """``[layers]``: Jaccard similarity of the top-``n`` experts of ``a`` and ``b`` per layer.
 
-    def top(x: torch.Tensor) -> torch.Tensor:
-        # stable descending order: sort ids by value, ties resolved by the lower expert id
-        order = torch.argsort(-x.double(), dim=-1, stable=True)[:, :n]
-        mask = torch.zeros(layers, experts, dtype=torch.bool)
-        mask.scatter_(1, order, True)
-        return mask
-
-    ta, tb = top(a), top(b)
+    Sets are :func:`top_n_mask` (ties by lower id, unused experts left out); two empty sets count as
+    identical (1.0).
+    """
+    ta, tb = top_n_mask(a, n), top_n_mask(b, n)
     inter = (ta & tb).sum(-1).double()
     union = (ta | tb).sum(-1).double()
-    return inter / union
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+def _share_in(mass: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[layers]``: share of each layer's ``mass`` that falls on the experts in ``mask`` (0 for empty layers)."""
+    total = mass.sum(-1)
+    return torch.where(total > 0, (mass * mask).sum(-1) / total.clamp(min=1e-300), torch.zeros_like(total))
+
+
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the tensors' names, dtypes, shapes and bytes (sorted by name); detects edited data."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------- the observer
@@ -384,7 +510,12 @@ class ProfileObserver(MoEObserver):
         ids = event.ids.reshape(-1)
         w = event.weights.reshape(-1).float()
         m = event.moe_index
-        norms = event.pair_norms.reshape(-1) if event.pair_norms is not None else torch.zeros_like(w)
+        if event.pair_norms is None:
+            raise ResidencyError(
+                f"MoE layer {event.layer_idx} gave the profiler no expert output norms; the MoE layer must pass a "
+                "pair_norms buffer to its experts when an observer sets wants_pair_norms"
+            )
+        norms = event.pair_norms.reshape(-1)
         self.acc[phase, m].index_add_(1, ids, torch.stack([torch.ones_like(w), w, w * norms]))
         if m == 0:
             self.tokens[phase] += int(event.ids.shape[0])
@@ -489,7 +620,7 @@ def profile_model(
 
         iterator = tqdm(items, desc="profiling", unit="prompt")
     try:
-        for _name, ids, _digest in iterator:
+        for prompt_name, ids, _digest in iterator:
             obs.reset()
             x = torch.tensor([ids], dtype=torch.long, device=device)
             if decode_tokens > 0:
@@ -498,6 +629,11 @@ def profile_model(
             else:
                 net(x)
             acc = obs.acc.float().cpu()
+            if not bool(torch.isfinite(acc).all()) or bool((acc < 0).any()):
+                raise ResidencyError(
+                    f"prompt {prompt_name!r}: the routed-expert implementation left negative or non-finite expert "
+                    "output norms; it must fill the pair_norms buffer with each routed pair's output L2 norm"
+                )
             counts.append(acc[:, :, 0])
             mass.append(acc[:, :, 1])
             sal.append(acc[:, :, 2])
