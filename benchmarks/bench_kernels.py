@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -193,13 +194,15 @@ def environment() -> dict:
         except (OSError, subprocess.CalledProcessError):
             return None
 
+    status = git("status", "--porcelain", "--untracked-files=no")
     return {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "triton": triton.__version__,
         "cuda": torch.version.cuda,
-        "commit": git("rev-parse", "HEAD"),
-        "uncommitted_changes": bool(git("status", "--porcelain")),
+        # a lent GPU machine gets the working tree without .git: the caller names the commit
+        "commit": git("rev-parse", "HEAD") or os.environ.get("RESIDENCY_COMMIT"),
+        "uncommitted_changes": None if status is None else bool(status),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "shapes": SUPER,
     }

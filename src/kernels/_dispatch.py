@@ -63,7 +63,39 @@ def use_triton(backend: str, *tensors: torch.Tensor) -> bool:
     return True
 
 
+def interpreter_incompatibility(triton_version: str, numpy_version: str) -> str | None:
+    """Why the Triton CPU interpreter cannot run with these versions, or None when it can.
+
+    NumPy 2.4 made ``int()`` of a one-element 1-D array an error; the interpreters of triton
+    before 3.7 call exactly that whenever a kernel uses a runtime integer as a Python index (every
+    ``range`` over a tensor dimension here), so every kernel launch would fail deep inside triton.
+    """
+    if _version_tuple(triton_version) < (3, 7) and _version_tuple(numpy_version) >= (2, 4):
+        return (
+            f"the Triton CPU interpreter of triton {triton_version} fails with numpy {numpy_version} "
+            "(numpy >= 2.4 refuses int() of a 1-element array, which triton < 3.7 relies on); "
+            "install triton>=3.7 or numpy<2.4, or use backend='torch'"
+        )
+    return None
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    # leading numeric components only: "3.6.0+git1234" -> (3, 6, 0), "2.4.0rc1" -> (2, 4)
+    parts = []
+    for part in version.split("+")[0].split("."):
+        if not part.isdigit():
+            break
+        parts.append(int(part))
+    return tuple(parts)
+
+
 def _check_interpreter_ready() -> None:
+    import numpy
+    import triton
+
+    problem = interpreter_incompatibility(triton.__version__, numpy.__version__)
+    if problem is not None:
+        raise RuntimeError(problem)
     language = sys.modules.get("triton.language")
     if language is not None and type(getattr(language, "sum", None)).__name__ == "JITFunction":
         raise RuntimeError(
