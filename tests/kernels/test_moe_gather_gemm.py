@@ -276,19 +276,32 @@ def test_benchmark_report_and_cpu_refusal(capsys, tmp_path):
     rows = [
         {"tokens": 1, "auto_path": "decode", "distinct_experts": 22, "auto_ms": 0.1, "prefill_ms": 0.3,
          "gb_per_s": 2500.0, "copy_fraction": 0.85, "tflops": 0.5, "torch_loop_ms": 1.0, "speedup_vs_loop": 10.0,
-         "bmm_ms": 0.5, "speedup_vs_bmm": 5.0, "route_ms": 0.01, "route_torch_ms": 0.05, "tuning_table": "/x/d.json"},
+         "bmm_ms": 0.5, "speedup_vs_bmm": 5.0, "route_ms": 0.01, "route_torch_ms": 0.05, "tuning_table": "/x/d.json",
+         "floor_ms": 0.085, "bound": "memory", "floor_fraction": 0.85},
         {"tokens": 2048, "auto_path": "prefill", "distinct_experts": 512, "auto_ms": 5.0, "gb_per_s": 1000.0,
          "copy_fraction": 0.3, "tflops": 400.0, "matmul_tflops": 600.0, "matmul_fraction": 0.66,
          "torch_loop_ms": 30.0, "speedup_vs_loop": 6.0, "bmm_ms": 20.0, "speedup_vs_bmm": 4.0, "route_ms": 0.1,
-         "route_torch_ms": 0.2, "tuning_table": "/x/d.json"},
+         "route_torch_ms": 0.2, "tuning_table": "/x/d.json", "flops": 2.0e12, "floor_ms": 4.0, "bound": "memory",
+         "floor_fraction": 0.8},
     ]  # fmt: skip
     env = {"device": "GPU", "torch": "t", "triton": "t", "cuda": "c", "commit": "abc", "uncommitted_changes": False,
            "date": "today"}  # fmt: skip
     result = {"environment": env, "warmup": 1, "repeats": 2, "floors": {"copy_gb_per_s": 3000.0}, "rows": rows,
               "targets": bench.targets(rows)}  # fmt: skip
     assert [t["met"] for t in result["targets"]] == [True, True, True]
+    # 2 TFLOP in a 4 ms floor is 500 TFLOP/s: at best 83% of the 600 TFLOP/s matmul rate
+    assert result["targets"][2]["attainable"] == pytest.approx(500 / 600)
     text = bench.markdown(result)
-    assert "| 1 | decode | 22 | 0.100 |" in text and "0.300 (prefill)" in text and "66% of 600" in text
+    assert "| 1 | decode | 22 | 0.100 | 0.085 (memory) | 85% |" in text and "0.300 (prefill)" in text
+    assert "66% of 600" in text and "| 0.50 | 0.66 | yes | 0.83 |" in text
+
+
+def test_benchmark_floor_is_the_slower_of_memory_and_compute():
+    bench = load_script("bench_kernels")
+    # 3 GB at 3000 GB/s is 1 ms; 500 GFLOP at 1000 TFLOP/s is 0.5 ms
+    assert bench.floor_ms(3e9, 5e11, 3000.0, 1000.0) == (pytest.approx(1.0), "memory")
+    assert bench.floor_ms(3e9, 5e12, 3000.0, 1000.0) == (pytest.approx(5.0), "compute")
+    assert bench.floor_ms(3e9, 5e12, 3000.0, None) == (pytest.approx(1.0), "memory")
 
 
 def test_kernels_compile_for_gpus_without_one():
