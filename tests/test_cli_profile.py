@@ -53,7 +53,7 @@ def test_profile_errors(tiny_checkpoint, tmp_path, capsys):
     bad.write_text('{"id": 1}\n')
     assert main(["profile", "--model", str(tiny_checkpoint), "--prompts", str(bad), "--out",
                  str(tmp_path / "p")]) == 2
-    assert "'text', 'prompt' or 'input_ids'" in capsys.readouterr().err
+    assert "one of the fields 'input_ids', 'text', 'prompt'" in capsys.readouterr().err
     assert main(["profile", "--model", str(tiny_checkpoint)]) == 2
     assert "missing --prompts, --out" in capsys.readouterr().err
     assert main(["profile", "shw", "x"]) == 2

@@ -42,6 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def read_prompts(path: Path) -> list[dict]:
     """Read a JSONL prompt file; every line must be an object with text, prompt or input_ids."""
+    from .profile import PROMPT_KEYS
+
     if not path.is_file():
         raise FileFormatError(f"{path}: no such prompt file")
     prompts = []
@@ -54,8 +56,8 @@ def read_prompts(path: Path) -> list[dict]:
             raise FileFormatError(f"{path}:{n}: not valid JSON ({exc}); one JSON object per line") from exc
         if isinstance(item, str):
             item = {"text": item}
-        if not isinstance(item, dict) or not ({"text", "prompt", "input_ids"} & set(item)):
-            raise FileFormatError(f"{path}:{n}: each line needs a 'text', 'prompt' or 'input_ids' field")
+        if not isinstance(item, dict) or not (set(PROMPT_KEYS) & set(item)):
+            raise FileFormatError(f"{path}:{n}: each line needs one of the fields {', '.join(map(repr, PROMPT_KEYS))}")
         item.setdefault("id", f"{path.stem}-{n}")
         prompts.append(item)
     if not prompts:

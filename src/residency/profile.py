@@ -555,6 +555,10 @@ class ProfileObserver(MoEObserver):
 # ---------------------------------------------------------------------- driving the model
 
 
+# the keys a prompt given as a dict (a JSONL line) may carry its content under, in order of preference
+PROMPT_KEYS = ("input_ids", "text", "prompt")
+
+
 def _normalise_prompts(model, prompts: Iterable[Any]) -> list[tuple[str, list[int], str]]:
     """(name, token ids, sha256) for each prompt: text, id lists or JSONL-style dicts."""
     out = []
@@ -567,7 +571,7 @@ def _normalise_prompts(model, prompts: Iterable[Any]) -> list[tuple[str, list[in
             elif "text" in p or "prompt" in p:
                 p = p.get("text", p.get("prompt"))
             else:
-                raise ValueError(f"prompt {i} has none of the keys 'text', 'prompt', 'input_ids'")
+                raise ValueError(f"prompt {i} has none of the keys {', '.join(map(repr, PROMPT_KEYS))}")
         if isinstance(p, str):
             if model.tokenizer is None:
                 raise ValueError("this checkpoint has no tokenizer: give prompts as token id lists")
