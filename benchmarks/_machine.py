@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -19,12 +20,16 @@ def cpu_model() -> str:
 
 
 def git_commit() -> str:
-    """Short hash of HEAD, with ``+dirty`` when the tree has uncommitted changes; 'unknown' outside git."""
+    """Short hash of HEAD, with ``+dirty`` when the tree has uncommitted changes.
+
+    Outside git (a lent GPU machine gets the working tree without ``.git``) it is the commit the
+    caller names in ``RESIDENCY_COMMIT``, else 'unknown'.
+    """
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
                                text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get("RESIDENCY_COMMIT") or "unknown"
     return head + ("+dirty" if dirty else "")

@@ -25,14 +25,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import statistics
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _machine import git_commit
 from residency.kernels import moe_gather_gemm, moe_gather_gemm_reference, route, route_reference
 from residency.kernels.moe.tuning import table_for
 
@@ -204,21 +203,12 @@ def environment() -> dict:
     """Device, versions, commit and date of this run."""
     import triton
 
-    def git(*cmd: str) -> str | None:
-        try:
-            return subprocess.run(["git", *cmd], capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
-
-    status = git("status", "--porcelain", "--untracked-files=no")
     return {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "triton": triton.__version__,
         "cuda": torch.version.cuda,
-        # a lent GPU machine gets the working tree without .git: the caller names the commit
-        "commit": git("rev-parse", "HEAD") or os.environ.get("RESIDENCY_COMMIT"),
-        "uncommitted_changes": None if status is None else bool(status),
+        "commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "shapes": SUPER,
     }
@@ -230,7 +220,7 @@ def markdown(result: dict) -> str:
         "# Kernel benchmark: slot-bank MoE and routing at Nemotron 3 Super shapes",
         "",
         f"Device {env['device']}; torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}; "
-        f"commit {env['commit']}{' (with uncommitted changes)' if env['uncommitted_changes'] else ''}; {env['date']}.",
+        f"commit {env['commit']}; {env['date']}.",
         f"Made by `python benchmarks/bench_kernels.py` (median of {result['repeats']} CUDA-event timings after "
         f"{result['warmup']} warm-up calls). bf16, latent 1024, FFN 2688, 512 experts all resident, top-22.",
         "",

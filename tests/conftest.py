@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +29,26 @@ if (
         os.environ["TRITON_INTERPRET"] = _previous
 
 from residency.testing import write_tiny_checkpoint
+
+
+@pytest.fixture
+def load_benchmark(monkeypatch: pytest.MonkeyPatch):
+    """Import a program of ``benchmarks/`` by name, the way running it sees its folder.
+
+    The folder goes on ``sys.path`` (the programs import ``_machine`` and each other) and the
+    module into ``sys.modules`` (dataclasses look their module up there), both undone after the test.
+    """
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(folder))
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"benchmark_{name}", folder / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, spec.name, module)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
 
 
 @pytest.fixture(scope="session")

@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def gv():
-    return load_script("gpu_validation")
+@pytest.fixture
+def gv(load_benchmark):
+    return load_benchmark("gpu_validation")
 
 
 def python(code: str) -> list[str]:
@@ -81,14 +69,17 @@ def test_the_plan_checks_correctness_before_tuning_and_names_the_commit(gv, tmp_
     assert "--no-index" in gv.validation_steps(tmp_path, None)[3].command
 
 
-def test_benchmark_names_the_commit_given_when_there_is_no_git(monkeypatch):
-    bench = load_script("bench_kernels")
+def test_benchmark_names_the_commit_given_when_there_is_no_git(monkeypatch, load_benchmark):
+    bench = load_benchmark("bench_kernels")
+    machine = sys.modules[bench.git_commit.__module__]  # the shared benchmarks/_machine.py
 
     def no_git(*args, **kwargs):
         raise subprocess.CalledProcessError(128, args[0])
 
-    monkeypatch.setattr(bench.subprocess, "run", no_git)
+    monkeypatch.setattr(machine.subprocess, "run", no_git)
     monkeypatch.setattr(bench.torch.cuda, "get_device_name", lambda: "Some GPU")
     monkeypatch.setenv("RESIDENCY_COMMIT", "abc123")
     env = bench.environment()
-    assert env["commit"] == "abc123" and env["uncommitted_changes"] is None and env["device"] == "Some GPU"
+    assert env["commit"] == "abc123" and env["device"] == "Some GPU"
+    monkeypatch.delenv("RESIDENCY_COMMIT")
+    assert machine.git_commit() == "unknown"

@@ -63,6 +63,7 @@ def use_triton(backend: str, *tensors: torch.Tensor) -> bool:
     return True
 
 
+@functools.cache
 def interpreter_incompatibility(triton_version: str, numpy_version: str) -> str | None:
     """Why the Triton CPU interpreter cannot run with these versions, or None when it can.
 

@@ -3,12 +3,10 @@ against a naive per-pair loop, and the prefill alignment metadata."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -251,24 +249,16 @@ def test_bf16_super_shapes_on_cuda(tokens, path):
     assert_matches(out.float(), moe_gather_gemm_reference(*problem).float(), tol=2e-2)
 
 
-def load_script(name: str):
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_benchmark_baselines_match_reference():
-    bench = load_script("bench_kernels")
+def test_benchmark_baselines_match_reference(load_benchmark):
+    bench = load_benchmark("bench_kernels")
     problem = make_problem(9, 24, 40, 12, 16, 3)
     expected = naive_moe(*problem)
     assert_matches(bench.torch_loop_moe(*problem), expected)
     assert_matches(bench.gathered_bmm_moe(*problem), expected)
 
 
-def test_benchmark_report_and_cpu_refusal(capsys, tmp_path):
-    bench = load_script("bench_kernels")
+def test_benchmark_report_and_cpu_refusal(capsys, tmp_path, load_benchmark):
+    bench = load_benchmark("bench_kernels")
     if not torch.cuda.is_available():
         assert bench.main(["--out", str(tmp_path / "k")]) == 2
         assert "needs a CUDA GPU" in capsys.readouterr().err
@@ -284,8 +274,7 @@ def test_benchmark_report_and_cpu_refusal(capsys, tmp_path):
          "route_torch_ms": 0.2, "tuning_table": "/x/d.json", "flops": 2.0e12, "floor_ms": 4.0, "bound": "memory",
          "floor_fraction": 0.8},
     ]  # fmt: skip
-    env = {"device": "GPU", "torch": "t", "triton": "t", "cuda": "c", "commit": "abc", "uncommitted_changes": False,
-           "date": "today"}  # fmt: skip
+    env = {"device": "GPU", "torch": "t", "triton": "t", "cuda": "c", "commit": "abc", "date": "today"}
     result = {"environment": env, "warmup": 1, "repeats": 2, "floors": {"copy_gb_per_s": 3000.0}, "rows": rows,
               "targets": bench.targets(rows)}  # fmt: skip
     assert [t["met"] for t in result["targets"]] == [True, True, True]
@@ -296,8 +285,8 @@ def test_benchmark_report_and_cpu_refusal(capsys, tmp_path):
     assert "66% of 600" in text and "| 0.50 | 0.66 | yes | 0.83 |" in text
 
 
-def test_benchmark_floor_is_the_slower_of_memory_and_compute():
-    bench = load_script("bench_kernels")
+def test_benchmark_floor_is_the_slower_of_memory_and_compute(load_benchmark):
+    bench = load_benchmark("bench_kernels")
     # 3 GB at 3000 GB/s is 1 ms; 500 GFLOP at 1000 TFLOP/s is 0.5 ms
     assert bench.floor_ms(3e9, 5e11, 3000.0, 1000.0) == (pytest.approx(1.0), "memory")
     assert bench.floor_ms(3e9, 5e12, 3000.0, 1000.0) == (pytest.approx(5.0), "compute")
