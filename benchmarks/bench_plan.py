@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 from _machine import cpu_model, git_commit
 
-from residency.cli_plan import resolve_config
-from residency.plan import plan_residency
-from residency.simulate import synthetic_trace
+from residency.cli.plan import resolve_config
+from residency.planning.plan import plan_residency
+from residency.planning.simulate import synthetic_trace
 
 TARGETS = ("RTX 4090", "H100 PCIe", "DGX Spark")
 

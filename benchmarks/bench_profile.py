@@ -23,7 +23,7 @@ import torch
 from _machine import cpu_model, git_commit
 
 from residency import OffloadedNemotron
-from residency.profile import ProfileObserver
+from residency.profiling.profile import ProfileObserver
 from residency.testing import write_tiny_checkpoint
 
 CASES = [

@@ -4,9 +4,9 @@
 
 Generates a synthetic trace (default 10,000 tokens, Zipf skew 1.0, locality 0.3), plans an RTX 4090
 with misses copied (so every layer has static and dynamic slots and all four policies differ),
-then times, per policy, ``residency.simulate.simulate`` on all layers (best of ``--repeats`` after a
+then times, per policy, ``residency.planning.simulate.simulate`` on all layers (best of ``--repeats`` after a
 compile warm-up), once with the default thread pool and once on one thread. For scale it also
-times the plain-Python :func:`residency.simulate.reference_replay` on two layers and checks that
+times the plain-Python :func:`residency.planning.simulate.reference_replay` on two layers and checks that
 both give the same counts there. Prints a table and writes the numbers, the machine and the
 versions as JSON.
 """
@@ -28,9 +28,9 @@ import torch
 from _machine import cpu_model
 
 from residency import __version__
-from residency.cli_plan import resolve_config
-from residency.plan import plan_residency
-from residency.simulate import reference_replay, simulate, static_set_for, synthetic_trace
+from residency.cli.plan import resolve_config
+from residency.planning.plan import plan_residency
+from residency.planning.simulate import reference_replay, simulate, static_set_for, synthetic_trace
 
 POLICIES = ("static", "lru", "lfu", "hybrid")
 

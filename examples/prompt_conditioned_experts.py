@@ -16,9 +16,9 @@ import tempfile
 from pathlib import Path
 
 from residency import OffloadedNemotron, Profile
-from residency.cli_profile import read_prompts
+from residency.cli.profile import read_prompts
+from residency.profiling.trace_stats import temporal_stats
 from residency.testing import write_tiny_checkpoint
-from residency.trace_stats import temporal_stats
 
 HERE = Path(__file__).resolve().parent
 
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     print(temporal_stats(code_trace, phase="decode").table())
 
     try:
-        from residency import plots
+        from residency.profiling import plots
     except ImportError:
         print("matplotlib missing: skipping plots")
         return 0

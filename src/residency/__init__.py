@@ -16,12 +16,12 @@ _EXPORTS = {
     "OffloadedNemotron": ".offloaded",
     "NemotronHConfig": ".config",
     "load_config": ".config",
-    "Profile": ".profile",
-    "RoutingTrace": ".trace",
-    "Plan": ".plan",
-    "plan_residency": ".plan",
-    "GpuSpec": ".hardware",
-    "HostSpec": ".hardware",
+    "Profile": ".profiling.profile",
+    "RoutingTrace": ".profiling.trace",
+    "Plan": ".planning.plan",
+    "plan_residency": ".planning.plan",
+    "GpuSpec": ".planning.hardware",
+    "HostSpec": ".planning.hardware",
     "ResidencyError": ".errors",
 }
 

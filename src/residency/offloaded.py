@@ -1,7 +1,7 @@
 """``OffloadedNemotron``: the user-facing model object.
 
 This version keeps every weight resident on one device (``cpu`` or ``cuda``). The routed-expert
-implementation is pluggable (see :mod:`residency.model`), which is where the offload runtime
+implementation is pluggable (see :mod:`residency.model.moe`), which is where the offload runtime
 attaches; until it does, ``from_pretrained`` takes no VRAM budget or plan.
 """
 
@@ -13,12 +13,12 @@ from typing import Any
 
 import torch
 
-from .checkpoint import Checkpoint
 from .config import NemotronHConfig
-from .loading import build_model
-from .model import NemotronHForCausalLM
-from .sampling import sample_next
-from .tokenizer import Tokenizer, load_tokenizer
+from .model.checkpoint import Checkpoint
+from .model.loading import build_model
+from .model.modeling import NemotronHForCausalLM
+from .model.sampling import sample_next
+from .model.tokenizer import Tokenizer, load_tokenizer
 
 
 class OffloadedNemotron:
@@ -140,8 +140,8 @@ class OffloadedNemotron:
         return result
 
     def profile(self, prompts: Any, **kwargs: Any) -> Any:
-        """Profile which experts ``prompts`` route to; see :func:`residency.profile.profile_model`."""
-        from .profile import profile_model
+        """Profile which experts ``prompts`` route to; see :func:`residency.profiling.profile.profile_model`."""
+        from .profiling.profile import profile_model
 
         return profile_model(self, prompts, **kwargs)
 

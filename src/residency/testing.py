@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from .checkpoint import INDEX_NAME, SINGLE_NAME, expected_tensors
 from .config import NemotronHConfig
-from .tokenizer import ByteTokenizer
+from .model.checkpoint import INDEX_NAME, SINGLE_NAME, expected_tensors
+from .model.tokenizer import ByteTokenizer
 
 TINY_DEFAULTS: dict[str, Any] = dict(
     vocab_size=ByteTokenizer.vocab_size,

@@ -1,0 +1,107 @@
+"""Pure-torch Nemotron-H forward: Mamba-2, attention (GQA, KV cache, no RoPE) and LatentMoE blocks.
+
+The math follows Hugging Face ``transformers``' ``NemotronHForCausalLM``, which tests compare
+against on tiny random checkpoints. Module names mirror the checkpoint's tensor names
+(``backbone.layers.N.mixer...``) so loading is a direct mapping, except that routed experts are
+stacked into one ``[E, I, L]`` / ``[E, L, I]`` pair per layer (:class:`ResidentExperts`).
+
+The routed-expert computation is pluggable: every :class:`MoEMixer` calls ``self.experts`` with
+latent activations and the router's choice, so the offload runtime can swap in its own
+implementation without touching the rest, and observers (the profiler) see each routing decision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..config import NemotronHConfig
+from .attention import Attention
+from .caches import InferenceCache
+from .layers import MLP, RMSNorm
+from .mamba import Mamba2Mixer
+from .moe import MoEMixer, MoEObserver
+
+
+class Block(nn.Module):
+    def __init__(self, config: NemotronHConfig, layer_idx: int, moe_index: int | None) -> None:
+        super().__init__()
+        kind = config.layer_kinds[layer_idx]
+        self.kind = kind
+        self.norm = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+        if kind == "mamba":
+            self.mixer: nn.Module = Mamba2Mixer(config, layer_idx)
+        elif kind == "attention":
+            self.mixer = Attention(config, layer_idx)
+        elif kind == "moe":
+            self.mixer = MoEMixer(config, layer_idx, moe_index)
+        else:
+            self.mixer = MLP(config.hidden_size, config.intermediate_size, config.mlp_bias)
+
+    def forward(self, h: torch.Tensor, cache: InferenceCache | None) -> torch.Tensor:
+        return h + self.mixer(self.norm(h.to(self.norm.weight.dtype)), cache)
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: NemotronHConfig) -> None:
+        super().__init__()
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        moe_index = {layer: j for j, layer in enumerate(config.moe_layers)}
+        self.layers = nn.ModuleList(Block(config, i, moe_index.get(i)) for i in range(config.num_layers))
+        self.norm_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+
+
+class NemotronHForCausalLM(nn.Module):
+    """The whole model. ``forward(input_ids [B, T], cache=None) -> fp32 logits [B, T, V]``."""
+
+    def __init__(self, config: NemotronHConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    @property
+    def moe_mixers(self) -> list[MoEMixer]:
+        return [b.mixer for b in self.backbone.layers if isinstance(b.mixer, MoEMixer)]
+
+    def add_observer(self, observer: MoEObserver) -> Callable[[], None]:
+        """Attach an observer to every MoE layer; returns a function that detaches it."""
+        mixers = self.moe_mixers
+        for m in mixers:
+            m.observers.append(observer)
+
+        def remove() -> None:
+            for m in mixers:
+                if observer in m.observers:
+                    m.observers.remove(observer)
+
+        return remove
+
+    def set_experts(self, factory: Callable[[MoEMixer], nn.Module]) -> None:
+        """Replace each MoE layer's routed-expert implementation with ``factory(mixer)``."""
+        for m in self.moe_mixers:
+            m.experts = factory(m)
+
+    def new_cache(self, batch: int) -> InferenceCache:
+        return InferenceCache(batch=batch)
+
+    @torch.no_grad()
+    def forward(
+        self, input_ids: torch.Tensor, cache: InferenceCache | None = None, *, last_only: bool = False
+    ) -> torch.Tensor:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        is_decode = cache is not None and cache.pos > 0
+        for m in self.moe_mixers:
+            m.is_decode = is_decode
+        h = self.backbone.embeddings(input_ids)
+        for block in self.backbone.layers:
+            h = block(h, cache)
+        if cache is not None:
+            cache.pos += input_ids.shape[1]
+        if last_only:
+            h = h[:, -1:]
+        h = self.backbone.norm_f(h)
+        return self.lm_head(h.to(self.lm_head.weight.dtype)).float()

@@ -1,0 +1,261 @@
+"""Planning for real targets from the Super config alone, profiles and traces, the plan file and its checks."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from residency.cli.plan import resolve_config
+from residency.errors import BudgetError, FileFormatError, ModelMismatchError
+from residency.planning.hardware import DEFAULT_HOST, GiB, lookup_gpu
+from residency.planning.plan import Plan, plan_residency
+from residency.planning.simulate import synthetic_trace
+
+
+@pytest.fixture(scope="module")
+def super_config():
+    """The real Nemotron 3 Super config.json (package data, transcribed from the reference)."""
+    return resolve_config("nemotron-3-super", None)
+
+
+@dataclass
+class StandInProfile:
+    """What the planner reads from residency.profiling.profile.Profile."""
+
+    counts: torch.Tensor
+    gate_mass: torch.Tensor
+    saliency: torch.Tensor
+    tokens: int
+    fingerprint: str
+
+
+def skewed_profile(config, tokens=4000, seed=0, skew=1.2):
+    """Counts with Zipf-like popularity; later layers more skewed than early ones."""
+    rng = np.random.default_rng(seed)
+    L, E, k = config.num_moe_layers, config.n_routed_experts, config.num_experts_per_tok
+    counts = np.zeros((L, E))
+    for j in range(L):
+        w = 1.0 / np.arange(1, E + 1) ** (skew * (0.3 + j / L))
+        counts[j, rng.permutation(E)] = w / w.sum() * tokens * k
+    t = torch.tensor(counts, dtype=torch.float64)
+    return StandInProfile(t, t * 0.2, t * 0.01, tokens, config.fingerprint())
+
+
+# ---------------------------------------------------------------------- the three reference targets
+
+
+@pytest.mark.parametrize("gpu", ["RTX 4090", "H100 PCIe", "DGX Spark"])
+def test_super_plans_without_weights_or_gpu(super_config, gpu):
+    # how long this takes is measured by benchmarks/bench_plan.py (docs/benchmarks/planning.md)
+    plan = plan_residency(super_config, gpu)
+    assert plan.fingerprint == super_config.fingerprint()
+    assert plan.planned_device_bytes() <= plan.budget["vram_bytes"] == lookup_gpu(gpu).usable_bytes
+    assert 0 < plan.hit_rate <= 1 and plan.tokens_per_s > 0
+    plan.validate()
+
+
+def test_rtx_4090_cannot_hold_all_experts(super_config):
+    plan = plan_residency(super_config, "RTX 4090")
+    b = plan.budget
+    assert b["expert_slots"] == plan.breakdown.expert_slots and 2000 < b["expert_slots"] < 2600
+    assert b["expert_bytes_used"] == b["expert_slots"] * plan.expert_size <= b["expert_bytes"]
+    assert 0.05 < plan.hit_rate < 0.5
+    assert b["host_ram_experts"] + b["static_experts"] == 40 * 512  # every non-static expert has one host copy
+    assert plan.predicted["bytes_per_token"]["cpu_dram"] + plan.predicted["bytes_per_token"]["host_to_device"] > 0
+    # uniform prior: identical layers get equal shares (round robin), within one slot
+    slots = [lp.slots for lp in plan.layers]
+    assert max(slots) - min(slots) <= 1
+
+
+def test_h100_pcie_holds_all_nvfp4_experts(super_config):
+    plan = plan_residency(super_config, "H100 PCIe")
+    assert plan.hit_rate == 1.0
+    assert all(len(lp.static) == 512 and lp.dynamic_slots == 0 and lp.miss_path == "none" for lp in plan.layers)
+    assert plan.breakdown.get("staging_buffers") == 0
+    assert plan.budget["host_ram_experts"] == 0
+    assert plan.predicted["bound"] == "gpu_memory"
+    assert plan.predicted["bytes_per_token"]["host_to_device"] == 0
+
+
+def test_dgx_spark_is_unified_one_copy(super_config):
+    plan = plan_residency(super_config, "spark")
+    assert plan.gpu.unified_memory and plan.hit_rate == 1.0
+    assert plan.breakdown.get("os_reserve") > 0
+    assert any("one copy of every expert" in n for n in plan.notes)
+    # FP8 experts (105 GiB) do not fit with the dense weights: the next tier is disk, never host RAM
+    fp8 = plan_residency(super_config, "spark", expert_dtype="fp8")
+    assert 0.5 < fp8.hit_rate < 1.0
+    assert {lp.miss_path for lp in fp8.layers} <= {"disk", "none"}
+    assert fp8.budget["host_ram_experts"] == 0 and fp8.budget["host_disk_experts"] > 0
+    assert fp8.predicted["bytes_per_token"]["host_to_device"] == 0 and fp8.predicted["bound"] == "disk"
+
+
+def test_spark_speed_is_near_published_figures(super_config):
+    """Sanity check against measured decode speeds of Super NVFP4 on one Spark (about 16 tok/s): the
+    cost model is a ceiling, BF16 dense weights give the low end, FP8 dense weights the high end."""
+    low = plan_residency(super_config, "spark", dense_dtype="bf16").tokens_per_s
+    high = plan_residency(super_config, "spark", dense_dtype="fp8").tokens_per_s
+    assert 10 < low < 16 < high < 25
+
+
+# ---------------------------------------------------------------------- inputs
+
+
+def test_plan_is_deterministic(super_config):
+    prof = skewed_profile(super_config)
+    a = plan_residency(super_config, "RTX 5090", profile=prof).to_dict()
+    b = plan_residency(super_config, "RTX 5090", profile=prof).to_dict()
+    assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def test_profile_shapes_the_plan(super_config):
+    prof = skewed_profile(super_config)
+    uniform = plan_residency(super_config, "RTX 4090")
+    profiled = plan_residency(super_config, "RTX 4090", profile=prof)
+    assert profiled.hit_rate > uniform.hit_rate + 0.1
+    slots = [lp.slots for lp in profiled.layers]
+    assert max(slots) > 1.5 * min(slots)  # layers are not given equal shares when the profile says otherwise
+    counts = prof.counts.numpy()
+    for lp in profiled.layers:
+        top = np.argsort(-counts[lp.moe_index], kind="stable")[: len(lp.static)]
+        assert set(lp.static) == set(top.tolist())
+        assert lp.prior is not None and abs(sum(lp.prior) - 22) < 1e-3
+    assert "profile pick counts (4000 tokens)" in profiled.predicted["method"]
+
+
+def test_profile_or_trace_of_another_model_is_refused(super_config):
+    prof = skewed_profile(super_config)
+    prof.fingerprint = "nemotron_h-0000000000000000"
+    with pytest.raises(ModelMismatchError, match="profile"):
+        plan_residency(super_config, "RTX 4090", profile=prof)
+    bad_shape = skewed_profile(super_config)
+    bad_shape.counts = bad_shape.counts[:, :256]
+    with pytest.raises(ModelMismatchError, match="shape"):
+        plan_residency(super_config, "RTX 4090", profile=bad_shape)
+    trace = synthetic_trace((40, 512, 22), 50, fingerprint="other-model")
+    with pytest.raises(ModelMismatchError, match="trace"):
+        plan_residency(super_config, "RTX 4090", trace=trace)
+
+
+def test_trace_gives_locality_and_counts(super_config):
+    trace = synthetic_trace(super_config, 600, skew=1.0, locality=0.5, seed=2)
+    plan = plan_residency(super_config, "RTX 4090", trace=trace, miss_path="copy")
+    lam = np.array([lp.locality for lp in plan.layers])
+    assert np.all(np.abs(lam - 0.5) < 0.08)
+    assert "estimated from the trace" in plan.predicted["method"]
+    assert "trace pick counts (600 tokens)" in plan.predicted["method"]
+    assert plan.budget["dynamic_slots"] > 0  # strong locality makes LRU slots worth their bytes
+    no_loc = plan_residency(super_config, "RTX 4090", trace=trace, miss_path="copy", locality=0.0)
+    assert no_loc.budget["dynamic_slots"] == 0 and no_loc.hit_rate < plan.hit_rate
+
+
+def test_miss_path_follows_the_cost_model(super_config):
+    fast_cpu = plan_residency(super_config, "RTX 4090")  # 60 GB/s CPU vs 25 GB/s link
+    assert {lp.miss_path for lp in fast_cpu.layers} == {"cpu"}
+    assert fast_cpu.budget["dynamic_slots"] == 0  # CPU-path layers hold static experts only
+    slow_cpu = plan_residency(super_config, "RTX 4090", host=DEFAULT_HOST.replace(cpu_bw_gbps=10.0))
+    assert {lp.miss_path for lp in slow_cpu.layers} == {"copy"}
+    assert slow_cpu.budget["dynamic_slots"] > 0
+    forced = plan_residency(super_config, "RTX 4090", miss_path="copy")
+    assert forced.predicted["bound"] == "host_link"
+
+
+def test_short_host_ram_sends_least_used_experts_to_disk(super_config):
+    prof = skewed_profile(super_config)
+    host = DEFAULT_HOST.replace(memory_bytes=96 * GiB)
+    plan = plan_residency(super_config, "RTX 4090", profile=prof, expert_dtype="bf16", host=host)
+    b = plan.budget
+    assert b["host_disk_experts"] > 0 and b["host_ram_bytes"] <= host.usable_bytes
+    counts = prof.counts.numpy()
+    lp = plan.layers[10]
+    ram = set(range(512)) - set(lp.static) - set(lp.disk)
+    assert min(counts[10, sorted(ram)]) >= max(counts[10, lp.disk])  # disk holds the least used
+    assert plan.predicted["bytes_per_token"]["disk"] > 0
+    assert any("host RAM" in n for n in plan.notes)
+
+
+def test_vram_override_and_budget_refusal(super_config):
+    plan = plan_residency(super_config, "RTX 4090", vram=20 * GiB)
+    assert plan.budget["vram_bytes"] == 20 * GiB and plan.budget["vram_override"]
+    assert plan.planned_device_bytes() <= 20 * GiB
+    with pytest.raises(BudgetError, match="What takes the memory"):
+        plan_residency(super_config, "RTX 4090", vram=14 * GiB)
+
+
+# ---------------------------------------------------------------------- the plan file
+
+
+def test_plan_file_round_trip_and_required_keys(super_config, tmp_path):
+    plan = plan_residency(super_config, "RTX 4090", profile=skewed_profile(super_config))
+    path = plan.save(tmp_path / "plan.json")
+    raw = json.loads(path.read_text())
+    assert raw["kind"] == "plan" and raw["format_version"] == 1 and raw["fingerprint"] == plan.fingerprint
+    for section, key in [("predicted", "hit_rate"), ("predicted", "tokens_per_s"), ("budget", "expert_bytes"),
+                         ("budget", "vram_bytes"), ("predicted", "bound"), ("predicted", "bytes_per_token")]:
+        assert key in raw[section]
+    assert raw["target"]["gpu"]["name"] == "RTX 4090" and len(raw["layers"]) == 40
+    loaded = Plan.load(path, config=super_config)
+    assert loaded.to_dict() == plan.to_dict()
+
+
+def test_plan_for_another_model_is_refused(super_config, tmp_path):
+    path = plan_residency(super_config, "L40S").save(tmp_path / "plan.json")
+    other = super_config.replace(n_routed_experts=384)
+    with pytest.raises(ModelMismatchError, match="make a new plan"):
+        Plan.load(path, config=other)
+    plan = Plan.load(path)
+    with pytest.raises(ModelMismatchError):
+        plan.check_model(other)
+
+
+def _tamper(tmp_path, plan, edit):
+    raw = copy.deepcopy(plan.to_dict())
+    edit(raw)
+    path = tmp_path / "tampered.json"
+    path.write_text(json.dumps(raw))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda r: r["layers"][3]["static"].append(999), "outside"),
+        (lambda r: r["layers"][3].update(dynamic_slots=600), "slots for 512"),
+        (lambda r: r["budget"].update(expert_bytes_used=1), "expert_bytes_used"),
+        (lambda r: r["budget"].update(vram_bytes=1), "add up"),
+        (lambda r: r["predicted"].update(hit_rate=1.5), "out of range"),
+        (lambda r: r["predicted"].pop("tokens_per_s"), "tokens_per_s"),
+        (lambda r: r["layers"].pop(), "layer entries"),
+        (lambda r: r["layers"][0].update(miss_path="teleport"), "miss path"),
+        (lambda r: r.pop("target"), "malformed"),
+    ],
+)
+def test_tampered_plans_are_refused(super_config, tmp_path, edit, message):
+    plan = plan_residency(super_config, "RTX 4090")
+    with pytest.raises(FileFormatError, match=message):
+        Plan.load(_tamper(tmp_path, plan, edit))
+
+
+def test_plan_file_kind_and_version_checked(super_config, tmp_path):
+    plan = plan_residency(super_config, "RTX 4090")
+    with pytest.raises(FileFormatError, match="not a 'plan' file"):
+        Plan.load(_tamper(tmp_path, plan, lambda r: r.update(kind="profile")))
+    with pytest.raises(FileFormatError, match="upgrade residency"):
+        Plan.load(_tamper(tmp_path, plan, lambda r: r.update(format_version=99)))
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"kind": "plan", ')
+    with pytest.raises(FileFormatError, match="not valid JSON"):
+        Plan.load(broken)
+
+
+def test_show_is_a_readable_table(super_config):
+    text = plan_residency(super_config, "RTX 4090", profile=skewed_profile(super_config)).show()
+    for part in ("Plan for Nemotron-H", "Target: RTX 4090", "Device memory (24.00 GiB)", "non_expert_weights",
+                 "Host tier:", "Predicted: hit rate", "bound by", "Per MoE layer:", "how:"):
+        assert part in text, part
+    assert len([line for line in text.splitlines() if line.strip().startswith(("0 ", "39 "))]) == 2
