@@ -2,6 +2,10 @@
 
 Rules (the same for every public kernel function):
 
+- ``backend=None`` (the default): the library-wide setting, :func:`get_backend` — set in Python
+  with :func:`set_backend` or the :func:`kernel_backend` context manager, else read from the
+  ``RESIDENCY_KERNELS`` environment variable (``auto``, ``torch`` or ``triton``), else ``auto``.
+  The model computes through these functions, so the setting decides what the whole model runs.
 - ``backend="torch"``: always the torch reference.
 - ``backend="triton"``: always Triton; on CPU tensors this needs ``TRITON_INTERPRET=1``.
 - ``backend="auto"``: Triton for CUDA tensors, Triton on CPU when ``TRITON_INTERPRET=1``, else the
@@ -15,14 +19,53 @@ the interpreter when triton is first imported, so ``TRITON_INTERPRET=1`` must be
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
 import sys
+from collections.abc import Iterator
 
 import torch
 
 BACKENDS = ("auto", "triton", "torch")
+BACKEND_ENV = "RESIDENCY_KERNELS"
+_backend_setting: str | None = None
+
+
+def set_backend(backend: str | None) -> None:
+    """Set the kernel backend for the whole library (``"auto"``, ``"torch"``, ``"triton"``).
+
+    ``None`` clears the Python setting, so ``RESIDENCY_KERNELS`` (or ``auto``) applies again.
+    """
+    global _backend_setting
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"kernel backend must be one of {BACKENDS} or None, got {backend!r}")
+    _backend_setting = backend
+
+
+def get_backend() -> str:
+    """The library-wide kernel backend: the Python setting, else ``RESIDENCY_KERNELS``, else ``"auto"``."""
+    if _backend_setting is not None:
+        return _backend_setting
+    value = os.environ.get(BACKEND_ENV, "").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(
+            f"{BACKEND_ENV}={os.environ[BACKEND_ENV]!r} is not a kernel backend; set it to one of {', '.join(BACKENDS)}"
+        )
+    return value
+
+
+@contextlib.contextmanager
+def kernel_backend(backend: str | None) -> Iterator[None]:
+    """Run a block with another library-wide kernel backend, then restore the previous setting."""
+    global _backend_setting
+    previous = _backend_setting
+    set_backend(backend)
+    try:
+        yield
+    finally:
+        _backend_setting = previous
 
 
 def interpret_mode() -> bool:
@@ -36,13 +79,15 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def use_triton(backend: str, *tensors: torch.Tensor) -> bool:
+def use_triton(backend: str | None, *tensors: torch.Tensor) -> bool:
     """Decide whether a public kernel function runs Triton (True) or the torch reference (False).
 
     Args:
-        backend: ``"auto"``, ``"triton"`` or ``"torch"``.
+        backend: ``"auto"``, ``"triton"``, ``"torch"``, or None for the library-wide setting.
         tensors: the function's tensor inputs; any CUDA tensor makes ``"auto"`` pick Triton.
     """
+    if backend is None:
+        backend = get_backend()
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":

@@ -56,12 +56,14 @@ def check(arch: int) -> list[dict]:
         results.append({"kernel": name, "arch": arch, **_compile(fn, sig, consts, arch, **options)})
 
     # "i32D": an integer the launch will see divisible by 16
-    record(
-        "route", route_fwd_kernel,
-        {"logits": "*fp32", "bias": "*fp32", "ids": "*i64", "weights": "*fp32", "E": "i32D",
-         "stride_lt": "i32D", "stride_le": "i32", "scaling_factor": "fp32"},
-        {"stride_le": 1, "K": TOP_K, "BLOCK_E": EXPERTS, "BLOCK_K": 32, "HAS_BIAS": True, "RENORMALIZE": True},
-    )  # fmt: skip
+    for n_group, topk_group in ((1, 1), (8, 4)):  # Super's plain routing, and a group-limited variant
+        record(
+            f"route.groups{n_group}", route_fwd_kernel,
+            {"logits": "*fp32", "bias": "*fp32", "ids": "*i64", "weights": "*fp32", "E": "i32D",
+             "GROUP_SIZE": "i32D", "stride_lt": "i32D", "stride_le": "i32", "scaling_factor": "fp32"},
+            {"stride_le": 1, "K": TOP_K, "BLOCK_E": EXPERTS, "BLOCK_K": 32, "HAS_BIAS": True, "RENORMALIZE": True,
+             "N_GROUP": n_group, "TOPK_GROUP": topk_group, "BLOCK_G": n_group},
+        )  # fmt: skip
     table = load_table(DEFAULT_TABLE)
     pair = {"topk_ids": "*i64", "skip": "*u8", "slot_of_expert": "*i32", "topk_weights": "*fp32", "E": "i32D"}
     for tokens, config in table.decode.items():

@@ -53,3 +53,39 @@ def test_version_tuple_reads_leading_numbers():
     assert _dispatch._version_tuple("3.6.0+gitabc") == (3, 6, 0)
     assert _dispatch._version_tuple("2.4.0rc1") == (2, 4)
     assert _dispatch._version_tuple("2.13.0+cpu") == (2, 13, 0)
+
+
+def test_library_wide_backend_switch(monkeypatch):
+    from residency import kernels
+
+    monkeypatch.delenv(kernels.BACKEND_ENV, raising=False)
+    assert kernels.get_backend() == "auto"
+    monkeypatch.setenv(kernels.BACKEND_ENV, "torch")
+    assert kernels.get_backend() == "torch"
+    with kernels.kernel_backend("triton"):
+        assert kernels.get_backend() == "triton"  # the Python setting wins over the environment
+    assert kernels.get_backend() == "torch"
+    monkeypatch.setenv(kernels.BACKEND_ENV, "cuda")
+    with pytest.raises(ValueError, match="RESIDENCY_KERNELS='cuda'.*auto, triton, torch"):
+        kernels.get_backend()
+    with pytest.raises(ValueError, match="kernel backend"):
+        kernels.set_backend("fast")
+
+
+def test_backend_none_follows_the_switch(monkeypatch, device):
+    """With backend=None the library-wide setting decides: "torch" never enters Triton."""
+    if device != "cpu":
+        pytest.skip("checks the CPU dispatch")
+    from residency import kernels
+
+    x = torch.randn(2, 8)
+    problem = (x, torch.randn(4, 6, 8), torch.randn(4, 8, 6), torch.arange(4, dtype=torch.int32),
+               torch.tensor([[0, 1], [2, 3]]), torch.rand(2, 2))  # fmt: skip
+    calls = []
+    monkeypatch.setattr(_dispatch, "_check_interpreter_ready", lambda: calls.append(1))
+    with kernels.kernel_backend("torch"):
+        moe_gather_gemm(*problem)
+    assert calls == []
+    with kernels.kernel_backend("triton"):
+        moe_gather_gemm(*problem)
+    assert calls == [1]

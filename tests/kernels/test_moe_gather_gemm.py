@@ -301,4 +301,40 @@ def test_kernels_compile_for_gpus_without_one():
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads(run.stdout)
-    assert len(report["results"]) == 24 and report["problems"] == []
+    assert len(report["results"]) == 26 and report["problems"] == []  # 13 kernel variants x 2 archs
+
+
+def naive_pair_norms(x, up, down, slot_of_expert, ids):
+    """``||down[s] @ relu(up[s] @ x[t])^2||`` for every pair, in float64."""
+    norms = torch.zeros(ids.shape, dtype=torch.float64)
+    for t in range(ids.shape[0]):
+        for j in range(ids.shape[1]):
+            s = int(slot_of_expert[int(ids[t, j])])
+            h = torch.relu(up[s].double() @ x[t].double()) ** 2
+            norms[t, j] = (down[s].double() @ h).norm()
+    return norms
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("shape", SHAPES[:4], ids=["T{}-L{}-I{}-E{}-S{}-k{}".format(*s) for s in SHAPES[:4]])
+def test_pair_norms_are_unweighted_output_norms_and_leave_the_result_unchanged(shape, path, device):
+    problem = make_problem(*shape, device=device)
+    expected = naive_pair_norms(*(t.cpu() for t in problem[:5]))
+    for backend in ("triton", "torch"):
+        norms = torch.full(problem[4].shape, float("nan"), device=device)
+        with_norms = moe_gather_gemm(*problem, path=path, backend=backend, config=SMALL, pair_norms=norms)
+        without = moe_gather_gemm(*problem, path=path, backend=backend, config=SMALL)
+        assert torch.equal(with_norms, without), backend  # bit for bit: the weight is applied the same way
+        assert_matches(norms, expected)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_pair_norms_of_skipped_pairs_are_left_alone(path, device):
+    problem = make_problem(6, 16, 24, 8, 10, 3, device=device)
+    skip = torch.zeros(problem[4].shape, dtype=torch.bool, device=device)
+    skip[1, 2] = skip[4, 0] = True
+    for backend in ("triton", "torch"):
+        norms = torch.full(skip.shape, -7.0, device=device)
+        moe_gather_gemm(*problem, skip, path=path, backend=backend, config=SMALL, pair_norms=norms)
+        assert float(norms[1, 2]) == float(norms[4, 0]) == -7.0, backend
+        assert bool((norms[~skip] >= 0).all()), backend

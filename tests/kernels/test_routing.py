@@ -175,3 +175,39 @@ def test_route_on_cuda_matches_reference():
     assert (ids.cpu() == ref_ids).float().mean() > 0.999
     same = (ids.cpu() == ref_ids).all(-1)
     torch.testing.assert_close(weights.cpu()[same], ref_weights[same], rtol=1e-5, atol=1e-6)
+
+
+GROUP_CASES = [
+    # tokens, experts, top_k, n_group, topk_group
+    (7, 64, 4, 8, 2),
+    (3, 32, 1, 4, 1),
+    (9, 40, 6, 5, 3),
+    (2, 512, 22, 8, 4),
+]
+
+
+@pytest.mark.parametrize("tokens,experts,top_k,n_group,topk_group", GROUP_CASES,
+                         ids=["T{}-E{}-k{}-G{}-g{}".format(*c) for c in GROUP_CASES])
+def test_group_limited_route_kernel_matches_reference(tokens, experts, top_k, n_group, topk_group, device):
+    bias = torch.randn(experts) * 0.3
+    logits = separated_logits(tokens, experts, bias, experts - 1)
+    ref_ids, ref_weights = route_reference(logits, bias, top_k, 2.5, n_group=n_group, topk_group=topk_group)
+    ids, weights = route(logits.to(device), bias.to(device), top_k, 2.5, n_group=n_group, topk_group=topk_group,
+                         backend="triton")
+    assert torch.equal(ids.cpu(), ref_ids)
+    torch.testing.assert_close(weights.cpu(), ref_weights, rtol=1e-5, atol=1e-6)
+    # every chosen expert lies in one of the topk_group best groups (sum of the two best biased scores)
+    choice = torch.sigmoid(logits) + bias
+    group_scores = choice.view(tokens, n_group, -1).topk(2, dim=-1).values.sum(-1)
+    best = group_scores.topk(topk_group, dim=-1).indices
+    size = experts // n_group
+    for t in range(tokens):
+        assert set((ref_ids[t] // size).tolist()) <= set(best[t].tolist())
+
+
+def test_group_limited_routing_refuses_impossible_groupings():
+    logits = torch.randn(2, 12)
+    with pytest.raises(ValueError, match="n_group"):
+        route_reference(logits, None, 2, 1.0, n_group=5, topk_group=1)  # 12 does not split into 5
+    with pytest.raises(ValueError, match="topk_group"):
+        route_reference(logits, None, 4, 1.0, n_group=4, topk_group=1)  # one group of 3 cannot give 4

@@ -29,7 +29,7 @@ import torch
 
 from .._dispatch import cdiv, interpret_mode, next_power_of_2, use_triton
 from .align import align_pairs
-from .reference import check_inputs, moe_gather_gemm_reference, resolve_slots
+from .reference import active_pairs, check_inputs, moe_gather_gemm_reference, resolve_slots
 from .tuning import MoeConfig, table_for
 
 CHECK_ENV = "RESIDENCY_KERNEL_CHECKS"
@@ -49,8 +49,9 @@ def moe_gather_gemm(
     skip: torch.Tensor | None = None,
     *,
     out: torch.Tensor | None = None,
+    pair_norms: torch.Tensor | None = None,
     path: str = "auto",
-    backend: str = "auto",
+    backend: str | None = None,
     config: MoeConfig | None = None,
     check: bool | None = None,
 ) -> torch.Tensor:
@@ -65,10 +66,13 @@ def moe_gather_gemm(
         topk_weights: ``[T, k]`` routing weights (applied in fp32).
         skip: optional ``[T, k]`` bool; True = another path computes this pair.
         out: optional ``[T, L]`` output of x's dtype; every element is written.
+        pair_norms: optional ``[T, k]`` fp32; each computed pair's entry is overwritten with the L2
+            norm of its unweighted expert output ``down @ relu(up @ x)^2`` (the profiler's REAP
+            saliency input); entries of pairs not computed here are left as they are.
         path: ``"decode"``, ``"prefill"`` or ``"auto"`` (the tuning table's threshold, else
             decode while ``T * k * 4 <= E``).
         backend: ``"auto"`` (Triton on CUDA or under ``TRITON_INTERPRET=1``, else torch),
-            ``"triton"`` or ``"torch"``.
+            ``"triton"``, ``"torch"``, or None (default) for the library-wide setting.
         config: tile sizes; default from the tuning table for this device and shape.
         check: raise on active pairs without a slot (syncs on CUDA). Default: True on CPU, on
             CUDA only with ``RESIDENCY_KERNEL_CHECKS=1``.
@@ -80,10 +84,10 @@ def moe_gather_gemm(
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     if not use_triton(backend, x, up_bank, down_bank, slot_of_expert, topk_ids, topk_weights):
         return moe_gather_gemm_reference(
-            x, up_bank, down_bank, slot_of_expert, topk_ids, topk_weights, skip, out=out
+            x, up_bank, down_bank, slot_of_expert, topk_ids, topk_weights, skip, out=out, pair_norms=pair_norms
         )
     num_tokens, top_k, latent, inter = check_inputs(
-        x, up_bank, down_bank, slot_of_expert, topk_ids, topk_weights, skip, out
+        x, up_bank, down_bank, slot_of_expert, topk_ids, topk_weights, skip, out, pair_norms
     )
     if check is None:
         check = not x.is_cuda or os.environ.get(CHECK_ENV) == "1"
@@ -102,10 +106,15 @@ def moe_gather_gemm(
     topk_ids = topk_ids.contiguous()
     topk_weights = topk_weights.contiguous()
     skip = None if skip is None else skip.contiguous()
-    if path == "decode":
-        pair_out = decode_pairs(x, up_bank, down_bank, slot_of_expert, topk_ids, topk_weights, skip, config)
-    else:
-        pair_out = prefill_pairs(x, up_bank, down_bank, slot_of_expert, topk_ids, topk_weights, skip, config)
+    pairs = decode_pairs if path == "decode" else prefill_pairs
+    # with norms requested the kernels leave the weight out; it is applied after the norms are
+    # taken, in the same fp32 multiply the kernel epilogue would do, so the result is unchanged
+    weighted = pair_norms is None
+    pair_out = pairs(x, up_bank, down_bank, slot_of_expert, topk_ids, topk_weights, skip, config, weighted)
+    if not weighted:
+        active = active_pairs(topk_ids, skip) & (topk_ids < slot_of_expert.shape[0])
+        pair_norms.copy_(torch.where(active, pair_out.norm(dim=-1).view(active.shape), pair_norms))
+        pair_out.mul_(topk_weights.reshape(-1, 1).float())
     reduce_pairs(pair_out, slot_of_expert, topk_ids, skip, out)
     return out
 
@@ -119,8 +128,9 @@ def decode_pairs(
     topk_weights: torch.Tensor,
     skip: torch.Tensor | None,
     config: MoeConfig,
+    weighted: bool = True,
 ) -> torch.Tensor:
-    """Weighted expert outputs ``[T * k, L]`` fp32 of the computed pairs, one program per pair and tile."""
+    """Weighted (``weighted``, else unweighted) expert outputs ``[T * k, L]`` fp32 of the computed pairs, one program per pair and tile."""
     num_pairs, top_k = topk_ids.numel(), topk_ids.shape[1]
     latent, inter = x.shape[1], up_bank.shape[1]
     h = torch.empty(num_pairs, inter, dtype=torch.float32, device=x.device)  # [P, I]
@@ -136,7 +146,7 @@ def decode_pairs(
         moe_gemv_decode_kernel[(num_pairs, cdiv(n, tile.BLOCK_N))](
             a, bank, c, *pair_args, n, d,
             a.stride(0), a.stride(1), bank.stride(0), bank.stride(1), bank.stride(2), c.stride(0),
-            A_ROW_DIV=row_div, HAS_SKIP=skip is not None, RELU2=relu2, MUL_WEIGHT=not relu2,
+            A_ROW_DIV=row_div, HAS_SKIP=skip is not None, RELU2=relu2, MUL_WEIGHT=weighted and not relu2,
             BLOCK_N=tile.BLOCK_N, BLOCK_K=tile.BLOCK_K, num_warps=tile.num_warps, num_stages=tile.num_stages,
         )  # fmt: skip
     return y
@@ -151,8 +161,9 @@ def prefill_pairs(
     topk_weights: torch.Tensor,
     skip: torch.Tensor | None,
     config: MoeConfig,
+    weighted: bool = True,
 ) -> torch.Tensor:
-    """Weighted expert outputs ``[T * k, L]`` fp32 of the computed pairs, by expert-grouped GEMMs."""
+    """Weighted (``weighted``, else unweighted) expert outputs ``[T * k, L]`` fp32 of the computed pairs, by expert-grouped GEMMs."""
     interpreting = interpret_mode()
     tiles = (config.BLOCK_M, config.up.BLOCK_N, config.up.BLOCK_K, config.down.BLOCK_N, config.down.BLOCK_K)
     if not interpreting and min(tiles) < MIN_DOT_BLOCK:
@@ -179,7 +190,7 @@ def prefill_pairs(
         moe_gemm_prefill_kernel[grid](
             a, bank, c, *block_args, n, d, num_pairs, aligned.num_blocks,
             a.stride(0), a.stride(1), bank.stride(0), bank.stride(1), bank.stride(2), c.stride(0),
-            A_ROW_DIV=row_div, RELU2=relu2, MUL_WEIGHT=not relu2,
+            A_ROW_DIV=row_div, RELU2=relu2, MUL_WEIGHT=weighted and not relu2,
             COMPUTE_DTYPE=_tl_dtype(compute), DOT_PRECISION=precision,
             BLOCK_M=config.BLOCK_M, BLOCK_N=tile.BLOCK_N, BLOCK_K=tile.BLOCK_K, GROUP_M=tile.GROUP_M,
             num_warps=tile.num_warps, num_stages=tile.num_stages,

@@ -25,6 +25,7 @@ def check_inputs(
     topk_weights: torch.Tensor,
     skip: torch.Tensor | None,
     out: torch.Tensor | None,
+    pair_norms: torch.Tensor | None = None,
 ) -> tuple[int, int, int, int]:
     """Validate shapes, dtypes and devices; return ``(tokens, top_k, latent L, intermediate I)``."""
     if x.dim() != 2 or not x.is_floating_point():
@@ -49,7 +50,11 @@ def check_inputs(
         raise ValueError(f"skip must be a bool tensor shaped like topk_ids {tuple(topk_ids.shape)}")
     if out is not None and (out.shape != x.shape or out.dtype != x.dtype):
         raise ValueError(f"out must match x: {tuple(x.shape)} {x.dtype}, got {tuple(out.shape)} {out.dtype}")
-    tensors = [t for t in (up_bank, down_bank, slot_of_expert, topk_ids, topk_weights, skip, out) if t is not None]
+    if pair_norms is not None and (pair_norms.shape != topk_ids.shape or pair_norms.dtype != torch.float32
+                                   or not pair_norms.is_contiguous()):
+        raise ValueError(f"pair_norms must be a contiguous fp32 tensor shaped like topk_ids {tuple(topk_ids.shape)}")
+    tensors = [t for t in (up_bank, down_bank, slot_of_expert, topk_ids, topk_weights, skip, out, pair_norms)
+               if t is not None]
     for t in tensors:
         if t.device != x.device:
             raise ValueError(f"all inputs must be on x's device {x.device}; found one on {t.device}")
@@ -95,6 +100,7 @@ def moe_gather_gemm_reference(
     skip: torch.Tensor | None = None,
     *,
     out: torch.Tensor | None = None,
+    pair_norms: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Torch MoE over a slot bank: one dense GEMM pair per resident expert that has tokens.
 
@@ -106,11 +112,13 @@ def moe_gather_gemm_reference(
         topk_weights: ``[T, k]`` routing weights.
         skip: optional ``[T, k]`` bool, True = computed elsewhere.
         out: optional ``[T, L]`` tensor of x's dtype to write into.
+        pair_norms: optional ``[T, k]`` fp32; the entries of the pairs computed here receive the L2
+            norm of their unweighted expert output; the others are left unchanged.
 
     Returns:
         ``[T, L]`` in x's dtype (``out`` when given).
     """
-    check_inputs(x, up_bank, down_bank, slot_of_expert, topk_ids, topk_weights, skip, out)
+    check_inputs(x, up_bank, down_bank, slot_of_expert, topk_ids, topk_weights, skip, out, pair_norms)
     slots = resolve_slots(slot_of_expert, topk_ids, skip)  # [T, k]
     top_k = topk_ids.shape[1]
     acc = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, L]
@@ -121,6 +129,8 @@ def moe_gather_gemm_reference(
         tokens = pairs // top_k
         h = torch.relu(x[tokens].float() @ up_bank[slot].float().T) ** 2  # [n, I]
         y = h @ down_bank[slot].float().T  # [n, L]
+        if pair_norms is not None:
+            pair_norms.view(-1)[pairs] = y.norm(dim=-1)
         acc.index_add_(0, tokens, y * flat_weights[pairs, None])
     if out is None:
         return acc.to(x.dtype)
