@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from residency.errors import ResidencyError
-from residency.model.moe import MoEObserver
+from residency.model.moe import ExpertBackend, MoEObserver
 from residency.profiling.profile import Profile, coverage, top_n_jaccard
 
 PROMPTS = [[1, 40, 41, 42, 43, 44, 45, 46], [1, 90, 91, 92, 93, 94, 95, 96, 97, 98, 99, 100, 101], [1, 7, 8]]
@@ -227,11 +229,14 @@ def test_expert_module_that_ignores_pair_norms_is_refused(tiny_model):
     mixer = net.moe_mixers[0]
     original = mixer.experts
 
-    class NoNorms(torch.nn.Module):
-        def forward(self, x, ids, weights, pair_norms=None):
-            if pair_norms is not None:
-                pair_norms.fill_(float("nan"))  # what an unfilled buffer may hold
-            return original(x, ids, weights, None)
+    class NoNorms(ExpertBackend):
+        def submit(self, work):
+            if work.pair_norms is not None:
+                work.pair_norms.fill_(float("nan"))  # what an unfilled buffer may hold
+            return original.submit(dataclasses.replace(work, pair_norms=None))
+
+        def collect(self, handle):
+            return original.collect(handle)
 
     mixer.experts = NoNorms()
     try:

@@ -2,15 +2,18 @@
 
 from .caches import InferenceCache
 from .modeling import Backbone, Block, NemotronHForCausalLM
-from .moe import MoEMixer, MoEObserver, ResidentExperts, RoutingEvent
+from .moe import ExpertBackend, ExpertWork, MoEMixer, MoEObserver, ResidentExperts, RoutingEvent, StepListener
 
 __all__ = [
     "Backbone",
     "Block",
+    "ExpertBackend",
+    "ExpertWork",
     "InferenceCache",
     "MoEMixer",
     "MoEObserver",
     "NemotronHForCausalLM",
     "ResidentExperts",
     "RoutingEvent",
+    "StepListener",
 ]

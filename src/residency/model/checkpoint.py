@@ -6,12 +6,16 @@ object after an 8-byte length), which lists every tensor's name, dtype and shape
 it occupies without reading any weights. Validation runs on those headers before any heavy work:
 missing, unexpected (other than ``mtp.*``), wrong-shape and wrong-dtype tensors are all reported
 in one error; truncated shards, missing shards and index entries that point outside the folder are
-refused. Tensors are then read one at a time from memory-mapped files.
+refused. Tensors are then read one at a time, either from memory-mapped files (:meth:`Checkpoint.get`)
+or straight into their destination with plain file reads (:meth:`Checkpoint.read_into`), which
+keeps no file pages mapped into the process and goes through a bounded staging buffer when the
+destination has another dtype or lives on another device.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +29,7 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 FLOAT_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 _HEADER_LIMIT = 512 * 1024 * 1024
+STAGING_BYTES = 64 * 1024 * 1024  # bound on the temporary buffer of a converting read
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     shard: str
     nbytes: int
+    offset: int = 0  # absolute byte offset of the data in the shard file
 
 
 def expected_tensors(config: NemotronHConfig) -> dict[str, tuple[int, ...]]:
@@ -112,7 +118,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         try:
             start, end = entry["data_offsets"]
             infos[name] = TensorInfo(name, entry["dtype"], tuple(int(s) for s in entry["shape"]), path.name,
-                                     int(end) - int(start))
+                                     int(end) - int(start), 8 + n + int(start))
             data_end = max(data_end, int(end))
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{path}: malformed header entry for {name!r}") from exc
@@ -143,6 +149,7 @@ class Checkpoint:
             if info is not None and info.shard != shard:
                 raise CheckpointError(f"{self.folder}: index says {name!r} is in {shard}, but it is in {info.shard}")
         self._handles: dict[str, object] = {}
+        self._files: dict[str, object] = {}
 
     def _shard_map(self) -> dict[str, str]:
         """tensor name → shard file name (from the index, or the single file's header)."""
@@ -222,5 +229,58 @@ class Checkpoint:
             self._handles[info.shard] = handle
         return handle.get_tensor(name)
 
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        """Read tensor ``name`` into ``out`` (same number of elements; any dtype and device).
+
+        A CPU destination of the stored dtype is filled by ``readinto`` directly; otherwise the
+        bytes pass through a staging buffer of at most :data:`STAGING_BYTES` and are converted
+        (dtype, device) chunk by chunk, so no full-size temporary copy is ever allocated.
+        """
+        info = self.tensors.get(name)
+        if info is None:
+            raise CheckpointError(f"{self.folder}: no tensor {name!r}")
+        stored = FLOAT_DTYPES.get(info.dtype)
+        if stored is None:
+            raise CheckpointError(f"{self.folder}: tensor {name!r} has dtype {info.dtype}, which this loader cannot read")
+        count = math.prod(info.shape)
+        if out.numel() != count or not out.is_contiguous():
+            raise CheckpointError(f"{name}: destination {tuple(out.shape)} does not match the stored {list(info.shape)}")
+        flat = out.view(-1)
+        item = stored.itemsize
+        fh = self._file(info.shard)
+        fh.seek(info.offset)
+        if out.device.type == "cpu" and out.dtype == stored:
+            self._read_exact(fh, flat.view(torch.uint8).numpy(), info, name)
+            return
+        step = max(1, STAGING_BYTES // item)
+        staging = torch.empty(min(step, count) * item, dtype=torch.uint8)
+        for start in range(0, count, step):
+            n = min(step, count - start)
+            chunk = staging[: n * item]
+            self._read_exact(fh, chunk.numpy(), info, name)
+            flat[start:start + n].copy_(chunk.view(stored))
+
+    def _file(self, shard: str):
+        handle = self._files.get(shard)
+        if handle is None:
+            try:
+                handle = open(self.folder / shard, "rb", buffering=0)  # noqa: SIM115 - kept open until close()
+            except OSError as exc:
+                raise CheckpointError(f"{self.folder / shard}: cannot open ({exc}); re-download it") from exc
+            self._files[shard] = handle
+        return handle
+
+    def _read_exact(self, fh, buffer, info: TensorInfo, name: str) -> None:
+        view = memoryview(buffer).cast("B")
+        done = 0
+        while done < len(view):
+            got = fh.readinto(view[done:])
+            if not got:
+                raise CheckpointError(f"{self.folder / info.shard}: file ended inside tensor {name!r}; re-download it")
+            done += got
+
     def close(self) -> None:
         self._handles.clear()
+        for handle in self._files.values():
+            handle.close()
+        self._files.clear()

@@ -5,9 +5,10 @@ against on tiny random checkpoints. Module names mirror the checkpoint's tensor 
 (``backbone.layers.N.mixer...``) so loading is a direct mapping, except that routed experts are
 stacked into one ``[E, I, L]`` / ``[E, L, I]`` pair per layer (:class:`ResidentExperts`).
 
-The routed-expert computation is pluggable: every :class:`MoEMixer` calls ``self.experts`` with
-latent activations and the router's choice, so the offload runtime can swap in its own
-implementation without touching the rest, and observers (the profiler) see each routing decision.
+The routed-expert computation is pluggable: every :class:`MoEMixer` hands its work to
+``self.experts``, an :class:`~residency.model.moe.ExpertBackend` (see :mod:`residency.model.moe`),
+so the offload runtime can swap in its own implementation without touching the rest; observers
+(the profiler) see each routing decision, and step listeners see each forward call begin and end.
 """
 
 from __future__ import annotations
@@ -22,14 +23,17 @@ from .attention import Attention
 from .caches import InferenceCache
 from .layers import MLP, RMSNorm
 from .mamba import Mamba2Mixer
-from .moe import MoEMixer, MoEObserver
+from .moe import ExpertBackend, MoEMixer, MoEObserver, StepListener
 
 
 class Block(nn.Module):
+    """``h + mixer(norm(h))``; with ``residual_in_fp32`` the residual stream is carried in fp32."""
+
     def __init__(self, config: NemotronHConfig, layer_idx: int, moe_index: int | None) -> None:
         super().__init__()
         kind = config.layer_kinds[layer_idx]
         self.kind = kind
+        self.residual_in_fp32 = bool(getattr(config, "residual_in_fp32", False))
         self.norm = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
         if kind == "mamba":
             self.mixer: nn.Module = Mamba2Mixer(config, layer_idx)
@@ -41,7 +45,9 @@ class Block(nn.Module):
             self.mixer = MLP(config.hidden_size, config.intermediate_size, config.mlp_bias)
 
     def forward(self, h: torch.Tensor, cache: InferenceCache | None) -> torch.Tensor:
-        return h + self.mixer(self.norm(h.to(self.norm.weight.dtype)), cache)
+        out = self.mixer(self.norm(h.to(self.norm.weight.dtype)), cache)
+        residual = h.float() if self.residual_in_fp32 else h
+        return residual + out
 
 
 class Backbone(nn.Module):
@@ -61,6 +67,7 @@ class NemotronHForCausalLM(nn.Module):
         self.config = config
         self.backbone = Backbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.step_listeners: list[StepListener] = []
 
     @property
     def moe_mixers(self) -> list[MoEMixer]:
@@ -79,10 +86,23 @@ class NemotronHForCausalLM(nn.Module):
 
         return remove
 
-    def set_experts(self, factory: Callable[[MoEMixer], nn.Module]) -> None:
-        """Replace each MoE layer's routed-expert implementation with ``factory(mixer)``."""
+    def add_step_listener(self, listener: StepListener) -> Callable[[], None]:
+        """Tell ``listener`` when each forward call begins and ends; returns a function that detaches it."""
+        self.step_listeners.append(listener)
+
+        def remove() -> None:
+            if listener in self.step_listeners:
+                self.step_listeners.remove(listener)
+
+        return remove
+
+    def set_experts(self, factory: Callable[[MoEMixer], ExpertBackend]) -> None:
+        """Replace each MoE layer's routed-expert backend with ``factory(mixer)``."""
         for m in self.moe_mixers:
-            m.experts = factory(m)
+            backend = factory(m)
+            if not isinstance(backend, ExpertBackend):
+                raise TypeError(f"set_experts: the factory returned {type(backend).__name__}, not an ExpertBackend")
+            m.experts = backend
 
     def new_cache(self, batch: int) -> InferenceCache:
         return InferenceCache(batch=batch)
@@ -96,9 +116,15 @@ class NemotronHForCausalLM(nn.Module):
         is_decode = cache is not None and cache.pos > 0
         for m in self.moe_mixers:
             m.is_decode = is_decode
-        h = self.backbone.embeddings(input_ids)
-        for block in self.backbone.layers:
-            h = block(h, cache)
+        for listener in self.step_listeners:
+            listener.begin_step(input_ids, is_decode)
+        try:
+            h = self.backbone.embeddings(input_ids)
+            for block in self.backbone.layers:
+                h = block(h, cache)
+        finally:
+            for listener in self.step_listeners:
+                listener.end_step()
         if cache is not None:
             cache.pos += input_ids.shape[1]
         if last_only:

@@ -1,16 +1,33 @@
-"""LatentMoE layer: router, latent projections, shared expert, and the seam to the routed-expert backend."""
+"""LatentMoE layer: router, latent projections, shared expert, and the seam to the routed-expert backend.
+
+The layer routes with :func:`residency.kernels.route` and hands the routed-expert work of each
+forward call to its backend (``MoEMixer.experts``) as an :class:`ExpertWork`: the normalised
+hidden state the router saw (what look-ahead routing with the next layer's router needs), the
+latent expert input, the routing ids and fp32 weights, and an optional per-pair norm buffer for
+the profiler. The call is split in two, :meth:`ExpertBackend.submit` then
+:meth:`ExpertBackend.collect`, with the shared expert computed in between, so a backend can
+overlap copies and CPU expert work with it. The fully resident path is one backend
+(:class:`ResidentExperts`: every expert in one slot bank, identity slot table, one
+:func:`residency.kernels.moe_gather_gemm` call); the offload runtime provides another.
+
+Step boundaries (a whole forward call over all layers) are announced to
+:class:`StepListener` objects registered on the model, which is where a runtime pins the step's
+experts and advances its telemetry.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import NemotronHConfig
+from ..kernels import moe_gather_gemm, route
 from .caches import InferenceCache
-from .layers import MLP, relu2
+from .layers import MLP
 
 
 @dataclass
@@ -39,66 +56,80 @@ class MoEObserver:
         raise NotImplementedError
 
 
-class ResidentExperts(nn.Module):
-    """All routed experts of one layer held as stacked tensors; the default expert implementation.
+@dataclass
+class ExpertWork:
+    """One MoE layer's routed-expert work in one forward call, as the layer hands it to its backend.
 
-    Any replacement (the offload runtime) must accept the same call: latent activations ``[T, L]``,
-    ids ``[T, k]``, fp32 weights ``[T, k]`` and an optional ``pair_norms`` buffer ``[T, k]`` to fill
-    with unweighted output norms; it returns the weighted sum ``[T, L]`` accumulated in fp32.
+    ``pair_norms``, when not None, is an fp32 ``[T, k]`` buffer filled with NaN: the backend must
+    write each pair's unweighted expert-output L2 norm into it (the profiler refuses NaN left over).
+    """
+
+    moe_index: int
+    layer_idx: int
+    hidden: torch.Tensor  # [T, D] normalised hidden state (the router's input)
+    latent: torch.Tensor  # [T, L] expert input (latent space for LatentMoE, else = hidden)
+    ids: torch.Tensor  # [T, k] int64 expert ids
+    weights: torch.Tensor  # [T, k] fp32 routing weights
+    pair_norms: torch.Tensor | None
+    is_decode: bool
+
+
+class ExpertBackend(nn.Module):
+    """Computes one MoE layer's routed experts. Subclasses implement :meth:`submit` and :meth:`collect`.
+
+    ``submit(work)`` starts the work and returns a handle; ``collect(handle)`` returns the weighted
+    sum over each token's k experts, ``[T, L]`` in ``work.latent``'s dtype, accumulated in fp32.
+    Between the two the layer computes its shared expert. ``forward`` runs both, for direct use.
+    """
+
+    def submit(self, work: ExpertWork) -> Any:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def collect(self, handle: Any) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def forward(self, work: ExpertWork) -> torch.Tensor:
+        return self.collect(self.submit(work))
+
+
+class StepListener(Protocol):
+    """Told when a forward call (one prefill chunk or one decode step over every layer) begins and ends."""
+
+    def begin_step(self, input_ids: torch.Tensor, is_decode: bool) -> None: ...
+
+    def end_step(self) -> None: ...
+
+
+class ResidentExperts(ExpertBackend):
+    """All routed experts of one layer in one slot bank with the identity slot table.
+
+    The banks are the checkpoint's per-expert tensors stacked: ``up_proj [E, I, L]``,
+    ``down_proj [E, L, I]``; one :func:`~residency.kernels.moe_gather_gemm` call computes the step
+    (Triton on CUDA, the torch reference on CPU, as the kernel backend switch decides).
     """
 
     def __init__(self, num_experts: int, inner: int, width: int) -> None:
         super().__init__()
         self.up_proj = nn.Parameter(torch.empty(num_experts, inner, width))  # [E, I, L]
         self.down_proj = nn.Parameter(torch.empty(num_experts, width, inner))  # [E, L, I]
+        self.register_buffer("slot_of_expert", torch.arange(num_experts, dtype=torch.int32), persistent=False)
 
-    def forward(
-        self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, pair_norms: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        tokens, k = ids.shape
-        flat = ids.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        experts, counts = torch.unique_consecutive(flat[order], return_counts=True)
-        pair_out = torch.empty(tokens * k, x.shape[1], dtype=torch.float32, device=x.device)  # [T*k, L]
-        start = 0
-        for expert, count in zip(experts.tolist(), counts.tolist()):
-            pairs = order[start:start + count]
-            start += count
-            h = relu2(F.linear(x[pairs // k], self.up_proj[expert]))
-            pair_out[pairs] = F.linear(h, self.down_proj[expert]).float()
-        if pair_norms is not None:
-            pair_norms.copy_(pair_out.norm(dim=-1).view(tokens, k))
-        # weighted sum over k in fp32, in a fixed order
-        return (pair_out.view(tokens, k, -1) * weights.float()[..., None]).sum(1)
+    def submit(self, work: ExpertWork) -> torch.Tensor:
+        return moe_gather_gemm(
+            work.latent, self.up_proj, self.down_proj, self.slot_of_expert, work.ids, work.weights,
+            pair_norms=work.pair_norms,
+        )
 
-
-def route_tokens(
-    logits: torch.Tensor, bias: torch.Tensor | None, config: NemotronHConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nemotron-H router on fp32 logits ``[T, E]`` → (ids ``[T, k]`` by descending biased score, fp32 weights).
-
-    sigmoid scores; selection on score + correction bias (optionally restricted to the best
-    ``topk_group`` of ``n_group`` groups); weights from the unbiased scores, renormalised, scaled.
-    """
-    scores = torch.sigmoid(logits.float())
-    choice = scores + bias.float() if bias is not None else scores
-    if config.n_group > 1:
-        grouped = choice.view(choice.shape[0], config.n_group, -1)
-        group_scores = grouped.topk(2, dim=-1).values.sum(-1)
-        keep = torch.zeros_like(group_scores, dtype=torch.bool)
-        keep.scatter_(1, group_scores.topk(config.topk_group, dim=-1).indices, True)
-        choice = grouped.masked_fill(~keep[..., None], float("-inf")).view_as(choice)
-    ids = choice.topk(config.num_experts_per_tok, dim=-1, sorted=True).indices
-    weights = scores.gather(1, ids)
-    if config.norm_topk_prob:
-        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-    return ids, weights * config.routed_scaling_factor
+    def collect(self, handle: torch.Tensor) -> torch.Tensor:
+        return handle
 
 
 class Router(nn.Module):
+    """Router weights, kept in fp32 (converted once at load): the logits decide which experts run."""
+
     def __init__(self, config: NemotronHConfig) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size, dtype=torch.float32))
         self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts, dtype=torch.float32))
 
 
@@ -111,7 +142,8 @@ class MoEMixer(nn.Module):
         self.config = c
         self.layer_idx, self.moe_index = layer_idx, moe_index
         self.gate = Router(c)
-        self.experts: nn.Module = ResidentExperts(c.n_routed_experts, c.moe_intermediate_size, c.expert_input_size)
+        self.experts: ExpertBackend = ResidentExperts(c.n_routed_experts, c.moe_intermediate_size,
+                                                      c.expert_input_size)
         self.shared_experts = (
             MLP(c.hidden_size, c.moe_shared_expert_intermediate_size, c.mlp_bias) if c.n_shared_experts else None
         )
@@ -123,10 +155,18 @@ class MoEMixer(nn.Module):
         self.observers: list[MoEObserver] = []
         self.is_decode = False
 
+    def router_logits(self, xn: torch.Tensor) -> torch.Tensor:
+        """fp32 router logits ``[T, E]`` for normalised hidden states ``[T, D]``."""
+        return F.linear(xn.float(), self.gate.weight)
+
     def route(self, xn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ids, weights, fp32 logits) for normalised hidden states ``[T, D]``."""
-        logits = F.linear(xn.float(), self.gate.weight.float())
-        ids, weights = route_tokens(logits, self.gate.e_score_correction_bias, self.config)
+        c = self.config
+        logits = self.router_logits(xn)
+        ids, weights = route(
+            logits, self.gate.e_score_correction_bias, c.num_experts_per_tok, c.routed_scaling_factor,
+            c.norm_topk_prob, n_group=c.n_group, topk_group=c.topk_group,
+        )
         return ids, weights, logits
 
     def forward(self, x: torch.Tensor, cache: InferenceCache | None = None) -> torch.Tensor:
@@ -138,7 +178,10 @@ class MoEMixer(nn.Module):
         if any(o.wants_pair_norms for o in self.observers):
             # NaN until the experts fill it, so an implementation that skips the buffer is caught
             norms = torch.full(ids.shape, float("nan"), dtype=torch.float32, device=x.device)
-        routed = self.experts(latent, ids, weights, norms).to(x.dtype)
+        work = ExpertWork(self.moe_index, self.layer_idx, xn, latent, ids, weights, norms, self.is_decode)
+        handle = self.experts.submit(work)
+        shared = self.shared_experts(x) if self.shared_experts is not None else None
+        routed = self.experts.collect(handle).to(x.dtype)
         if self.fc2_latent_proj is not None:
             routed = self.fc2_latent_proj(routed)
         if self.observers:
@@ -146,6 +189,4 @@ class MoEMixer(nn.Module):
             for observer in self.observers:
                 observer.on_routing(event)
         out = routed.view(shape)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
-        return out
+        return out if shared is None else out + shared

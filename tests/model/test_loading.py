@@ -1,0 +1,103 @@
+"""Loading: each tensor materialised once in its target dtype; peak memory bounded; too-big models refused first."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from residency import OffloadedNemotron
+from residency.errors import BudgetError
+from residency.model import loading
+from residency.model.checkpoint import Checkpoint
+from residency.testing import write_tiny_checkpoint
+
+MiB = 1 << 20
+
+# 4 MoE layers x 512 experts x (2 x 256 x 256) fp32 weights = 1 GiB of experts, plus the rest
+BIG = dict(n_routed_experts=512, num_experts_per_tok=8, moe_intermediate_size=256, moe_latent_size=256,
+           hidden_size=128, moe_shared_expert_intermediate_size=128)
+
+CHILD = textwrap.dedent("""
+    import json, sys, torch
+    from residency import OffloadedNemotron
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[sys.argv[2]]
+    model = OffloadedNemotron.from_pretrained(sys.argv[1], device="cpu", dtype=dtype, progress=False)
+    logits = model([[1, 2, 3]])
+    status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+    kib = lambda key: int(status[key].split()[0])
+    params = sum(p.numel() * p.element_size() for p in model.model.parameters())
+    print(json.dumps({"hwm": kib("VmHWM") * 1024, "params": params, "finite": bool(torch.isfinite(logits).all())}))
+""")
+
+
+@pytest.fixture(scope="module")
+def big_checkpoint(tmp_path_factory):
+    folder = write_tiny_checkpoint(tmp_path_factory.mktemp("big") / "ckpt", seed=0, **BIG)
+    return folder, Checkpoint(folder).total_bytes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_peak_memory_of_loading_a_1gib_checkpoint(big_checkpoint, dtype):
+    folder, ckpt_bytes = big_checkpoint
+    assert ckpt_bytes >= 1 << 30
+    # the peak is read by the child itself (VmHWM): ru_maxrss would carry this large parent's peak
+    run = subprocess.run([sys.executable, "-c", CHILD, str(folder), dtype], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report["finite"]
+    limit = 1.2 * ckpt_bytes + 300 * MiB
+    assert report["hwm"] <= limit, f"peak {report['hwm'] / MiB:.0f} MiB > {limit / MiB:.0f} MiB"
+    if dtype == "bf16":  # converted while reading: no fp32 copy of the model ever existed
+        assert report["params"] < 0.6 * ckpt_bytes
+        assert report["hwm"] <= 0.6 * ckpt_bytes + 300 * MiB
+
+
+def test_a_model_that_does_not_fit_is_refused_before_any_weight_is_read(tmp_path, monkeypatch):
+    folder = write_tiny_checkpoint(tmp_path / "tiny")
+    monkeypatch.setattr(loading, "free_device_bytes", lambda device: (4 * MiB, "available host memory"))
+
+    def no_reads(self, name, out):
+        raise AssertionError("a weight was read before the fit check")
+
+    monkeypatch.setattr(Checkpoint, "read_into", no_reads)
+    with pytest.raises(BudgetError) as info:
+        OffloadedNemotron.from_pretrained(folder, device="cpu")
+    message = str(info.value)
+    assert "routed experts" in message and "everything else" in message and "4.00 MiB" in message
+    assert "vram_budget=" in message
+
+
+def test_footprint_counts_every_tensor_at_its_stored_size(tmp_path):
+    folder = write_tiny_checkpoint(tmp_path / "tiny", dtype=torch.bfloat16)
+    model = OffloadedNemotron.from_pretrained(folder, device="cpu")
+    fp = loading.footprint(model.model, torch.bfloat16)
+    tensors = list(model.model.parameters()) + list(model.model.buffers())
+    assert fp.total_bytes == sum(t.numel() * t.element_size() for t in tensors)
+    c = model.config
+    expert_params = c.num_moe_layers * c.n_routed_experts * 2 * c.moe_intermediate_size * c.expert_input_size
+    slot_tables = c.num_moe_layers * c.n_routed_experts * 4
+    assert fp.expert_bytes == expert_params * 2 + slot_tables
+
+
+def test_read_into_converts_in_bounded_chunks(tmp_path, monkeypatch):
+    folder = write_tiny_checkpoint(tmp_path / "tiny")
+    ckpt = Checkpoint(folder)
+    name = "backbone.embeddings.weight"
+    expected = ckpt.get(name)
+    from residency.model import checkpoint as checkpoint_module
+
+    monkeypatch.setattr(checkpoint_module, "STAGING_BYTES", 1000)  # many chunks, a ragged last one
+    out = torch.full(expected.shape, float("nan"), dtype=torch.bfloat16)
+    ckpt.read_into(name, out)
+    assert torch.equal(out, expected.to(torch.bfloat16))
+    same = torch.full(expected.shape, float("nan"))
+    ckpt.read_into(name, same)
+    assert torch.equal(same, expected)
+    ckpt.close()
