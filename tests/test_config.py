@@ -7,7 +7,7 @@ from importlib import resources
 
 import pytest
 
-from residency.config import ConfigError, NemotronHConfig, load_config
+from residency.config import ConfigError, NemotronHConfig, UnknownConfigFieldError, load_config
 
 GiB = 1024**3
 SUPER_JSON = resources.files("residency") / "data" / "nemotron-3-super-120b-a12b.config.json"
@@ -102,10 +102,70 @@ def test_bad_configs_are_refused(change, message):
         NemotronHConfig.from_dict(raw)
 
 
-def test_unknown_fields_allowed_when_not_strict():
+def test_unknown_fields_allowed_when_not_strict(tmp_path):
     raw = json.loads(SUPER_JSON.read_text())
     raw["some_new_field"] = 1
     assert NemotronHConfig.from_dict(raw, strict=False).n_routed_experts == 512
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(UnknownConfigFieldError) as info:
+        load_config(tmp_path)
+    err = info.value
+    assert err.fields == ["some_new_field"] and isinstance(err, ConfigError)
+    # the Python message names the option exactly as it is spelled; the CLI one names no Python option
+    assert "load_config(path, strict=False)" in str(err) and "NemotronHConfig.from_dict(raw, strict=False)" in str(err)
+    assert "load with strict=False" not in str(err)
+    assert "not understood by this version of residency" in err.cli_message and "strict" not in err.cli_message
+    assert load_config(tmp_path, strict=False).n_routed_experts == 512
+
+
+@pytest.mark.parametrize(
+    "drop, missing",
+    [
+        (["n_routed_experts"], "['n_routed_experts']"),
+        (["n_routed_experts", "num_experts_per_tok"], "['n_routed_experts', 'num_experts_per_tok']"),
+        (["moe_intermediate_size", "routed_scaling_factor"], "['moe_intermediate_size', 'routed_scaling_factor']"),
+        (["hidden_size", "vocab_size"], "['vocab_size', 'hidden_size']"),
+        (["num_key_value_heads"], "['num_key_value_heads']"),
+        (["moe_shared_expert_intermediate_size"], "['moe_shared_expert_intermediate_size']"),
+    ],
+)
+def test_fields_without_a_safe_default_are_required(drop, missing):
+    raw = json.loads(SUPER_JSON.read_text())
+    for key in drop:
+        raw.pop(key, None)
+    with pytest.raises(ConfigError, match="missing field") as info:
+        NemotronHConfig.from_dict(raw, source="x/config.json")
+    assert f"x/config.json: missing field(s) {missing}" in str(info.value)
+    assert "no safe default" in str(info.value)
+
+
+def test_required_fields_depend_on_the_layers():
+    # no MoE layers: no expert fields needed; a dense '-' layer needs intermediate_size
+    dense = {"vocab_size": 64, "hidden_size": 32, "hybrid_override_pattern": "M*M-", "num_key_value_heads": 2,
+             "num_attention_heads": 4, "head_dim": 8, "mamba_num_heads": 8, "mamba_head_dim": 4, "n_groups": 2}
+    with pytest.raises(ConfigError, match=r"missing field\(s\) \['intermediate_size'\].*dense MLP layers"):
+        NemotronHConfig.from_dict(dense)
+    assert NemotronHConfig.from_dict({**dense, "intermediate_size": 64}).num_moe_layers == 0
+    # without a shared expert its size is not needed
+    raw = json.loads(SUPER_JSON.read_text())
+    del raw["moe_shared_expert_intermediate_size"]
+    assert NemotronHConfig.from_dict({**raw, "n_shared_experts": 0}).n_shared_experts == 0
+
+
+def test_missing_latent_size_means_no_latent():
+    raw = json.loads(SUPER_JSON.read_text())
+    del raw["moe_latent_size"]
+    assert NemotronHConfig.from_dict(raw).moe_latent_size is None  # what transformers reads too
+
+
+def test_residual_in_fp32_is_a_field():
+    raw = json.loads(SUPER_JSON.read_text())
+    assert NemotronHConfig.from_dict(raw).residual_in_fp32 is False
+    config = NemotronHConfig.from_dict({**raw, "residual_in_fp32": True})
+    assert config.residual_in_fp32 is True
+    assert config.to_dict()["residual_in_fp32"] is True and NemotronHConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ConfigError, match="residual_in_fp32 must be true or false"):
+        NemotronHConfig.from_dict({**raw, "residual_in_fp32": "yes"})
 
 
 def test_unreadable_config_file(tmp_path):

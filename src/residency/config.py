@@ -21,6 +21,7 @@ from .errors import ResidencyError
 
 __all__ = [
     "ConfigError",
+    "UnknownConfigFieldError",
     "NemotronHConfig",
     "EXPERT_DTYPES",
     "DENSE_DTYPES",
@@ -56,7 +57,7 @@ _IGNORED_KEYS = frozenset(
         "chunk_size_feed_forward", "problem_type", "id2label", "label2id", "pruned_heads", "tie_encoder_decoder",
         "is_decoder", "add_cross_attention", "cross_attention_hidden_size", "torchscript", "use_return_dict",
         "task_specific_params", "finetuning_task", "sep_token_id", "decoder_start_token_id", "prefix",
-        "residual_in_fp32", "sliding_window", "num_hidden_layers", "mtp_hybrid_override_pattern",
+        "sliding_window", "num_hidden_layers", "mtp_hybrid_override_pattern",
         "mtp_layers_block_type", "hybrid_override_pattern", "layers_block_type", "layer_types",
     }
 )
@@ -74,8 +75,45 @@ _RENAMED_KEYS = {
 }
 
 
+# Fields a config.json must set, by the layer kinds its pattern uses. A field is required when it
+# changes the math and our default (Nemotron 3 Super's) differs from the one transformers falls back
+# to, so a config that leaves it out means different models to different readers; vocab_size and
+# hidden_size because no real config leaves them out. Other missing fields take the default that
+# transformers also uses; a missing moe_latent_size means no latent projection, as in transformers.
+_REQUIRED_ALWAYS = ("vocab_size", "hidden_size")
+_REQUIRED_BY_KIND = {
+    "attention": ("num_key_value_heads",),
+    "mlp": ("intermediate_size",),
+    "moe": ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "routed_scaling_factor"),
+}
+_REQUIRED_SHARED_EXPERT = ("moe_shared_expert_intermediate_size",)
+
+
 class ConfigError(ResidencyError, ValueError):
     """A config.json that cannot describe a Nemotron-H model this library computes exactly."""
+
+
+class UnknownConfigFieldError(ConfigError):
+    """A config.json with fields this version of residency does not understand (``fields``)."""
+
+    def __init__(self, source: str, fields: list[str]) -> None:
+        self.source, self.fields = source, sorted(fields)
+        super().__init__(
+            f"{source}: unknown field(s) {self.fields}. They may change the model's math, so residency refuses to "
+            "guess: remove them from the config if you know they are harmless. To only read such a config (byte "
+            "counts, planning), call load_config(path, strict=False) or NemotronHConfig.from_dict(raw, "
+            "strict=False); a model is never loaded with fields it does not understand."
+        )
+
+    @property
+    def cli_message(self) -> str:
+        from . import __version__
+
+        return (
+            f"{self.source}: field(s) {self.fields} are not understood by this version of residency "
+            f"({__version__}); they may change the model's math, so residency refuses to guess: use a residency "
+            "version that knows them, or remove them from config.json if you know they are harmless"
+        )
 
 
 @dataclass(frozen=True)
@@ -126,6 +164,9 @@ class NemotronHConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = 0
+    # numerics: keep the residual stream in fp32 between blocks (read from the config; the model
+    # must honour it, it is not a hint)
+    residual_in_fp32: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -136,7 +177,9 @@ class NemotronHConfig:
         """Build from a parsed config.json.
 
         ``strict`` (default) rejects keys this library does not know, since an unknown field may
-        change the math. Pass ``strict=False`` to ignore them (for example a newer config format).
+        change the math (:class:`UnknownConfigFieldError`). Pass ``strict=False`` to ignore them (for
+        example to plan from a newer config format). Fields that change the math and have no safe
+        default must be present (see ``_REQUIRED_BY_KIND``); a missing one raises :class:`ConfigError`.
         """
         raw = dict(raw)
         model_type = raw.get("model_type", "nemotron_h")
@@ -162,10 +205,9 @@ class NemotronHConfig:
             elif key not in _IGNORED_KEYS:
                 unknown.append(key)
         if unknown and strict:
-            raise ConfigError(
-                f"{source}: unknown field(s) {sorted(unknown)}. They may change the model's math, so residency "
-                "refuses to guess; remove them, or load with strict=False if you know they are harmless."
-            )
+            raise UnknownConfigFieldError(source, unknown)
+        _check_required(values, pattern, source)
+        values.setdefault("moe_latent_size", None)
         n_layers = raw.get("num_hidden_layers")
         if n_layers is not None and n_layers != len(pattern) and raw.get("hybrid_override_pattern") is not None:
             raise ConfigError(
@@ -231,6 +273,8 @@ class NemotronHConfig:
             raise bad(f"mamba_hidden_act {self.mamba_hidden_act!r} is not supported (Nemotron-H uses 'silu')")
         if self.moe_latent_size is not None and self.moe_latent_size <= 0:
             raise bad(f"moe_latent_size must be positive or null, got {self.moe_latent_size!r}")
+        if not isinstance(self.residual_in_fp32, bool):
+            raise bad(f"residual_in_fp32 must be true or false, got {self.residual_in_fp32!r}")
         if self.mamba_proj_bias:
             raise bad("mamba_proj_bias=true is not supported (Nemotron-H Mamba projections use `use_bias`)")
         if self.n_shared_experts not in (0, 1):
@@ -447,6 +491,26 @@ def _count(n: int) -> str:
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _check_required(values: dict[str, Any], pattern: str, source: str) -> None:
+    kinds = {_PATTERN_TO_KIND[c] for c in pattern}
+    required = list(_REQUIRED_ALWAYS)
+    for kind, names in _REQUIRED_BY_KIND.items():
+        if kind in kinds:
+            required += names
+    if "moe" in kinds and values.get("n_shared_experts", 1):
+        required += _REQUIRED_SHARED_EXPERT
+    missing = [name for name in required if name not in values]
+    if missing:
+        by_kind = dict(_REQUIRED_BY_KIND, moe=_REQUIRED_BY_KIND["moe"] + _REQUIRED_SHARED_EXPERT)
+        names = {"attention": "attention", "mlp": "dense MLP", "moe": "MoE"}
+        layers = [names[k] for k in sorted(kinds & set(by_kind)) if set(by_kind[k]) & set(missing)]
+        why = f" (its layer pattern has {' and '.join(layers)} layers)" if layers else ""
+        raise ConfigError(
+            f"{source}: missing field(s) {missing}; they decide the model's math{why} and have no safe default, "
+            "so residency will not guess them: add them from the model's published config.json"
+        )
 
 
 def _read_pattern(raw: dict[str, Any], source: str) -> str:

@@ -21,3 +21,15 @@ class ModelMismatchError(ResidencyError, ValueError):
 
 class BudgetError(ResidencyError, ValueError):
     """A memory budget that cannot hold what the model needs."""
+
+
+class DeviceError(ResidencyError, ValueError):
+    """A device that is not supported, not available on this machine, or out of range."""
+
+
+class InputError(ResidencyError, ValueError):
+    """Bad call arguments: token ids outside the vocabulary, text without a tokenizer, bad sampling settings."""
+
+
+class SizeError(ResidencyError, ValueError):
+    """A memory size or budget that cannot be read, or that does not fit the device ("24", "100GiB" on 24 GiB)."""

@@ -14,11 +14,13 @@ from typing import Any
 import torch
 
 from .config import NemotronHConfig
+from .devices import resolve_device
+from .errors import InputError
 from .model.checkpoint import Checkpoint
 from .model.loading import build_model
 from .model.modeling import NemotronHForCausalLM
-from .model.sampling import sample_next
-from .model.tokenizer import Tokenizer, load_tokenizer
+from .model.sampling import check_max_new_tokens, check_sampling, check_seed, sample_next
+from .model.tokenizer import Tokenizer, as_token_ids, load_tokenizer, missing_tokenizer_reason
 
 
 class OffloadedNemotron:
@@ -42,14 +44,17 @@ class OffloadedNemotron:
     ) -> OffloadedNemotron:
         """Open a Hugging Face Nemotron-H folder, validate it and load it.
 
-        ``device`` defaults to ``cuda`` when available, else ``cpu``. ``dtype`` defaults to the
-        checkpoint's dtype. Every problem with the folder is reported before weights are read.
+        ``device`` defaults to ``cuda`` when available, else ``cpu`` (see
+        :func:`residency.devices.resolve_device`; an unsupported or unavailable device raises
+        :class:`~residency.errors.DeviceError`). ``dtype`` defaults to the checkpoint's dtype.
+        Every problem with the device or the folder is reported before weights are read.
         """
         path = Path(path)
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = build_model(Checkpoint(path), device=device, dtype=dtype, progress=progress)
-        return cls(model, load_tokenizer(path), path)
+        device = resolve_device(device)
+        ckpt = Checkpoint(path)
+        tokenizer = load_tokenizer(path)  # a corrupt tokenizer file is reported before the weights are read
+        model = build_model(ckpt, device=device, dtype=dtype, progress=progress)
+        return cls(model, tokenizer, path)
 
     @property
     def config(self) -> NemotronHConfig:
@@ -61,22 +66,22 @@ class OffloadedNemotron:
 
     # ------------------------------------------------------------------ inputs
     def encode(self, inputs: str | list[int] | list[list[int]] | torch.Tensor) -> torch.Tensor:
-        """Text, a token list, a batch of equal-length token lists or a tensor → ``[B, T]`` int64 on device."""
+        """Text, a token list, a batch of equal-length token lists or a tensor → ``[B, T]`` int64 on device.
+
+        Text without a tokenizer, no ids, ragged batches, non-integers and ids outside the
+        vocabulary raise :class:`~residency.errors.InputError` (a ``ValueError``).
+        """
         if isinstance(inputs, str):
-            if self.tokenizer is None:
-                raise ValueError(
-                    f"{self.path}: this checkpoint has no tokenizer; pass token ids instead of text"
-                )
-            inputs = [self.tokenizer.encode(inputs)]
-        ids = torch.as_tensor(inputs, dtype=torch.long)
-        if ids.dim() == 1:
-            ids = ids[None]
-        if ids.dim() != 2 or ids.shape[1] == 0:
-            raise ValueError(f"input ids must be a non-empty [batch, seq] array, got shape {tuple(ids.shape)}")
-        vocab = self.config.vocab_size
-        if int(ids.min()) < 0 or int(ids.max()) >= vocab:
-            raise ValueError(f"token ids must lie in [0, {vocab}); got min {int(ids.min())}, max {int(ids.max())}")
-        return ids.to(self.device)
+            inputs = [self._tokenizer_for_text().encode(inputs)]
+        return as_token_ids(inputs, self.config.vocab_size).to(self.device)
+
+    def _tokenizer_for_text(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise InputError(
+                f"{self.path or 'this model'} {missing_tokenizer_reason(self.path)}, so it cannot encode text: "
+                "pass token ids instead, or add the model's tokenizer.json to the checkpoint folder"
+            )
+        return self.tokenizer
 
     # ------------------------------------------------------------------ forward and generation
     def __call__(self, input_ids: torch.Tensor | list[int] | list[list[int]]) -> torch.Tensor:
@@ -97,8 +102,13 @@ class OffloadedNemotron:
 
         Returns ``[B, T + new]`` token ids (prompt included) for id input, and the generated text
         for text input. ``temperature=0`` is greedy. Rows that produced an end-of-sequence token
-        are padded with ``pad_token_id`` afterwards; generation stops when every row has.
+        are padded with ``pad_token_id`` afterwards; generation stops when every row has. Bad
+        inputs or settings (``temperature < 0``, ``top_p`` outside (0, 1], ``max_new_tokens < 1``, a
+        seed that is not an integer) raise :class:`~residency.errors.InputError` before any compute.
         """
+        temperature, top_p = check_sampling(temperature, top_p)
+        max_new_tokens = check_max_new_tokens(max_new_tokens)
+        seed = check_seed(seed)
         ids = self.encode(inputs)
         gen = torch.Generator(device=ids.device).manual_seed(seed) if seed is not None else None
         eos = self.config.eos_token_id
@@ -140,11 +150,64 @@ class OffloadedNemotron:
         return result
 
     def profile(self, prompts: Any, **kwargs: Any) -> Any:
-        """Profile which experts ``prompts`` route to; see :func:`residency.profiling.profile.profile_model`."""
+        """Profile which experts ``prompts`` route to; see :func:`residency.profiling.profile.profile_model`.
+
+        Every prompt is checked first (:func:`check_prompts`), as are ``decode_tokens`` and
+        ``co_activation``: problems raise :class:`~residency.errors.InputError` before any prompt runs.
+        """
         from .profiling.profile import profile_model
 
+        prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        check_profile_options(**{k: v for k, v in kwargs.items() if k in ("decode_tokens", "co_activation")})
+        check_prompts(prompts, vocab_size=self.config.vocab_size, has_tokenizer=self.tokenizer is not None,
+                      path=self.path)
         return profile_model(self, prompts, **kwargs)
 
     def stats(self) -> dict[str, Any]:
         """Telemetry of the last ``generate`` call (timings and token counts)."""
         return dict(self._stats)
+
+
+def check_profile_options(decode_tokens: int = 0, co_activation: int = 0) -> None:
+    """Raise :class:`~residency.errors.InputError` unless both are whole numbers >= 0."""
+    for name, value in (("decode_tokens", decode_tokens), ("co_activation", co_activation)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InputError(f"{name} must be a whole number >= 0, got {value!r}")
+
+
+def check_prompts(prompts: list[Any], *, vocab_size: int, has_tokenizer: bool, path: Path | None = None) -> None:
+    """Check profiling prompts (texts, token-id lists, or dicts with text / prompt / input_ids).
+
+    Text needs a tokenizer; token ids must form one non-empty flat list inside ``[0, vocab_size)``.
+    The first bad prompt raises :class:`~residency.errors.InputError` naming it.
+    """
+    from .profiling.profile import PROMPT_KEYS
+
+    if not prompts:
+        raise InputError("no prompts to profile; give at least one")
+    for i, prompt in enumerate(prompts):
+        name = f"prompt {i}"
+        if isinstance(prompt, dict):
+            name = f"prompt {prompt.get('id', prompt.get('name', i))!r}"
+            keys = [k for k in PROMPT_KEYS if k in prompt]
+            if not keys:
+                raise InputError(f"{name} has none of the keys {', '.join(map(repr, PROMPT_KEYS))}; give one")
+            prompt = prompt[keys[0]]
+        if isinstance(prompt, int):
+            raise InputError(f"{name} is a single integer; give a list of prompts, e.g. [[1, 40, 41]] for one "
+                             "prompt of token ids")
+        if isinstance(prompt, str):
+            if not has_tokenizer:
+                raise InputError(
+                    f"{name} is text, but {path or 'this model'} {missing_tokenizer_reason(path)}: give the "
+                    "prompt as token ids ('input_ids' in a JSONL prompt file), or add the model's tokenizer.json "
+                    "to the checkpoint folder"
+                )
+            continue
+        try:
+            as_token_ids(prompt, vocab_size)
+        except InputError as exc:
+            raise InputError(f"{name}: {exc}") from None
+        if torch.as_tensor(prompt).dim() != 1:
+            raise InputError(f"{name}: give one prompt as a flat list of token ids, got a nested list or tensor "
+                             f"of shape {tuple(torch.as_tensor(prompt).shape)}")

@@ -60,3 +60,67 @@ def test_profile_errors(tiny_checkpoint, tmp_path, capsys):
     assert "unknown or incomplete action 'shw x'" in capsys.readouterr().err
     assert main(["profile", "show", str(tmp_path / "none.safetensors")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.startswith("residency profile: error: ") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        ([{"id": "far", "input_ids": [1, 999999]}], "prompt 'far': token id 999999 at position 1 is outside the vocab"),
+        ([{"id": "none", "input_ids": []}], "prompt 'none': no token ids"),
+        ([{"id": "bad", "input_ids": ["a", "b"]}], "prompt 'bad': token ids must be"),
+    ],
+)
+def test_bad_prompt_ids(tiny_checkpoint, tmp_path, capsys, lines, message):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    assert main(["profile", "--model", str(tiny_checkpoint), "--prompts", str(path), "--out",
+                 str(tmp_path / "p")]) == 2
+    err = one_line_error(capsys)
+    assert f"{path}: {message}" in err
+    assert not (tmp_path / "p").exists()
+
+
+def test_text_prompts_without_tokenizer(tiny_checkpoint, prompt_file, tmp_path, capsys):
+    import shutil
+
+    from residency.model.tokenizer import BYTE_TOKENIZER_FILE
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_checkpoint, bare)
+    (bare / BYTE_TOKENIZER_FILE).unlink()
+    assert main(["profile", "--model", str(bare), "--prompts", str(prompt_file), "--out", str(tmp_path / "p")]) == 2
+    err = one_line_error(capsys)
+    assert "prompt 'a' is text, but" in err and "has no tokenizer" in err
+    assert "'input_ids' in a JSONL prompt file" in err and "tokenizer.json" in err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--device", "mps"], "unsupported device 'mps'; residency runs on 'cpu' or 'cuda'"),
+        (["--decode-tokens", "-1"], "--decode-tokens must be a whole number >= 0, got -1"),
+        (["--co-activation", "-2"], "--co-activation must be a whole number >= 0"),
+        (["--top", "-1"], "--top must be a whole number >= 0"),
+    ],
+)
+def test_profile_option_errors(tiny_checkpoint, prompt_file, tmp_path, capsys, extra, message):
+    assert main(["profile", "--model", str(tiny_checkpoint), "--prompts", str(prompt_file), "--out",
+                 str(tmp_path / "p"), *extra]) == 2
+    assert message in one_line_error(capsys)
+
+
+def test_compare_top_n_out_of_range(tiny_checkpoint, prompt_file, tmp_path, capsys):
+    a = tmp_path / "a.safetensors"
+    assert main(["profile", "--model", str(tiny_checkpoint), "--prompts", str(prompt_file), "--out", str(a)]) == 0
+    capsys.readouterr()
+    assert main(["profile", "compare", str(a), str(a), "--top-n", "0"]) == 2
+    assert "--top-n must be a whole number >= 1" in one_line_error(capsys)
+    assert main(["profile", "compare", str(a), str(a), "--top-n", "33"]) == 2
+    assert "--top-n 33 exceeds the 32 experts per layer" in one_line_error(capsys)

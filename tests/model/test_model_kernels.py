@@ -7,10 +7,10 @@ import importlib.util
 
 import pytest
 import torch
-
-from residency import OffloadedNemotron, kernels
 from residency.kernels import routing
 from residency.kernels.moe import gather_gemm
+
+from residency import OffloadedNemotron, kernels
 from residency.testing import write_tiny_checkpoint
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")

@@ -130,7 +130,8 @@ def decode_pairs(
     config: MoeConfig,
     weighted: bool = True,
 ) -> torch.Tensor:
-    """Weighted (``weighted``, else unweighted) expert outputs ``[T * k, L]`` fp32 of the computed pairs, one program per pair and tile."""
+    """Expert outputs ``[T * k, L]`` fp32 of the computed pairs (times the routing weight when
+    ``weighted``), one program per pair and tile."""
     num_pairs, top_k = topk_ids.numel(), topk_ids.shape[1]
     latent, inter = x.shape[1], up_bank.shape[1]
     h = torch.empty(num_pairs, inter, dtype=torch.float32, device=x.device)  # [P, I]
@@ -163,7 +164,8 @@ def prefill_pairs(
     config: MoeConfig,
     weighted: bool = True,
 ) -> torch.Tensor:
-    """Weighted (``weighted``, else unweighted) expert outputs ``[T * k, L]`` fp32 of the computed pairs, by expert-grouped GEMMs."""
+    """Expert outputs ``[T * k, L]`` fp32 of the computed pairs (times the routing weight when
+    ``weighted``), by expert-grouped GEMMs."""
     interpreting = interpret_mode()
     tiles = (config.BLOCK_M, config.up.BLOCK_N, config.up.BLOCK_K, config.down.BLOCK_N, config.down.BLOCK_K)
     if not interpreting and min(tiles) < MIN_DOT_BLOCK:

@@ -1,4 +1,5 @@
-"""The ``residency`` command line. Each group of sub-commands lives in its own ``cli_*`` module."""
+"""The ``residency`` command line (also ``python -m residency``). Each group of sub-commands lives in its own
+module of this package; errors of residency end the command with one line on stderr and exit status 2."""
 
 from __future__ import annotations
 
@@ -29,7 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = args.func(args)
     except ResidencyError as exc:
-        print(f"residency {args.command}: error: {exc}", file=sys.stderr)
+        # an error may carry a wording for command-line users (naming flags instead of Python arguments)
+        message = getattr(exc, "cli_message", None) or str(exc)
+        print(f"residency {args.command}: error: {message}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         # output piped into a reader that stopped early (`| head`): end quietly

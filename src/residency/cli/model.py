@@ -8,6 +8,9 @@ from pathlib import Path
 
 import torch
 
+from ..config import NemotronHConfig
+from ..errors import InputError
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser("demo", help="write the built-in tiny model and generate from it (prints tokens/s)")
@@ -26,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     gen.add_argument("--top-p", type=float, default=0.95)
     gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    gen.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     gen.set_defaults(func=run_generate)
 
 
@@ -44,11 +47,19 @@ def _report(model, prompt_ids: torch.Tensor, out: torch.Tensor) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    from ..model.sampling import check_max_new_tokens, check_seed
     from ..offloaded import OffloadedNemotron
     from ..testing import write_tiny_checkpoint
 
+    check_max_new_tokens(args.max_new_tokens)
+    check_seed(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = write_tiny_checkpoint(args.dir or Path(tmp) / "tiny-nemotron-h")
+        target = args.dir or Path(tmp) / "tiny-nemotron-h"
+        try:
+            folder = write_tiny_checkpoint(target)
+        except OSError as exc:
+            raise InputError(f"--dir {target}: cannot write the tiny checkpoint there ({exc.strerror or exc}); "
+                             "pick a folder you can write to") from None
         model = OffloadedNemotron.from_pretrained(folder, device="cpu")
         print(f"tiny model: {model.config.describe()} at {folder}")
         print("(random weights: the text is noise; the demo shows the pipeline and its speed)")
@@ -60,14 +71,56 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_ids(text: str) -> list[int]:
+    """``--ids 1,40,41`` → ``[1, 40, 41]``; anything else raises :class:`InputError` naming the flag."""
+    items = [x.strip() for x in text.split(",")]
+    if not any(items):
+        raise InputError("--ids is empty; pass comma-separated token ids such as --ids 1,40,41")
+    ids = []
+    for item in items:
+        if not item:
+            continue
+        try:
+            ids.append(int(item))
+        except ValueError:
+            raise InputError(f"--ids: {item!r} is not a whole number; pass comma-separated token ids such as "
+                             "--ids 1,40,41 (or --prompt TEXT)") from None
+    return ids
+
+
+def preflight(folder: Path, device: str | None) -> tuple[NemotronHConfig, bool, torch.device]:
+    """Checks that need no weights, done before the (possibly minutes-long) load: the device, the
+    folder and its config; returns the config, whether the folder has a usable tokenizer, and the device."""
+    from ..devices import resolve_device
+    from ..model.checkpoint import Checkpoint
+    from ..model.tokenizer import load_tokenizer
+
+    dev = resolve_device(device)
+    config = Checkpoint(folder).config
+    return config, load_tokenizer(folder) is not None, dev
+
+
 def run_generate(args: argparse.Namespace) -> int:
+    from ..model.sampling import check_max_new_tokens, check_sampling, check_seed
+    from ..model.tokenizer import as_token_ids, missing_tokenizer_reason
     from ..offloaded import OffloadedNemotron
 
-    model = OffloadedNemotron.from_pretrained(args.model, device=args.device)
-    if args.prompt is not None:
-        ids = model.encode(args.prompt)
-    else:
-        ids = model.encode([int(x) for x in args.ids.split(",") if x.strip()])
+    prompt_ids = parse_ids(args.ids) if args.ids is not None else None
+    check_sampling(args.temperature, args.top_p)
+    check_max_new_tokens(args.max_new_tokens)
+    check_seed(args.seed)
+    config, has_tokenizer, device = preflight(args.model, args.device)
+    if prompt_ids is not None:
+        try:
+            as_token_ids(prompt_ids, config.vocab_size)
+        except InputError as exc:
+            raise InputError(f"--ids: {exc}") from None
+    elif not has_tokenizer:
+        raise InputError(f"--prompt needs a tokenizer, but {args.model} {missing_tokenizer_reason(args.model)}: "
+                         "pass token ids with --ids, or add the model's tokenizer.json to the folder")
+
+    model = OffloadedNemotron.from_pretrained(args.model, device=device)
+    ids = model.encode(args.prompt if prompt_ids is None else prompt_ids)
     out = model.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                          seed=args.seed)
     _report(model, ids, out)

@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import FileFormatError
+from ..errors import FileFormatError, InputError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--phase", choices=("all", "prefill", "decode"), default="all",
                    help="show: restrict the summary and trace statistics to prefill or decoded tokens")
     p.add_argument("--top-n", type=int, default=None, help="compare: size of the top sets (default: top-k)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.set_defaults(func=run_profile)
 
 
@@ -74,7 +74,20 @@ def _usage_error(message: str) -> int:
     return 2
 
 
+def _check_counts(args: argparse.Namespace) -> None:
+    for flag, value, low in (("--top", args.top, 0), ("--decode-tokens", args.decode_tokens, 0),
+                             ("--co-activation", args.co_activation, 0), ("--top-n", args.top_n, 1)):
+        if value is not None and value < low:
+            raise InputError(f"{flag} must be a whole number >= {low}, got {value}")
+    if args.plot is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise InputError("--plot needs matplotlib: pip install 'residency[plot]' (or leave out --plot)")
+
+
 def run_profile(args: argparse.Namespace) -> int:
+    _check_counts(args)
     if args.action:
         action, files = args.action[0], args.action[1:]
         if action == "show" and len(files) == 1:
@@ -85,11 +98,17 @@ def run_profile(args: argparse.Namespace) -> int:
     missing = [name for name in ("model", "prompts", "out") if getattr(args, name) is None]
     if missing:
         return _usage_error(f"missing --{', --'.join(missing)}")
-    from ..offloaded import OffloadedNemotron
+    from ..offloaded import OffloadedNemotron, check_prompts
     from ..profiling.trace_stats import temporal_stats
+    from .model import preflight
 
     prompts = read_prompts(args.prompts)
-    model = OffloadedNemotron.from_pretrained(args.model, device=args.device)
+    config, has_tokenizer, device = preflight(args.model, args.device)
+    try:
+        check_prompts(prompts, vocab_size=config.vocab_size, has_tokenizer=has_tokenizer, path=args.model)
+    except InputError as exc:
+        raise InputError(f"{args.prompts}: {exc}") from None
+    model = OffloadedNemotron.from_pretrained(args.model, device=device)
     result = model.profile(prompts, decode_tokens=args.decode_tokens, trace=args.trace is not None,
                            co_activation=args.co_activation)
     profile, trace = result if args.trace is not None else (result, None)
@@ -131,6 +150,9 @@ def _compare(args: argparse.Namespace, path_a: Path, path_b: Path) -> int:
 
     a = Profile.load(path_a)
     b = Profile.load(path_b, fingerprint=a.fingerprint)
+    if args.top_n is not None and args.top_n > a.num_experts:
+        raise InputError(f"--top-n {args.top_n} exceeds the {a.num_experts} experts per layer; pick at most "
+                         f"{a.num_experts}")
     cmp = a.compare(b, top_n=args.top_n)
     na, nb = path_a.stem, path_b.stem
     print(f"A = {path_a} ({a.num_prompts} prompts, {a.tokens} tokens); B = {path_b} ({b.num_prompts} prompts, "

@@ -241,10 +241,14 @@ class Checkpoint:
             raise CheckpointError(f"{self.folder}: no tensor {name!r}")
         stored = FLOAT_DTYPES.get(info.dtype)
         if stored is None:
-            raise CheckpointError(f"{self.folder}: tensor {name!r} has dtype {info.dtype}, which this loader cannot read")
+            raise CheckpointError(
+                f"{self.folder}: tensor {name!r} has dtype {info.dtype}, which this loader cannot read"
+            )
         count = math.prod(info.shape)
         if out.numel() != count or not out.is_contiguous():
-            raise CheckpointError(f"{name}: destination {tuple(out.shape)} does not match the stored {list(info.shape)}")
+            raise CheckpointError(
+                f"{name}: destination {tuple(out.shape)} does not match the stored {list(info.shape)}"
+            )
         flat = out.view(-1)
         item = stored.itemsize
         fh = self._file(info.shard)

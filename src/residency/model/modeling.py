@@ -33,7 +33,7 @@ class Block(nn.Module):
         super().__init__()
         kind = config.layer_kinds[layer_idx]
         self.kind = kind
-        self.residual_in_fp32 = bool(getattr(config, "residual_in_fp32", False))
+        self.residual_in_fp32 = config.residual_in_fp32
         self.norm = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
         if kind == "mamba":
             self.mixer: nn.Module = Mamba2Mixer(config, layer_idx)
