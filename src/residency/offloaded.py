@@ -1,8 +1,9 @@
 """``OffloadedNemotron``: the user-facing model object.
 
-This version keeps every weight resident on one device (``cpu`` or ``cuda``). The routed-expert
-implementation is pluggable (see :mod:`residency.model.moe`), which is where the offload runtime
-attaches; until it does, ``from_pretrained`` takes no VRAM budget or plan.
+Without ``vram_budget`` or ``plan`` every weight is resident on one device. With either, the
+routed experts live in the host store and the device holds the dense weights, the plan's expert
+slots and the runtime's buffers under the budget (:mod:`residency.offload`,
+:mod:`residency.runtime.backend`); the answers are the same either way.
 """
 
 from __future__ import annotations
@@ -26,10 +27,14 @@ from .model.tokenizer import Tokenizer, as_token_ids, load_tokenizer, missing_to
 class OffloadedNemotron:
     """A Nemotron-H model ready for ``model(input_ids)``, ``generate`` and ``profile``."""
 
-    def __init__(self, model: NemotronHForCausalLM, tokenizer: Tokenizer | None = None, path: Path | None = None):
+    def __init__(self, model: NemotronHForCausalLM, tokenizer: Tokenizer | None = None, path: Path | None = None,
+                 runtime: Any = None, slots: Any = None, prefill_chunk: int | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.path = path
+        self.runtime = runtime  # residency.runtime.backend.OffloadRuntime when offloaded
+        self.slots = slots  # residency.offload.SlotLayout when offloaded
+        self.prefill_chunk = prefill_chunk
         self._stats: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ construction
@@ -39,22 +44,82 @@ class OffloadedNemotron:
         path: str | Path,
         *,
         device: str | torch.device | None = None,
+        vram_budget: str | int | float | None = None,
+        plan: Any = None,
+        profile: Any = None,
         dtype: torch.dtype | None = None,
         progress: bool | None = None,
+        policy: str | None = None,
+        prefetch: bool = True,
+        cpu_experts: str | bool = "auto",
+        context: int | None = None,
+        prefill_chunk: int | None = None,
+        quiet: bool = False,
+        runtime_options: dict[str, Any] | None = None,
     ) -> OffloadedNemotron:
         """Open a Hugging Face Nemotron-H folder, validate it and load it.
 
         ``device`` defaults to ``cuda`` when available, else ``cpu`` (see
         :func:`residency.devices.resolve_device`; an unsupported or unavailable device raises
-        :class:`~residency.errors.DeviceError`). ``dtype`` defaults to the checkpoint's dtype.
-        Every problem with the device or the folder is reported before weights are read.
+        :class:`~residency.errors.DeviceError`); ``"unified"`` is a unified-memory machine (DGX
+        Spark, GH200-class), where the kernels read the expert store in place. ``dtype`` defaults
+        to the checkpoint's dtype. Every problem with the device or the folder is reported before
+        weights are read.
+
+        Offloading starts when ``vram_budget`` or ``plan`` is given. ``vram_budget``: "20GiB",
+        "24GB" (decimal), bytes, or a fraction of free device memory such as 0.8; a hard cap on
+        what the library allocates on the device. ``plan``: a :class:`~residency.Plan` (e.g. from
+        ``residency plan``), whose slot layout and policy are used; without one the layout is
+        planned here for the budget from ``profile`` (a :class:`~residency.Profile`) or a uniform
+        prior. ``policy``: eviction policy (default the plan's, else ``lru``); ``prefetch``:
+        look-ahead copies; ``cpu_experts``: compute misses on the CPU always (True), never
+        (False) or where cheaper (``"auto"``); ``context``: tokens of KV cache the budget keeps;
+        ``prefill_chunk``: prompt tokens per forward call. A short plan summary is printed unless
+        ``quiet``. ``runtime_options`` (tests): ``verify``, ``copy_delay``, ``mode``, ``staging_slots``.
         """
         path = Path(path)
+        mode = None
+        if isinstance(device, str) and device.strip().lower() == "unified":
+            mode = "unified"
+            device = None
         device = resolve_device(device)
         ckpt = Checkpoint(path)
         tokenizer = load_tokenizer(path)  # a corrupt tokenizer file is reported before the weights are read
-        model = build_model(ckpt, device=device, dtype=dtype, progress=progress)
-        return cls(model, tokenizer, path)
+        if vram_budget is None and plan is None:
+            model = build_model(ckpt, device=device, dtype=dtype, progress=progress)
+            return cls(model, tokenizer, path, prefill_chunk=prefill_chunk)
+        from .offload import DEFAULT_CONTEXT, DEFAULT_PREFILL_CHUNK, load_offloaded
+
+        options = dict(runtime_options or {})
+        mode = options.pop("mode", mode) or device.type
+        chunk = prefill_chunk or DEFAULT_PREFILL_CHUNK
+        model, runtime, slots = load_offloaded(
+            ckpt, device, mode=mode, dtype=dtype, vram_budget=vram_budget, plan=plan, profile=profile,
+            policy=policy, prefetch=prefetch, cpu_experts=cpu_experts, context=context or DEFAULT_CONTEXT,
+            prefill_chunk=chunk, progress=progress, **options,
+        )
+        self = cls(model, tokenizer, path, runtime=runtime, slots=slots, prefill_chunk=chunk)
+        if not quiet:
+            print(self.plan_summary())
+        return self
+
+    def plan_summary(self) -> str:
+        """One line: where the experts are and what the plan predicts (offloaded models)."""
+        if self.runtime is None:
+            return "all experts resident"
+        from .sizes import format_bytes
+
+        s, r, c = self.slots, self.runtime, self.config
+        static = sum(len(lp.static) for lp in s.layers)
+        dynamic = sum(lp.dynamic_slots for lp in s.layers)
+        total = c.num_moe_layers * c.n_routed_experts
+        hit = "n/a" if s.predicted_hit_rate is None else f"{100 * s.predicted_hit_rate:.1f} %"
+        return (
+            f"residency: {r.options.mode} device, budget {format_bytes(r.ledger.budget_bytes)}: {static} static + "
+            f"{dynamic} dynamic expert slots of {total} experts ({s.source}, policy {r.options.policy}), "
+            f"{r.options.staging_slots} staging slots, host store {format_bytes(r.store.nbytes)}"
+            f"{' pinned' if r.store.pinned else ''}; predicted hit rate {hit}"
+        )
 
     @property
     def config(self) -> NemotronHConfig:
@@ -118,7 +183,7 @@ class OffloadedNemotron:
         out = [ids]
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         t0 = time.perf_counter()
-        logits = self.model(ids, cache, last_only=True)[:, -1]
+        logits = self._prefill(ids, cache)
         t_prefill = time.perf_counter() - t0
         steps = 0
         for step in range(max_new_tokens):
@@ -163,9 +228,46 @@ class OffloadedNemotron:
                       path=self.path)
         return profile_model(self, prompts, **kwargs)
 
+    def _prefill(self, ids: torch.Tensor, cache: Any) -> torch.Tensor:
+        """Last-position logits after the prompt, in chunks of ``prefill_chunk`` tokens (activation memory)."""
+        chunk = self.prefill_chunk or ids.shape[1]
+        for start in range(0, ids.shape[1], chunk):
+            logits = self.model(ids[:, start:start + chunk], cache, last_only=True)[:, -1]
+        return logits
+
     def stats(self) -> dict[str, Any]:
-        """Telemetry of the last ``generate`` call (timings and token counts)."""
-        return dict(self._stats)
+        """Telemetry: the last ``generate`` call's timings and token counts; for offloaded models also
+        ``"experts"`` (hits, misses, copies, prefetch, CPU experts, bytes, stalls, per layer, since
+        load or :meth:`reset_stats`) and ``"memory"`` (device bytes allocated and budget, host store)."""
+        out = dict(self._stats)
+        if self.runtime is not None:
+            r = self.runtime
+            out["experts"] = r.stats()
+            out["memory"] = {
+                "device_allocated_bytes": r.ledger.allocated_bytes,
+                "device_peak_bytes": r.ledger.peak_bytes,
+                "device_budget_bytes": r.ledger.budget_bytes,
+                "host_store_bytes": r.store.nbytes,
+                "pinned": r.store.pinned,
+            }
+        return out
+
+    def reset_stats(self) -> None:
+        """Zero the expert counters (offloaded models)."""
+        if self.runtime is not None:
+            self.runtime.reset_stats()
+
+    def telemetry_line(self) -> str:
+        """The one-line summary printed after generation."""
+        if self.runtime is None:
+            return "experts: all resident"
+        from .runtime.telemetry import summary_line
+
+        stats = self.stats()
+        line = summary_line(stats["experts"], stats["memory"])
+        if self.slots.predicted_hit_rate is not None:
+            line += f"; predicted hit rate {100 * self.slots.predicted_hit_rate:.1f} %"
+        return line
 
 
 def check_profile_options(decode_tokens: int = 0, co_activation: int = 0) -> None:

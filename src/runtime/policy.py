@@ -43,6 +43,7 @@ import numpy as np
 
 __all__ = [
     "POLICIES",
+    "POLICY_NAMES",
     "ExpertCache",
     "StaticOnly",
     "LRU",
@@ -278,6 +279,22 @@ def _call_admit(kind: int, e: int, I: np.ndarray, F: np.ndarray) -> tuple[int, i
 
 
 @njit
+def _settle(kind: int, e: int, I: np.ndarray, F: np.ndarray) -> None:
+    # give an admitted expert the key a use would, without counting a use: it becomes a victim candidate
+    S = I[_S]
+    s = I[_HEAD + S + e]
+    if s < 0:
+        return
+    I[_HEAD + S + I[_E] + s] = I[_TICK]
+    if kind == K_LRU:
+        F[1 + s] = I[_TICK]
+    elif kind == K_LFU:
+        F[1 + s] = F[1 + S + e]
+    elif kind == K_HYBRID:
+        F[1 + s] = F[0] + F[1 + S + e]
+
+
+@njit
 def _call_use(kind: int, e: int, I: np.ndarray, F: np.ndarray) -> None:
     _use(kind, e, I, F)
 
@@ -367,6 +384,14 @@ class ExpertCache:
             self._I[self._pin0 + pins] = 0
         return (int(s) if s >= 0 else None), (int(ev) if ev >= 0 else None)
 
+    def settle(self, expert: int) -> None:
+        """Make an admitted but unused expert evictable, keyed as of now, without counting a use.
+
+        Look-ahead prefetches are admitted before anyone uses them; without this a wrong guess
+        would keep its slot until used (an admitted expert is no victim before its first use).
+        """
+        _settle(self.kind, self._check(expert), self._I, self._F)
+
     def step(self, experts: Sequence[int] | np.ndarray, inflight: Iterable[int] = ()) -> np.ndarray:
         """Access one decode step's experts (all pinned, plus ``inflight``); returns [k, 3] (hit, slot, evicted).
 
@@ -425,6 +450,9 @@ class ProfileSeededHybrid(ExpertCache):
 
 
 POLICIES: dict[str, type[ExpertCache]] = {c.name: c for c in (StaticOnly, LRU, LFU, ProfileSeededHybrid)}
+#: The policy names, in the order every table lists them; the one place the planner, the simulator, the
+#: command line and the runtime take them from.
+POLICY_NAMES: tuple[str, ...] = tuple(POLICIES)
 
 
 def make_policy(name: str, num_experts: int, num_slots: int, static: Sequence[int] = (), **kwargs: Any) -> ExpertCache:

@@ -1,5 +1,7 @@
 """Build a :class:`~residency.model.modeling.NemotronHForCausalLM` from a validated checkpoint.
 
+Without experts (``experts=False``) it builds the dense part the offload runtime runs beside.
+
 The module tree is built on the ``meta`` device (no storage, no random initialisation). Before
 any weight is read, the bytes the model will occupy on the target device are compared with the
 memory free there; a model that does not fit is refused with the byte breakdown and the fix.
@@ -13,7 +15,7 @@ correction bias are stored in fp32 (the router computes in fp32), converted once
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +28,8 @@ from .moe import ResidentExperts, Router
 
 _EXPERT = re.compile(r"^(backbone\.layers\.\d+\.mixer\.experts)\.(\d+)\.(up_proj|down_proj)\.weight$")
 PROGRESS_MIN_BYTES = 1 << 30
+#: ``allocate(shape, dtype, what) -> tensor``: how build_model makes each device tensor
+Allocator = Callable[[Sequence[int], torch.dtype, str], torch.Tensor]
 # what the loader keeps free on the device besides the weights (allocator, activations of a short prompt)
 DEVICE_HEADROOM_BYTES = 256 << 20
 
@@ -51,12 +55,16 @@ def target_dtype(module: nn.Module, meta: torch.Tensor, dtype: torch.dtype) -> t
 
 def build_model(
     ckpt: Checkpoint, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-    progress: bool | None = None,
+    progress: bool | None = None, experts: bool = True, allocate: Allocator | None = None,
 ) -> NemotronHForCausalLM:
     """Validate ``ckpt`` and load it into a new model on ``device``.
 
     ``dtype`` defaults to the checkpoint's own floating dtype; router weights and bias are fp32.
-    ``progress`` defaults to showing a bar when the checkpoint exceeds 1 GiB.
+    ``progress`` defaults to showing a bar when the checkpoint exceeds 1 GiB. With
+    ``experts=False`` the routed-expert banks are neither allocated nor read (they stay on the
+    ``meta`` device until the caller installs another expert backend, e.g. the offload runtime);
+    ``allocate(shape, dtype, what)``, when given, makes every device tensor (the offload runtime's
+    budget ledger), and the fit check against free memory is left to it.
     """
     ckpt.validate()
     device = torch.device(device)
@@ -64,20 +72,28 @@ def build_model(
         dtype = checkpoint_dtype(ckpt)
     with torch.device("meta"):
         model = NemotronHForCausalLM(ckpt.config)
-    check_fits(model, dtype, device, ckpt)
+    if allocate is None:
+        check_fits(model, dtype, device, ckpt, experts=experts)
+
+        def allocate(shape, tensor_dtype, what):
+            return torch.empty(shape, dtype=tensor_dtype, device=device)
+
     params: dict[str, torch.Tensor] = {}
     for module_name, module, kind, name, meta in _tensors(model):
-        real = torch.empty(meta.shape, dtype=target_dtype(module, meta, dtype), device=device)
+        if not experts and isinstance(module, ResidentExperts):
+            continue
+        real = allocate(meta.shape, target_dtype(module, meta, dtype), "dense weights")
         if kind == "param":
             module._parameters[name] = nn.Parameter(real, requires_grad=False)
         else:
             module._buffers[name] = real
         params[f"{module_name}.{name}" if module_name else name] = real
-    for module in model.modules():
+    for module in model.modules() if experts else ():
         if isinstance(module, ResidentExperts):  # not in the checkpoint: the identity slot table
             module.slot_of_expert.copy_(torch.arange(module.slot_of_expert.numel(), dtype=torch.int32))
 
-    names = sorted((n for n in ckpt.tensors if not n.startswith("mtp.")), key=_load_order)
+    names = sorted((n for n in ckpt.tensors if not n.startswith("mtp.") and (experts or not _EXPERT.match(n))),
+                   key=_load_order)
     show = progress if progress is not None else ckpt.total_bytes >= PROGRESS_MIN_BYTES
     iterator = names
     if show:
@@ -120,9 +136,12 @@ def free_device_bytes(device: torch.device) -> tuple[int, str]:
     return int(psutil.virtual_memory().available), "available host memory"
 
 
-def check_fits(model: nn.Module, dtype: torch.dtype, device: torch.device, ckpt: Checkpoint) -> None:
+def check_fits(model: nn.Module, dtype: torch.dtype, device: torch.device, ckpt: Checkpoint, *,
+               experts: bool = True) -> None:
     """Refuse, before any weight is read, a model whose weights do not fit the memory free on ``device``."""
     need = footprint(model, dtype)
+    if not experts:
+        need = LoadFootprint(0, need.other_bytes)
     free, where = free_device_bytes(device)
     if need.total_bytes + DEVICE_HEADROOM_BYTES <= free:
         return

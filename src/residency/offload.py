@@ -1,0 +1,262 @@
+"""Wiring of the offload runtime into the model: budget, slot layout, host store, backends.
+
+``load_offloaded`` is what ``OffloadedNemotron.from_pretrained(vram_budget=..., plan=...)`` runs:
+
+1. the budget is read (:func:`residency.sizes.parse_budget`) against the device's memory, and
+   every device allocation from here on is charged to a :class:`~residency.runtime.ledger.DeviceLedger`
+   with that cap: dense weights, slot banks, staging slots, slot tables, and a reserve for the KV
+   cache, Mamba state and activations of ``context`` tokens;
+2. the slot layout comes from the plan (``plan=``: its static sets, dynamic slot counts and miss
+   paths, as the simulator reads them) or is planned here for the exact bytes left after the
+   fixed allocations, with the planner's hit model (:mod:`residency.planning.allocate`) over the
+   profile's pick counts (``profile=``) or a uniform prior;
+3. the dense part of the model is loaded onto the device (no expert banks), the host store is
+   filled from the checkpoint, and each MoE layer gets an :class:`OffloadedExperts` backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import NemotronHConfig
+from .errors import BudgetError, InputError
+from .model.checkpoint import Checkpoint
+from .model.loading import build_model, footprint
+from .model.modeling import NemotronHForCausalLM
+from .model.moe import ExpertBackend, ExpertWork
+from .runtime.backend import LayerSlotPlan, OffloadRuntime, RuntimeOptions
+from .runtime.ledger import DeviceLedger
+from .runtime.store import ExpertLayout, HostExpertStore
+from .sizes import format_bytes, parse_budget
+
+DEFAULT_CONTEXT = 8192
+DEFAULT_PREFILL_CHUNK = 512
+#: host-to-device rate the per-miss copy-or-compute choice assumes without a plan (PCIe 4.0 x16, practical)
+DEFAULT_H2D_GBPS = 25.0
+
+
+class OffloadedExperts(ExpertBackend):
+    """The expert backend of one MoE layer, served by the offload runtime."""
+
+    def __init__(self, runtime: OffloadRuntime, moe_index: int) -> None:
+        super().__init__()
+        self._runtime = [runtime]  # held in a list so nn.Module does not register it
+        self.moe_index = moe_index
+
+    @property
+    def runtime(self) -> OffloadRuntime:
+        return self._runtime[0]
+
+    def submit(self, work: ExpertWork) -> Any:
+        return self.runtime.submit(self.moe_index, work), work
+
+    def collect(self, handle: Any) -> torch.Tensor:
+        pending, work = handle
+        return self.runtime.collect(self.moe_index, pending, work)
+
+
+@dataclass(frozen=True)
+class SlotLayout:
+    """Per MoE layer slot plans, the policy, and the planner's predicted hit rate (None when unknown)."""
+
+    layers: tuple[LayerSlotPlan, ...]
+    policy: str
+    predicted_hit_rate: float | None
+    source: str  # "plan" or "planned here"
+
+    @property
+    def slots(self) -> int:
+        return sum(len(lp.static) + lp.dynamic_slots for lp in self.layers)
+
+
+def reserve_bytes(config: NemotronHConfig, context: int, chunk: int) -> int:
+    """Device bytes kept for the KV cache and Mamba state of ``context`` tokens and one prefill chunk's activations.
+
+    Activations per token (fp32 upper bound): the hidden-sized buffers of a block, the Mamba
+    in-projection and conv outputs, the routed pairs' up outputs and per-pair results in the
+    latent space, the shared expert, and the vocabulary-sized logits of the last token.
+    """
+    c = config
+    kv = context * c.kv_bytes_per_token(2)
+    per_token = 4 * (8 * c.hidden_size + c.mamba_in_proj_size + c.mamba_conv_dim
+                     + c.num_experts_per_tok * (c.moe_intermediate_size + 2 * c.expert_input_size)
+                     + c.moe_shared_expert_intermediate_size)
+    return kv + c.mamba_state_bytes() + chunk * per_token + 4 * c.vocab_size
+
+
+@dataclass(frozen=True)
+class FixedBytes:
+    """Device bytes the offloaded model takes besides expert slots (the smallest feasible budget)."""
+
+    dense: int
+    staging: int
+    staging_slots: int
+    tables: int
+    reserve: int
+    context: int
+    layout: ExpertLayout
+
+    @property
+    def total(self) -> int:
+        return self.dense + self.staging + self.tables + self.reserve
+
+    def describe(self) -> str:
+        return (f"dense weights {format_bytes(self.dense)}, staging slots {format_bytes(self.staging)} "
+                f"({self.staging_slots} x {format_bytes(self.layout.record_bytes)}), slot tables "
+                f"{format_bytes(self.tables)}, KV cache, Mamba state and activations for {self.context} tokens "
+                f"{format_bytes(self.reserve)}: {format_bytes(self.total)} in all")
+
+
+def fixed_bytes(config: NemotronHConfig, dtype: torch.dtype, *, staging: int | None = None,
+                context: int = DEFAULT_CONTEXT, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> FixedBytes:
+    """What :func:`load_offloaded` charges to the budget before any expert slot."""
+    with torch.device("meta"):
+        meta = NemotronHForCausalLM(config)
+    layout = ExpertLayout(config.moe_intermediate_size, config.expert_input_size, dtype)
+    staging = staging if staging is not None else 2 * config.num_experts_per_tok
+    return FixedBytes(
+        dense=footprint(meta, dtype).other_bytes, staging=staging * layout.record_bytes, staging_slots=staging,
+        tables=4 * config.n_routed_experts * (config.num_moe_layers + 1),
+        reserve=reserve_bytes(config, context, prefill_chunk), context=context, layout=layout,
+    )
+
+
+def layout_from_plan(plan: Any, config: NemotronHConfig, policy: str | None = None) -> SlotLayout:
+    """The runtime's view of a :class:`~residency.planning.plan.Plan` (static sets as the simulator takes them)."""
+    from .errors import ModelMismatchError
+    from .planning.simulate import static_set_for
+
+    if plan.fingerprint != config.fingerprint():
+        raise ModelMismatchError(
+            f"the plan was made for model {plan.fingerprint!r} ({plan.model}), this checkpoint is "
+            f"{config.fingerprint()!r}; plan again with `residency plan --model` for this checkpoint"
+        )
+    policy = policy or plan.settings.policy
+    priors = plan.priors()
+    layers = []
+    for j, lp in enumerate(plan.layers):
+        static = tuple(int(e) for e in static_set_for(plan, j, policy))
+        dynamic = lp.slots - len(static)
+        miss_path = "copy" if lp.miss_path in ("copy", "none", "disk") else lp.miss_path
+        layers.append(LayerSlotPlan(static, dynamic, miss_path, np.asarray(priors[j], dtype=np.float64)))
+    predicted = getattr(plan.predicted, "hit_rate", None)
+    return SlotLayout(tuple(layers), policy, predicted, "plan")
+
+
+def plan_layout(config: NemotronHConfig, expert_slots: int, *, profile: Any = None, policy: str = "lru",
+                locality: float | None = None) -> SlotLayout:
+    """Split ``expert_slots`` over the MoE layers with the planner's hit model (uniform prior without a profile)."""
+    from .planning.allocate import (
+        DEFAULT_LOCALITY,
+        DEFAULT_WINDOW,
+        allocate,
+        hit_curves,
+        pick_probabilities,
+        rank_experts,
+        slot_gains,
+    )
+
+    L, E, k = config.num_moe_layers, config.n_routed_experts, config.num_experts_per_tok
+    counts = None if profile is None else np.asarray(profile.counts, dtype=np.float64)
+    p = pick_probabilities(counts, L, E, k)
+    order = rank_experts(p)
+    p_sorted = np.take_along_axis(p, order, axis=1)
+    lam = np.full(L, DEFAULT_LOCALITY if locality is None else locality)
+    V, R = hit_curves(p_sorted, k, lam, DEFAULT_WINDOW)
+    per_layer = allocate(slot_gains(V), min(expert_slots, L * E))
+    layers = []
+    for j in range(L):
+        n = int(per_layer[j])
+        r = n if policy == "static" else int(R[j, n])
+        layers.append(LayerSlotPlan(tuple(int(e) for e in order[j, :r]), n - r, "copy", p[j].copy()))
+    predicted = float(sum(V[j, int(per_layer[j])] for j in range(L)) / (L * k))
+    return SlotLayout(tuple(layers), policy, predicted, "planned here")
+
+
+def device_memory(device: torch.device) -> tuple[int, int, str]:
+    """(total, free, name) of the memory the budget is taken from."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return int(total), int(free), torch.cuda.get_device_name(device)
+    import psutil
+
+    vm = psutil.virtual_memory()
+    return int(vm.total), int(vm.available), "host memory (cpu device)"
+
+
+def load_offloaded(
+    ckpt: Checkpoint,
+    device: torch.device,
+    *,
+    mode: str,
+    dtype: torch.dtype | None,
+    vram_budget: Any,
+    plan: Any = None,
+    profile: Any = None,
+    policy: str | None = None,
+    prefetch: bool = True,
+    cpu_experts: str | bool = "auto",
+    staging_slots: int | None = None,
+    context: int = DEFAULT_CONTEXT,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    progress: bool | None = None,
+    verify: bool = False,
+    copy_delay: Any = None,
+) -> tuple[NemotronHForCausalLM, OffloadRuntime, SlotLayout]:
+    """Load ``ckpt`` with its routed experts offloaded; see the module docstring."""
+    from .model.loading import checkpoint_dtype
+
+    config = ckpt.config
+    ckpt.validate()
+    dtype = dtype or checkpoint_dtype(ckpt)
+    total, free, name = device_memory(device)
+    if vram_budget is None:
+        if plan is None:
+            raise InputError("offloading needs vram_budget= (e.g. '20GiB', or 0.8 of free memory) or plan=")
+        vram_budget = int(plan.budget.vram_bytes)
+    budget = parse_budget(vram_budget, total_bytes=total, free_bytes=free, device_name=name, what="vram_budget")
+    ledger = DeviceLedger(device, budget.bytes)
+    staging = staging_slots if staging_slots is not None else 2 * config.num_experts_per_tok
+    need = fixed_bytes(config, dtype, staging=staging, context=context, prefill_chunk=prefill_chunk)
+    if need.total > budget.bytes:
+        raise BudgetError(
+            f"vram_budget {budget.understood} cannot hold what runs besides expert slots: {need.describe()}. "
+            f"Give at least {format_bytes(need.total)}, or a smaller context= / prefill_chunk="
+        )
+    layout = need.layout
+    L, E = config.num_moe_layers, config.n_routed_experts
+    fixed = need.total
+    expert_slots = int((budget.bytes - fixed) // layout.record_bytes)
+    if plan is not None:
+        slots = layout_from_plan(plan, config, policy)
+    elif mode == "unified":
+        # one copy of each expert in the shared pool, the most used first; the rest stay on disk
+        slots = plan_layout(config, expert_slots, profile=profile, policy="static")
+    else:
+        slots = plan_layout(config, expert_slots, profile=profile, policy=policy or "lru")
+    ledger.charge(need.reserve, "KV cache, Mamba state, activations (reserved)")
+    model = build_model(ckpt, device=device, dtype=dtype, progress=progress, experts=False,
+                        allocate=lambda shape, dt, what: ledger.empty(shape, dt, what))
+    if mode == "unified":
+        disk = [sorted(set(range(E)) - set(lp.static)) for lp in slots.layers]
+        ledger.charge(sum(len(lp.static) for lp in slots.layers) * layout.record_bytes, "expert store (unified memory)")
+        store = HostExpertStore(layout, L, E, disk=disk, device=device)
+    else:
+        store = HostExpertStore(layout, L, E, pin=mode == "cuda")
+    prefixes = [f"backbone.layers.{layer}.mixer.experts" for layer in config.moe_layers]
+    show = progress if progress is not None else ckpt.total_bytes >= (1 << 30)
+    store.fill(ckpt, prefixes, progress=show)
+    ckpt.close()
+    routers = [m.route for m in model.moe_mixers]
+    h2d = float(plan.gpu.h2d_gbps) if plan is not None and plan.gpu.h2d_gbps else DEFAULT_H2D_GBPS
+    options = RuntimeOptions(mode=mode, policy="static" if mode == "unified" else slots.policy, prefetch=prefetch,
+                             cpu_experts=cpu_experts, staging_slots=staging, h2d_gbps=h2d, verify=verify,
+                             copy_delay=copy_delay)
+    runtime = OffloadRuntime(store, slots.layers, ledger, options, routers, config.num_experts_per_tok)
+    model.set_experts(lambda mixer: OffloadedExperts(runtime, mixer.moe_index))
+    model.add_step_listener(runtime)
+    return model, runtime, slots

@@ -1,0 +1,212 @@
+"""Expert copies from the host store into device slots, asynchronous, with a completion ticket per copy.
+
+Two engines with one interface:
+
+- :class:`CudaCopyEngine`: a dedicated high-priority stream for demand misses and a low-priority
+  stream for look-ahead prefetches, so demand copies never queue behind guesses. Each copy first
+  waits for the event that marks the last kernel reading its destination slot (a slot is only
+  overwritten once the compute stream is done with its previous expert), then records an event
+  when it lands. The compute stream waits on that event before the kernel that reads the slot:
+  no host synchronisation.
+- :class:`ThreadCopyEngine`: for the ``cpu`` device, a real background thread that performs the
+  copies from a priority queue (demand before prefetch, FIFO within each), so the ordering
+  guarantees are exercised on machines without a GPU. A test hook (``delay``) sleeps a random
+  time before each copy.
+
+A :class:`CopyTicket` says whether its copy has landed (``done``), waits for it on the host
+(``wait``, which reports the time stalled) or makes the current compute stream wait for it
+(``order_before_compute``).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+
+DEMAND, PREFETCH = 0, 1
+
+
+class CopyTicket:
+    """Completion of one copy. ``nbytes`` is what it moved."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+
+    def done(self) -> bool:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def wait(self) -> float:
+        """Block until the copy landed; returns the seconds spent waiting."""
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def order_before_compute(self) -> float:
+        """Make work queued after this call (on the current stream) run after the copy; returns host stall."""
+        return self.wait()
+
+
+class CopyEngine:
+    """Issues ``dst.copy_(src)`` asynchronously; see the module docstring."""
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, priority: int = DEMAND,
+             after: object | None = None) -> CopyTicket:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def release_marker(self) -> object | None:
+        """A marker of "compute queued so far"; a copy given it as ``after`` starts only after that work."""
+        return None
+
+    def synchronize(self) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------- CUDA
+
+
+class _CudaTicket(CopyTicket):
+    def __init__(self, nbytes: int, event: torch.cuda.Event) -> None:
+        super().__init__(nbytes)
+        self.event = event
+
+    def done(self) -> bool:
+        return bool(self.event.query())
+
+    def wait(self) -> float:
+        if self.event.query():
+            return 0.0
+        t0 = time.perf_counter()
+        self.event.synchronize()
+        return time.perf_counter() - t0
+
+    def order_before_compute(self) -> float:
+        torch.cuda.current_stream().wait_event(self.event)
+        return 0.0
+
+
+class CudaCopyEngine(CopyEngine):
+    """Copies on dedicated CUDA streams (demand: high priority; prefetch: low priority)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.streams = {
+            DEMAND: torch.cuda.Stream(device=device, priority=-1),
+            PREFETCH: torch.cuda.Stream(device=device, priority=0),
+        }
+
+    def release_marker(self) -> torch.cuda.Event:
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, priority: int = DEMAND,
+             after: object | None = None) -> CopyTicket:
+        stream = self.streams[priority]
+        if after is not None:
+            stream.wait_event(after)
+        with torch.cuda.stream(stream):
+            dst.copy_(src, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(stream)
+        return _CudaTicket(src.numel() * src.element_size(), event)
+
+    def synchronize(self) -> None:
+        for stream in self.streams.values():
+            stream.synchronize()
+
+
+# ---------------------------------------------------------------------- background thread (cpu device)
+
+
+class _ThreadTicket(CopyTicket):
+    def __init__(self, nbytes: int) -> None:
+        super().__init__(nbytes)
+        self.landed = threading.Event()
+        self.error: BaseException | None = None
+
+    def done(self) -> bool:
+        return self.landed.is_set()
+
+    def wait(self) -> float:
+        if self.landed.is_set():
+            self._raise()
+            return 0.0
+        t0 = time.perf_counter()
+        self.landed.wait()
+        self._raise()
+        return time.perf_counter() - t0
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise RuntimeError(f"an expert copy failed on the copy thread: {self.error}") from self.error
+
+
+class ThreadCopyEngine(CopyEngine):
+    """Copies between CPU tensors on a background thread, demand before prefetch.
+
+    ``delay``: optional callable returning seconds to sleep before each copy (test hook for
+    random copy latency).
+    """
+
+    def __init__(self, delay: Callable[[], float] | None = None) -> None:
+        self.delay = delay
+        self._queue: list[tuple[int, int, torch.Tensor, torch.Tensor, _ThreadTicket]] = []
+        self._order = itertools.count()
+        self._cond = threading.Condition()
+        self._pending = 0
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="residency-copies", daemon=True)
+        self._thread.start()
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, priority: int = DEMAND,
+             after: object | None = None) -> CopyTicket:
+        ticket = _ThreadTicket(src.numel() * src.element_size())
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the copy engine is closed")
+            heapq.heappush(self._queue, (priority, next(self._order), dst, src, ticket))
+            self._pending += 1
+            self._cond.notify_all()
+        return ticket
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                _, _, dst, src, ticket = heapq.heappop(self._queue)
+            try:
+                if self.delay is not None:
+                    time.sleep(self.delay())
+                dst.copy_(src)
+            except BaseException as exc:  # reported to whoever waits on the ticket
+                ticket.error = exc
+            ticket.landed.set()
+            with self._cond:
+                self._pending -= 1
+                self._cond.notify_all()
+
+    def synchronize(self) -> None:
+        with self._cond:
+            while self._pending:
+                self._cond.wait()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=10)
+
+    def __del__(self) -> None:  # pragma: no cover - interpreter shutdown order varies
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -1,0 +1,186 @@
+"""Host tier: every routed expert of every MoE layer once in host memory, one contiguous record per expert.
+
+A record is the expert's ``up`` ``[I, L]`` followed by its ``down`` ``[L, I]`` in the model dtype,
+so one copy moves a whole expert into a device slot of the same layout. Each MoE layer's records
+live in one buffer allocated at exact size by the ordinary allocator and then page-locked with
+``cudaHostRegister`` when a CUDA device is used (not PyTorch's pinned allocator, which rounds
+every block up to a power of two: 5.6 GiB per Super layer would become 8). Pinning that fails
+falls back to pageable memory with a warning. Experts a plan puts on disk get no record: they
+stay in the checkpoint file and are read on demand (:meth:`HostExpertStore.read_from_disk`).
+
+The store is filled layer by layer straight from the checkpoint (:meth:`Checkpoint.read_into`),
+so loading needs no memory beyond the records themselves and a bounded staging buffer.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import CheckpointError
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Shape of one expert record: ``up [inner, width]`` then ``down [width, inner]``, in ``dtype``."""
+
+    inner: int
+    width: int
+    dtype: torch.dtype
+
+    @property
+    def up_numel(self) -> int:
+        return self.inner * self.width
+
+    @property
+    def record_numel(self) -> int:
+        return 2 * self.inner * self.width
+
+    @property
+    def record_bytes(self) -> int:
+        return self.record_numel * self.dtype.itemsize
+
+    def up(self, records: torch.Tensor) -> torch.Tensor:
+        """``[n, inner, width]`` view of the up projections in ``records [n, record_numel]``."""
+        return records[:, : self.up_numel].unflatten(1, (self.inner, self.width))
+
+    def down(self, records: torch.Tensor) -> torch.Tensor:
+        """``[n, width, inner]`` view of the down projections in ``records [n, record_numel]``."""
+        return records[:, self.up_numel:].unflatten(1, (self.width, self.inner))
+
+
+class HostExpertStore:
+    """The experts of ``num_layers`` MoE layers in host memory (records), with an on-disk remainder.
+
+    Args:
+        layout: the record layout.
+        num_layers: MoE layers.
+        num_experts: experts per layer.
+        disk: per MoE layer, experts that stay on disk (no record).
+        pin: page-lock the buffers with ``cudaHostRegister`` (needs CUDA); failures warn and fall
+            back to pageable memory.
+        device: where the records live: host memory by default; on unified-memory machines the
+            GPU's own allocation of the shared pool, so the kernels read the records in place.
+    """
+
+    def __init__(self, layout: ExpertLayout, num_layers: int, num_experts: int, *,
+                 disk: Sequence[Iterable[int]] | None = None, pin: bool = False,
+                 device: torch.device | str = "cpu") -> None:
+        self.layout = layout
+        self.num_layers = num_layers
+        self.num_experts = num_experts
+        self.row_of_expert: list[torch.Tensor] = []
+        self.buffers: list[torch.Tensor] = []
+        self._registered: list[int] = []
+        self.pinned = False
+        self.pin_problem: str | None = None if pin else "not requested"
+        disk_sets = [set(d) for d in disk] if disk is not None else [set() for _ in range(num_layers)]
+        if len(disk_sets) != num_layers:
+            raise ValueError(f"disk sets for {len(disk_sets)} layers, the model has {num_layers} MoE layers")
+        for j in range(num_layers):
+            rows = torch.full((num_experts,), -1, dtype=torch.int64)
+            ram = [e for e in range(num_experts) if e not in disk_sets[j]]
+            rows[ram] = torch.arange(len(ram))
+            self.row_of_expert.append(rows)
+            self.buffers.append(torch.empty(len(ram), layout.record_numel, dtype=layout.dtype, device=device))
+        if pin and torch.device(device).type == "cpu":
+            self._pin()
+        self.source = None  # the checkpoint, once filled: disk experts are read from it
+
+    # ------------------------------------------------------------------ memory
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers)
+
+    def _pin(self) -> None:
+        if not torch.cuda.is_available():
+            self.pin_problem = "no CUDA device"
+            return
+        cudart = torch.cuda.cudart()
+        for buf in self.buffers:
+            if buf.numel() == 0:
+                continue
+            err = cudart.cudaHostRegister(buf.data_ptr(), buf.numel() * buf.element_size(), 0)
+            code = int(err.value) if hasattr(err, "value") else int(err)
+            if code != 0:
+                self.unpin()
+                self.pin_problem = f"cudaHostRegister failed (error {code})"
+                warnings.warn(
+                    f"could not page-lock the {self.nbytes / 2**30:.1f} GiB host expert store "
+                    f"({self.pin_problem}); copies will use pageable memory and run slower. "
+                    "Raise the locked-memory limit (ulimit -l) or free host memory.",
+                    RuntimeWarning, stacklevel=3,
+                )
+                return
+            self._registered.append(buf.data_ptr())
+        self.pinned = True
+        self.pin_problem = None
+
+    def unpin(self) -> None:
+        if self._registered:
+            cudart = torch.cuda.cudart()
+            for ptr in self._registered:
+                cudart.cudaHostUnregister(ptr)
+            self._registered.clear()
+        self.pinned = False
+
+    def __del__(self) -> None:  # pragma: no cover - interpreter shutdown order varies
+        try:
+            self.unpin()
+        except Exception:
+            pass
+
+    # ------------------------------------------------------------------ access
+    def on_disk(self, layer: int, expert: int) -> bool:
+        return int(self.row_of_expert[layer][expert]) < 0
+
+    def record(self, layer: int, expert: int) -> torch.Tensor:
+        """The expert's record ``[record_numel]`` (a view into the layer's buffer)."""
+        row = int(self.row_of_expert[layer][expert])
+        if row < 0:
+            raise KeyError(f"expert {expert} of MoE layer {layer} is on disk; use read_from_disk")
+        return self.buffers[layer][row]
+
+    def up(self, layer: int) -> torch.Tensor:
+        """``[ram experts, I, L]`` view of a layer's up projections (rows by ``row_of_expert``)."""
+        return self.layout.up(self.buffers[layer])
+
+    def down(self, layer: int) -> torch.Tensor:
+        return self.layout.down(self.buffers[layer])
+
+    # ------------------------------------------------------------------ filling
+    def fill(self, ckpt, names: Sequence[str], *, progress: bool = False) -> None:
+        """Read every RAM expert of every layer from ``ckpt``; ``names[j]`` is layer j's tensor prefix.
+
+        ``names[j]`` is e.g. ``"backbone.layers.1.mixer.experts"``; expert e's tensors are
+        ``{prefix}.{e}.up_proj.weight`` and ``.down_proj.weight``.
+        """
+        if len(names) != self.num_layers:
+            raise ValueError(f"{len(names)} layer prefixes for {self.num_layers} MoE layers")
+        layers = range(self.num_layers)
+        if progress:
+            from tqdm.auto import tqdm
+
+            layers = tqdm(layers, desc="host expert store", unit="layer")
+        for j in layers:
+            up, down = self.up(j), self.down(j)
+            for e in range(self.num_experts):
+                row = int(self.row_of_expert[j][e])
+                if row < 0:
+                    continue
+                ckpt.read_into(f"{names[j]}.{e}.up_proj.weight", up[row])
+                ckpt.read_into(f"{names[j]}.{e}.down_proj.weight", down[row])
+        self.source = (ckpt, list(names))
+
+    def read_from_disk(self, layer: int, expert: int, out: torch.Tensor) -> None:
+        """Read a disk expert's record into ``out [record_numel]`` (host or device) from the checkpoint."""
+        if self.source is None:
+            raise CheckpointError("the host store was not filled from a checkpoint; no disk tier to read from")
+        ckpt, names = self.source
+        lay = self.layout
+        rec = out.view(1, -1)
+        ckpt.read_into(f"{names[layer]}.{expert}.up_proj.weight", lay.up(rec)[0])
+        ckpt.read_into(f"{names[layer]}.{expert}.down_proj.weight", lay.down(rec)[0])

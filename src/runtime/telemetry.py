@@ -1,0 +1,91 @@
+"""Counters of the offload runtime, per MoE layer, and the one-line summary printed after generation.
+
+Counts are per distinct expert per MoE layer per forward call: at batch-1 decode a step routes
+``top_k`` distinct experts in every MoE layer, so ``hits + misses = top_k x MoE layers x steps``.
+
+- ``hits``: the expert had a device slot (resident, or its copy already issued) when looked up;
+- ``misses``: it had none;
+- ``demand_copies``: copies issued for the current call's own needs (misses and staging);
+- ``prefetch_issued`` / ``prefetch_used`` / ``prefetch_wasted``: look-ahead copies issued, later
+  hit by the call they were issued for, or not used by it;
+- ``cpu_computed``: missed experts computed on the CPU from host memory;
+- ``h2d_bytes``: bytes copied host → device; ``disk_bytes``: bytes read from the checkpoint on demand;
+- ``stall_s``: host time spent waiting for copies (on CUDA the wait is on the device and shows as 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+COUNTER_NAMES = ("hits", "misses", "demand_copies", "prefetch_issued", "prefetch_used", "prefetch_wasted",
+                 "cpu_computed", "h2d_bytes", "disk_bytes")
+
+
+@dataclass
+class LayerCounters:
+    hits: int = 0
+    misses: int = 0
+    demand_copies: int = 0
+    prefetch_issued: int = 0
+    prefetch_used: int = 0
+    prefetch_wasted: int = 0
+    cpu_computed: int = 0
+    h2d_bytes: int = 0
+    disk_bytes: int = 0
+    stall_s: float = 0.0
+
+    def add(self, other: LayerCounters) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
+@dataclass
+class Telemetry:
+    """Per-layer counters; :meth:`as_dict` is ``stats()["experts"]``."""
+
+    layers: list[LayerCounters] = field(default_factory=list)
+
+    @classmethod
+    def for_layers(cls, n: int) -> Telemetry:
+        return cls([LayerCounters() for _ in range(n)])
+
+    def total(self) -> LayerCounters:
+        out = LayerCounters()
+        for layer in self.layers:
+            out.add(layer)
+        return out
+
+    def reset(self) -> None:
+        self.layers = [LayerCounters() for _ in self.layers]
+
+    def as_dict(self) -> dict[str, Any]:
+        total = asdict(self.total())
+        total["per_layer"] = [asdict(layer) for layer in self.layers]
+        return total
+
+    @property
+    def hit_rate(self) -> float | None:
+        t = self.total()
+        looked = t.hits + t.misses
+        return t.hits / looked if looked else None
+
+
+def summary_line(experts: dict[str, Any], memory: dict[str, Any] | None = None) -> str:
+    """``experts: 812 hits / 68 misses (92.3 %), 40 copies (1.2 GB), 12 on CPU, prefetch 30/25 used, stall 0.01 s``."""
+    looked = experts["hits"] + experts["misses"]
+    rate = f"{100 * experts['hits'] / looked:.1f} %" if looked else "n/a"
+    parts = [
+        f"experts: {experts['hits']} hits / {experts['misses']} misses ({rate})",
+        f"{experts['demand_copies']} demand copies",
+        f"{experts['h2d_bytes'] / 1e6:.1f} MB to device",
+        f"{experts['cpu_computed']} on CPU",
+        f"prefetch {experts['prefetch_used']}/{experts['prefetch_issued']} used",
+        f"stall {experts['stall_s']:.3f} s",
+    ]
+    if experts.get("disk_bytes"):
+        parts.append(f"{experts['disk_bytes'] / 1e6:.1f} MB from disk")
+    if memory is not None and memory.get("device_budget_bytes"):
+        parts.append(f"device {memory['device_allocated_bytes'] / 2**20:.1f} of "
+                     f"{memory['device_budget_bytes'] / 2**20:.1f} MiB")
+    return ", ".join(parts)

@@ -1,0 +1,191 @@
+"""The offloaded model gives the resident model's answers for every budget, and keeps its promises.
+
+All on the ``cpu`` device: slots are CPU tensors under a budget the runtime enforces and copies
+run on a real background thread, so ordering bugs show up here; fp32 weights, so "the same
+answer" is checked to 1e-5 relative.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from residency import OffloadedNemotron
+from residency.errors import BudgetError
+from residency.offload import fixed_bytes
+from residency.testing import write_tiny_checkpoint
+
+CONFIGS = {
+    "tiny": dict(moe_intermediate_size=128, moe_latent_size=64),
+    # another expert count, top-k and layer pattern (a dense MLP layer, no latent projection)
+    "48-experts-top-6": dict(n_routed_experts=48, num_experts_per_tok=6, pattern="EM*E-ME", moe_latent_size=None,
+                             moe_intermediate_size=96),
+}
+CONTEXT = 256
+NEW_TOKENS = 16
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def case(request, tmp_path_factory):
+    """(folder, resident model, prompt, resident logits, resident greedy tokens) per config."""
+    folder = write_tiny_checkpoint(tmp_path_factory.mktemp(request.param) / "ckpt", seed=5, **CONFIGS[request.param])
+    resident = OffloadedNemotron.from_pretrained(folder, device="cpu")
+    ids = torch.randint(3, 256, (1, 21), generator=torch.Generator().manual_seed(0))
+    logits = resident(ids)
+    tokens = resident.generate(ids, max_new_tokens=NEW_TOKENS, temperature=0, stop_at_eos=False)
+    return folder, resident, ids, logits, tokens
+
+
+def budgets(config):
+    """Smallest feasible (no slots at all), a few dynamic slots, about half, and every expert resident."""
+    fixed = fixed_bytes(config, torch.float32, context=CONTEXT)
+    record = fixed.layout.record_bytes
+    total = config.num_moe_layers * config.n_routed_experts
+    return {"smallest": fixed.total, "few": fixed.total + 3 * config.num_experts_per_tok * record,
+            "half": fixed.total + total // 2 * record, "all": fixed.total + total * record}
+
+
+def load(folder, budget, **kwargs):
+    options = kwargs.pop("runtime_options", {})
+    return OffloadedNemotron.from_pretrained(folder, device="cpu", vram_budget=f"{budget}B", context=CONTEXT,
+                                             quiet=True, runtime_options={"verify": True, **options}, **kwargs)
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("size", ["smallest", "few", "half", "all"])
+@pytest.mark.parametrize("cpu", [False, True], ids=["copy", "cpu"])
+@pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "no-prefetch"])
+def test_offloaded_equals_resident(case, size, cpu, prefetch):
+    folder, resident, ids, logits, tokens = case
+    budget = budgets(resident.config)[size]
+    model = load(folder, budget, cpu_experts=cpu, prefetch=prefetch)
+    try:
+        assert rel(model(ids), logits) <= 1e-5
+        got = model.generate(ids, max_new_tokens=NEW_TOKENS, temperature=0, stop_at_eos=False)
+        assert torch.equal(got, tokens)
+        stats = model.stats()
+        experts, memory = stats["experts"], stats["memory"]
+        assert memory["device_peak_bytes"] <= memory["device_budget_bytes"] == budget
+        assert memory["device_allocated_bytes"] <= budget
+        if size == "all":
+            assert experts["misses"] == 0 and experts["h2d_bytes"] == 0
+        else:
+            assert experts["misses"] > 0
+        if cpu and size != "all":
+            assert experts["cpu_computed"] == experts["misses"]
+        if not cpu:
+            assert experts["cpu_computed"] == 0
+        if not prefetch:
+            assert experts["prefetch_issued"] == 0
+        # batch-1 decode: every step looks up top_k distinct experts per MoE layer
+        decode = experts["by_phase"]["decode"]
+        c = resident.config
+        assert decode["hits"] + decode["misses"] == c.num_experts_per_tok * c.num_moe_layers * (NEW_TOKENS - 1)
+        assert len(experts["per_layer"]) == c.num_moe_layers
+        assert sum(layer["misses"] for layer in experts["per_layer"]) == experts["misses"]
+    finally:
+        model.runtime.close()
+
+
+def test_unified_mode_reads_the_store_in_place_and_equals_resident(case):
+    folder, resident, ids, logits, tokens = case
+    model = load(folder, budgets(resident.config)["half"], runtime_options={"mode": "unified"})
+    try:
+        assert model.runtime.options.mode == "unified"
+        assert rel(model(ids), logits) <= 1e-5
+        assert torch.equal(model.generate(ids, max_new_tokens=NEW_TOKENS, temperature=0, stop_at_eos=False), tokens)
+        experts = model.stats()["experts"]
+        assert experts["misses"] > 0 and experts["disk_bytes"] > 0  # the rest is read from the checkpoint
+        assert all(c is None for c in model.runtime.caches)  # no second copy of RAM experts
+    finally:
+        model.runtime.close()
+
+
+def test_a_budget_below_the_smallest_feasible_is_refused_with_the_breakdown(case):
+    folder, resident, *_ = case
+    smallest = budgets(resident.config)["smallest"]
+    with pytest.raises(BudgetError, match="dense weights .* staging slots .* in all. Give at least"):
+        load(folder, smallest - 1)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_copy_delays_never_break_residency(case, seed):
+    """Copies land late and out of step: nothing is computed before its copy landed (verify=True checks
+    every slot before each launch), no slot in use is evicted, and the answers stay exact."""
+    folder, resident, ids, logits, tokens = case
+    rng = random.Random(seed)
+    delays = {"copy_delay": lambda: rng.random() * 0.003 if rng.random() < 0.5 else 0.0}
+    model = load(folder, budgets(resident.config)["few"], cpu_experts=seed == 2, runtime_options=delays)
+    try:
+        long = resident.generate(ids, max_new_tokens=120, temperature=0, stop_at_eos=False)
+        got = model.generate(ids, max_new_tokens=120, temperature=0, stop_at_eos=False)
+        assert torch.equal(got, long)
+        experts = model.stats()["experts"]
+        assert experts["prefetch_issued"] > 0 and experts["demand_copies"] + experts["cpu_computed"] > 0
+    finally:
+        model.runtime.close()
+
+
+def test_runtime_counts_equal_the_simulator_on_its_own_trace(case):
+    """Replay the routing trace the offloaded model recorded through `simulate` with the same plan and
+    policy: per-layer decode hits and misses are identical."""
+    from residency.planning.plan import plan_residency
+    from residency.planning.simulate import simulate
+
+    folder, resident, *_ = case
+    c = resident.config
+    base = plan_residency(c, "RTX 4090", expert_dtype="bf16", context=CONTEXT)
+    # what the planner keeps besides slots when not every expert is resident: + staging of 2 x top_k experts
+    fixed = base.budget.vram_bytes - base.budget.expert_bytes + 2 * c.num_experts_per_tok * c.expert_bytes("bf16")
+    for policy in ("lru", "lfu", "hybrid", "static"):
+        plan = plan_residency(c, "RTX 4090", vram=fixed + 3 * c.num_moe_layers * c.expert_bytes("bf16"),
+                              expert_dtype="bf16", context=CONTEXT, policy=policy)
+        assert sum(lp.dynamic_slots for lp in plan.layers) > 0
+        model = OffloadedNemotron.from_pretrained(folder, device="cpu", plan=plan, vram_budget="64MiB", prefetch=False,
+                                                  cpu_experts=False, context=CONTEXT, quiet=True)
+        try:
+            prompts = [list(range(5, 30)), list(range(40, 52))]
+            _, trace = model.profile(prompts, decode_tokens=24, trace=True)
+            sim = simulate(plan, trace, policy=policy, decode_only=True)
+            per_layer = model.stats()["experts"]["by_phase"]["decode"]["per_layer"]
+            assert [layer["hits"] for layer in per_layer] == sim.counters["hits"].tolist(), policy
+            assert [layer["misses"] for layer in per_layer] == sim.counters["misses"].tolist(), policy
+        finally:
+            model.runtime.close()
+
+
+def test_prefill_does_not_wipe_the_decode_working_set(case):
+    folder, resident, ids, *_ = case
+    model = load(folder, budgets(resident.config)["few"], prefetch=False)
+    try:
+        model.generate(ids, max_new_tokens=8, temperature=0, stop_at_eos=False)
+        before = [dict(cache.policy.resident()) for cache in model.runtime.caches]
+        long_prompt = torch.randint(3, 256, (1, 200), generator=torch.Generator().manual_seed(9))
+        model(long_prompt)  # a long prompt: its misses go through staging, not the cache
+        after = [dict(cache.policy.resident()) for cache in model.runtime.caches]
+        assert after == before
+    finally:
+        model.runtime.close()
+
+
+def test_profile_guided_layout_puts_hot_experts_in_static_slots(case):
+    folder, resident, ids, *_ = case
+    profile = resident.profile([ids[0].tolist()], decode_tokens=8)
+    counts = np.asarray(profile.counts)
+    model = load(folder, budgets(resident.config)["half"], profile=profile, prefetch=False)
+    try:
+        layers_with_static = 0
+        for j, lp in enumerate(model.slots.layers):
+            if lp.static:
+                layers_with_static += 1
+                rest = np.setdiff1d(np.arange(counts.shape[1]), lp.static)
+                assert counts[j, list(lp.static)].min() >= counts[j, rest].max()
+        assert layers_with_static > 0
+    finally:
+        model.runtime.close()
