@@ -51,9 +51,9 @@ def main() -> int:
         for source, kwargs in (("uniform prior", {}), ("2k-token trace", {"trace": trace})):
             seconds, plan = median_time(lambda g=gpu, kw=kwargs: plan_residency(config, g, **kw), args.repeats)
             rows.append({"gpu": gpu, "input": source, "seconds": seconds, "hit_rate": plan.hit_rate,
-                         "tokens_per_s": plan.tokens_per_s, "bound": plan.predicted["bound"]})
+                         "tokens_per_s": plan.tokens_per_s, "bound": plan.predicted.bound})
             print(f"{gpu:12s} {source:15s} {seconds * 1e3:8.1f} ms  predicted hit rate {plan.hit_rate:.3f}, "
-                  f"{plan.tokens_per_s:.1f} tok/s ({plan.predicted['bound']}-bound)")
+                  f"{plan.tokens_per_s:.1f} tok/s ({plan.predicted.bound}-bound)")
     commit = git_commit()
     cpu = cpu_model()
     env = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "cpu": cpu, "python": platform.python_version(),

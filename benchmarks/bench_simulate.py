@@ -26,13 +26,12 @@ import numba
 import numpy as np
 import torch
 from _machine import cpu_model
+from residency.runtime.policy import LRU, POLICY_NAMES
 
 from residency import __version__
 from residency.cli.plan import resolve_config
 from residency.planning.plan import plan_residency
 from residency.planning.simulate import reference_replay, simulate, static_set_for, synthetic_trace
-
-POLICIES = ("static", "lru", "lfu", "hybrid")
 
 
 def best_of(fn, repeats: int) -> tuple[float, object]:
@@ -66,13 +65,13 @@ def main() -> int:
 
     start = time.perf_counter()
     warm = synthetic_trace(config, 16, seed=2)
-    for policy in POLICIES:
+    for policy in POLICY_NAMES:
         simulate(plan, warm, policy=policy)
     compile_sim = time.perf_counter() - start
 
     accesses = trace.num_tokens * trace.num_moe_layers * trace.top_k
     rows = []
-    for policy in POLICIES:
+    for policy in POLICY_NAMES:
         t_pool, result = best_of(lambda p=policy: simulate(plan, trace, policy=p), args.repeats)
         t_one, _ = best_of(lambda p=policy: simulate(plan, trace, policy=p, threads=1), args.repeats)
         rows.append({
@@ -85,10 +84,11 @@ def main() -> int:
     ids = trace.ids.numpy()
     layers = [j for j, lp in enumerate(plan.layers) if lp.dynamic_slots > 0][:2] or [0, 1]
     start = time.perf_counter()
-    ref = {j: reference_replay(ids[:, j, :], static_set_for(plan, j, "lru").tolist(), plan.layers[j].slots, "lru")
+    ref = {j: reference_replay(ids[:, j, :], static_set_for(plan, j, LRU.name).tolist(), plan.layers[j].slots,
+                               LRU.name)
            for j in layers}
     ref_s = (time.perf_counter() - start) / len(layers)
-    fast = simulate(plan, trace, policy="lru")
+    fast = simulate(plan, trace, policy=LRU.name)
     agree = all(ref[j][k] == int(fast.counters[k][j]) for j in layers for k in ref[j])
 
     report = {
@@ -100,8 +100,8 @@ def main() -> int:
                      "torch": torch.__version__, "residency": __version__},
         "trace": {"tokens": trace.num_tokens, "moe_layers": trace.num_moe_layers, "top_k": trace.top_k,
                   "accesses": accesses, **trace.meta},
-        "plan": {"gpu": plan.gpu.name, "expert_dtype": plan.settings["expert_dtype"],
-                 "static_experts": plan.budget["static_experts"], "dynamic_slots": plan.budget["dynamic_slots"],
+        "plan": {"gpu": plan.gpu.name, "expert_dtype": plan.settings.expert_dtype,
+                 "static_experts": plan.budget.static_experts, "dynamic_slots": plan.budget.dynamic_slots,
                  "predicted_hit_rate": plan.hit_rate},
         "timings_s": {"generate_trace": round(gen_s, 3), "plan_with_trace": round(plan_s, 3),
                       "compile_generator": round(compile_gen, 3), "compile_and_warm_simulator": round(compile_sim, 3),

@@ -9,13 +9,15 @@ import types
 import numpy as np
 import pytest
 import torch
+from residency.runtime.policy import POLICY_NAMES
 
 import residency.cli as cli
-from residency.cli.plan import calibrated_spec, resolve_config
+from residency.cli.plan import resolve_config
 from residency.errors import ResidencyError
-from residency.planning.hardware import GiB, load_gpu_spec, lookup_gpu, save_gpu_spec
+from residency.planning.hardware import lookup_gpu, save_gpu_spec
 from residency.planning.plan import Plan
 from residency.planning.simulate import synthetic_trace
+from residency.sizes import GiB
 
 
 @pytest.fixture(autouse=True)
@@ -29,6 +31,18 @@ def run(capsys, *argv):
     return code, out, err
 
 
+def refused(capsys, *argv):
+    """Run a command that must fail: exit status 2, one line on stderr, no traceback; returns that line."""
+    code, _, err = run(capsys, *argv)
+    assert code == 2, err
+    assert "Traceback" not in err and err.endswith("\n") and err.count("\n") == 1, err
+    assert err.startswith(f"residency {argv[0]}: error: ")
+    return err
+
+
+PLAN = ("plan", "--config", "nemotron-3-super")
+
+
 @pytest.fixture
 def plan_file(tmp_path, capsys):
     path = tmp_path / "plan.json"
@@ -40,9 +54,9 @@ def plan_file(tmp_path, capsys):
 
 def test_plan_writes_a_valid_plan(plan_file, capsys):
     plan = Plan.load(plan_file)
-    assert plan.gpu.name == "RTX 4090" and plan.budget["vram_bytes"] == 22 * GiB
+    assert plan.gpu.name == "RTX 4090" and plan.budget.vram_bytes == 22 * GiB
     assert plan.host.memory_bytes == 64 * GiB and plan.host.sources["memory_bytes"] == "user: command line"
-    assert plan.settings["context"] == 8192 and plan.settings["miss_path"] == "copy"
+    assert plan.settings.context == 8192 and plan.settings.miss_path == "copy"
 
 
 def test_plan_show_both_spellings(plan_file, capsys):
@@ -84,9 +98,7 @@ def test_plan_errors_name_the_fix(capsys):
     assert code == 2 and "--gpu NAME" in err
     code, _, err = run(capsys, "plan", "--config", "nemotron-3-super", "--gpu", "spark", "--host-memory", "64GiB")
     assert code == 2 and "unified memory" in err
-    with pytest.raises(SystemExit):
-        cli.main(["plan", "--config", "nemotron-3-super", "--gpu", "4090", "--vram", "lots"])
-    assert "20GiB" in capsys.readouterr().err
+    assert "write it like 20GiB, 64GB or 512MiB" in refused(capsys, *PLAN, "--gpu", "4090", "--vram", "lots")
 
 
 def test_plan_custom_gpu_and_spec_file(tmp_path, capsys):
@@ -125,8 +137,8 @@ def test_plan_with_trace_and_profile(tmp_path, capsys, monkeypatch):
                        "--trace", str(trace_path), "--out", str(out_plan))
     assert code == 0
     plan = Plan.load(out_plan)
-    assert "profile pick counts (99 tokens)" in plan.predicted["method"]
-    assert "estimated from the trace" in plan.predicted["method"]
+    assert "profile pick counts (99 tokens)" in plan.predicted.method
+    assert "estimated from the trace" in plan.predicted.method
     assert set(range(50)) <= set(plan.layers[0].static)
 
 
@@ -137,7 +149,7 @@ def test_simulate_synthetic_and_json(plan_file, tmp_path, capsys):
                        str(out_json))
     assert code == 0
     assert "synthetic trace: 200 tokens, Zipf skew 1.1, locality 0.35" in out
-    for policy in ("static", "lru", "lfu", "hybrid"):
+    for policy in POLICY_NAMES:
         assert f"\n{policy} " in out
     assert "per layer, hybrid:" in out
     data = json.loads(out_json.read_text())
@@ -175,23 +187,113 @@ def test_calibrate_without_cuda_exits_with_a_message(tmp_path, capsys, monkeypat
     assert not (tmp_path / "g.json").exists()
 
 
-def test_calibrated_spec_is_usable_as_gpu_spec(tmp_path):
-    spec = calibrated_spec(lookup_gpu("RTX 4090"), h2d_gbps=21.37, device_copy_gbps=870.0, context_bytes=512 << 20)
-    assert spec.h2d_gbps == 21.37 and spec.context_bytes == 512 << 20 and spec.mem_bw_gbps == 1008
-    assert spec.source_of("h2d_gbps").startswith("measured") and "870 GB/s" in spec.notes
-    path = save_gpu_spec(tmp_path / "cal.json", spec)
-    assert load_gpu_spec(path) == spec
-    unknown = calibrated_spec(spec.replace(note="unverified: guess", mem_bw_gbps=1.0), 20.0, 800.0, 0)
-    assert unknown.mem_bw_gbps == 1000.0 and unknown.source_of("mem_bw_gbps").startswith("derived")
-    config = resolve_config("nemotron-3-super", None)
-    from residency.planning.plan import plan_residency
-
-    plan = plan_residency(config, load_gpu_spec(path))
-    assert plan.breakdown.get("cuda_context") == 512 << 20
-
-
 def test_resolve_config_errors():
     with pytest.raises(ResidencyError, match="not both"):
         resolve_config("a", "b")
     assert resolve_config("nemotron-3-super", None).num_moe_layers == 40
     assert np.isclose(resolve_config("nemotron-3-super", None).routed_scaling_factor, 5.0)
+
+
+# ---------------------------------------------------------------------- sizes and budgets on the command line
+
+
+def test_vram_is_printed_as_understood(capsys, tmp_path):
+    out_plan = tmp_path / "p.json"
+    code, out, _ = run(capsys, *PLAN, "--gpu", "4090", "--vram", "24GB", "--out", str(out_plan))
+    assert code == 0 and "Budget: --vram 24GB = 24.00 GB (decimal) = 22.35 GiB" in out
+    assert Plan.load(out_plan).budget.vram_bytes == 24 * 10**9
+    code, out, _ = run(capsys, *PLAN, "--gpu", "4090", "--vram", "0.8", "--out", str(out_plan))
+    assert code == 0
+    assert ("Budget: --vram 0.8 = 80 % of RTX 4090's 24.00 GiB (free memory not measured, all of it assumed free) "
+            "= 19.20 GiB") in out
+    assert Plan.load(out_plan).budget.vram_bytes == int(0.8 * 24 * GiB)
+    code, out, _ = run(capsys, *PLAN, "--gpu", "4090")
+    assert code == 0 and "Budget:" not in out  # no --vram: the whole GPU, nothing to explain
+
+
+def test_vram_fraction_of_detected_free_memory(capsys, monkeypatch):
+    from residency.planning.detect import Detection
+    from residency.planning.hardware import DEFAULT_HOST
+
+    gpu = lookup_gpu("RTX 4090")
+    monkeypatch.setattr("residency.cli.plan.detect_local", lambda: Detection(gpu, DEFAULT_HOST, 20 * GiB, ()))
+    code, out, _ = run(capsys, *PLAN, "--gpu", "local", "--vram", "0.9")
+    assert code == 0 and "Budget: --vram 0.9 = 90 % of 20.00 GiB free = 18.00 GiB" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--gpu", "4090", "--vram", "24"), "--vram '24' is a bare number: a bare number is a fraction of free device "
+                                            "memory in (0, 1], such as 0.8; for a size write 24GiB or 24GB"),
+        (("--gpu", "4090", "--vram", "100GiB"), "--vram '100GiB' (100.00 GiB) is more than RTX 4090 has (24.00 GiB)"),
+        (("--gpu", "4090", "--vram", "0GiB"), "--vram '0GiB' is 0 bytes"),
+        (("--gpu", "4090", "--vram", "20 gigs"), "unknown unit 'gigs'"),
+        (("--gpu", "4090", "--host-memory", "64"), "--host-memory '64' has no unit (64 bytes is never meant); write "
+                                                   "64GiB or 64GB"),
+        (("--gpu", "custom", "--vram", "0.8", "--mem-bw", "900", "--h2d", "12"),
+         "--vram '0.8' is a fraction of free device memory, but a custom GPU's memory is not known; give a size"),
+        (("--gpu", "custom", "--vram", "40", "--mem-bw", "900", "--h2d", "12"), "for a size write 40GiB or 40GB"),
+        (("--gpu", "4090", "--policy", "mru"), "unknown policy 'mru'; use one of ('static', 'lru', 'lfu', 'hybrid')"),
+        (("--gpu", "4090", "--miss-path", "teleport"), "miss path must be one of ('auto', 'copy', 'cpu')"),
+    ],
+)
+def test_plan_refusals_are_one_line(capsys, args, message):
+    assert message in refused(capsys, *PLAN, *args)
+
+
+def test_calibrate_refuses_a_bare_size(capsys, tmp_path):
+    err = refused(capsys, "calibrate", "--out", str(tmp_path / "g.json"), "--size", "256")
+    assert "--size '256' has no unit (256 bytes is never meant); write 256GiB or 256GB" in err
+
+
+# ---------------------------------------------------------------------- GPU spec errors
+
+
+def test_gpu_and_gpu_spec_together_are_refused(capsys, tmp_path):
+    spec = save_gpu_spec(tmp_path / "gpu.json", lookup_gpu("L40S"))
+    err = refused(capsys, *PLAN, "--gpu", "4090", "--gpu-spec", str(spec))
+    assert f"--gpu 4090 and --gpu-spec {spec} both name the target GPU: use one of them" in err
+
+
+def test_gpu_spec_missing_fields_is_one_line(capsys, tmp_path):
+    spec = tmp_path / "lab.json"
+    spec.write_text(json.dumps({"name": "lab card", "memory_bytes": "20GiB", "mem_bw_gbps": 800, "fp8": True}))
+    err = refused(capsys, *PLAN, "--gpu-spec", str(spec))
+    assert f"{spec}: missing field(s) h2d_gbps, link, unified_memory, compute_capability, fp4; " in err
+    assert '"base": "RTX 4090"' in err
+    spec.write_text(json.dumps({"base": "RTX 4090", "memory_bytes": "20"}))
+    assert "memory_bytes '20' has no unit" in refused(capsys, *PLAN, "--gpu-spec", str(spec))
+
+
+# ---------------------------------------------------------------------- files of the wrong kind
+
+
+def test_files_of_the_wrong_kind_say_what_they_are(plan_file, tmp_path, capsys):
+    trace = synthetic_trace(resolve_config("nemotron-3-super", None), 20).save(tmp_path / "t.safetensors")
+    err = refused(capsys, *PLAN, "--gpu", "4090", "--profile", str(plan_file))
+    assert (f"{plan_file} is a residency plan ('plan' file, not a 'profile' file): use it with `residency simulate "
+            "--plan` or `residency plan show`; for a residency profile, pass a file written by `residency profile "
+            "--out`") in err
+    err = refused(capsys, *PLAN, "--gpu", "4090", "--profile", str(trace))
+    assert f"{trace} is a routing trace ('trace' file, not a 'profile' file): pass it as --trace" in err
+    err = refused(capsys, *PLAN, "--gpu", "4090", "--trace", str(plan_file))
+    assert "is a residency plan" in err
+    assert "for a routing trace, pass a trace written by `residency profile --trace`" in err
+    err = refused(capsys, "simulate", "--plan", str(trace), "--synthetic", "10")
+    assert f"{trace} is a routing trace" in err
+    assert "for a residency plan, pass a file written by `residency plan --out`" in err
+    err = refused(capsys, "plan-show", str(trace))
+    assert "is a routing trace" in err
+    err = refused(capsys, *PLAN, "--gpu-spec", str(plan_file))
+    assert "is a residency plan" in err and "for a GPU spec, pass a file written by `residency calibrate --out`" in err
+    err = refused(capsys, "simulate", "--plan", str(plan_file), "--trace", str(plan_file))
+    assert "is a residency plan" in err and "for a routing trace" in err
+    spec = save_gpu_spec(tmp_path / "gpu.json", lookup_gpu("L4"))
+    err = refused(capsys, "plan", "show", str(spec))
+    assert "is a GPU spec ('gpu_spec' file, not a 'plan' file): pass it as --gpu-spec" in err
+
+
+def test_simulate_refuses_an_unknown_policy(plan_file, capsys):
+    err = refused(capsys, "simulate", "--plan", str(plan_file), "--synthetic", "10", "--policy", "mru")
+    assert "unknown policy 'mru'; choose one of ('static', 'lru', 'lfu', 'hybrid') or 'all'" in err

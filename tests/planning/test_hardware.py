@@ -1,9 +1,8 @@
-"""GPU catalog, name lookup, custom spec files and local detection with fake NVML / psutil / torch."""
+"""GPU catalog (a JSON data file), name lookup and custom spec files."""
 
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 
@@ -11,17 +10,16 @@ from residency.planning.hardware import (
     CATALOG,
     DEFAULT_HOST,
     SOURCE_KINDS,
-    GiB,
     GpuSpec,
     HardwareError,
     HostSpec,
-    detect_local,
     find_gpu,
+    load_catalog,
     load_gpu_spec,
     lookup_gpu,
-    pcie_practical_gbps,
     save_gpu_spec,
 )
+from residency.sizes import GiB
 
 REQUIRED = [
     "RTX 3090", "RTX 4090", "RTX 5090", "RTX 6000 Ada", "RTX PRO 6000 Blackwell", "L4", "L40S", "A10G",
@@ -130,7 +128,7 @@ def test_custom_spec_errors(tmp_path):
     with pytest.raises(HardwareError, match="not valid JSON"):
         load_gpu_spec(bad)
     bad.write_text(json.dumps({"kind": "plan"}))
-    with pytest.raises(HardwareError, match="not a GPU spec"):
+    with pytest.raises(HardwareError, match="is a residency plan .*for a GPU spec, pass a file written by"):
         load_gpu_spec(bad)
     with pytest.raises(HardwareError, match="no such GPU spec"):
         load_gpu_spec(tmp_path / "missing.json")
@@ -149,156 +147,122 @@ def test_host_usable_keeps_a_reserve():
     assert HostSpec(memory_bytes=64 * GiB, reserve_bytes=GiB).usable_bytes == 63 * GiB
 
 
-# ---------------------------------------------------------------------- detection with fakes
+def test_a_spec_file_missing_fields_names_them_and_the_fix(tmp_path):
+    path = tmp_path / "partial.json"
+    path.write_text(json.dumps({"name": "lab card", "memory_bytes": "20GiB", "mem_bw_gbps": 800}))
+    with pytest.raises(HardwareError) as err:
+        load_gpu_spec(path)
+    msg = str(err.value)
+    assert "\n" not in msg and str(path) in msg
+    assert "missing field(s) h2d_gbps, link, unified_memory, compute_capability, fp8, fp4" in msg
+    assert '"base": "RTX 4090"' in msg  # the fix: start from a catalog entry
 
 
-class NVMLError(Exception):
-    pass
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"mem_bw_gbps": "fast"}, "mem_bw_gbps must be a number, got 'fast'"),
+        ({"fp8": "yes"}, "fp8 must be true or false"),
+        ({"memory_bytes": "20"}, "write 20GiB or 20GB"),
+        ({"memory_bytes": "0.8"}, "write 0.8GiB or 0.8GB"),
+        ({"memory_bytes": 24}, 'would be 24 bytes; write a size such as "24GiB"'),
+        ({"memory_bytes": "20 gigs"}, "unknown unit 'gigs'"),
+        ({"compute_capability": "eight"}, "compute_capability must be like [8, 9]"),
+        ({"aliases": "lab"}, "aliases must be a list of names"),
+        ({"host": "big"}, "host must be an object"),
+    ],
+)
+def test_a_spec_file_with_wrong_values_says_which(tmp_path, change, message):
+    full = {"name": "lab card", "memory_bytes": "20GiB", "mem_bw_gbps": 800, "h2d_gbps": 12.5, "link": "PCIe",
+            "unified_memory": False, "compute_capability": "8.9", "fp8": True, "fp4": False}
+    path = tmp_path / "lab.json"
+    path.write_text(json.dumps({**full, **change}))
+    with pytest.raises(HardwareError, match=message.replace("[", r"\[").replace("]", r"\]")) as err:
+        load_gpu_spec(path)
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
 
 
-class NVMLNotSupported(NVMLError):
-    pass
+def test_a_spec_file_of_another_kind_says_what_it_is(tmp_path):
+    from residency.cli.plan import resolve_config
+    from residency.planning.plan import plan_residency
+    from residency.planning.simulate import synthetic_trace
+
+    config = resolve_config("nemotron-3-super", None)
+    plan = plan_residency(config, "RTX 4090").save(tmp_path / "plan.json")
+    with pytest.raises(HardwareError, match="is a residency plan .*use it with `residency simulate --plan`"):
+        load_gpu_spec(plan)
+    trace = synthetic_trace(config, 4).save(tmp_path / "t.safetensors")
+    with pytest.raises(HardwareError, match="is a routing trace .*pass it as --trace.*residency calibrate --out"):
+        load_gpu_spec(trace)
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+    with pytest.raises(HardwareError, match="model config.json .*pass it as --config"):
+        load_gpu_spec(tmp_path / "config.json")
+    based = tmp_path / "based.json"
+    based.write_text(json.dumps({"base": "RTX 9999"}))
+    with pytest.raises(HardwareError, match="based.json: base: unknown GPU 'RTX 9999'"):
+        load_gpu_spec(based)
 
 
-class FakeNVML:
-    """A stand-in for pynvml with configurable answers; a value that is an exception type is raised."""
-
-    NVMLError = NVMLError
-    NVML_CLOCK_MEM = 2
-
-    def __init__(self, **answers):
-        self.answers = {
-            "name": "NVIDIA GeForce RTX 4090", "memory": SimpleNamespace(total=24 * GiB - 300 * 2**20, free=23 * GiB),
-            "cc": (8, 9), "max_gen": 4, "max_width": 16, "cur_gen": 1, "cur_width": 16, "count": 1,
-            "bus_width": 384, "mem_clock": 10501,
-        }
-        self.answers.update(answers)
-        self.shutdown = False
-
-    def _get(self, key):
-        value = self.answers[key]
-        if isinstance(value, type) and issubclass(value, Exception):
-            raise value("fake")
-        return value
-
-    def nvmlInit(self):
-        self._get("init") if "init" in self.answers else None
-
-    def nvmlShutdown(self):
-        self.shutdown = True
-
-    def nvmlDeviceGetCount(self):
-        return self._get("count")
-
-    def nvmlDeviceGetHandleByIndex(self, i):
-        return ("handle", i)
-
-    def nvmlDeviceGetName(self, h):
-        return self._get("name").encode()
-
-    def nvmlDeviceGetCudaComputeCapability(self, h):
-        return self._get("cc")
-
-    def nvmlDeviceGetMemoryInfo(self, h):
-        return self._get("memory")
-
-    def nvmlDeviceGetMaxPcieLinkGeneration(self, h):
-        return self._get("max_gen")
-
-    def nvmlDeviceGetMaxPcieLinkWidth(self, h):
-        return self._get("max_width")
-
-    def nvmlDeviceGetCurrPcieLinkGeneration(self, h):
-        return self._get("cur_gen")
-
-    def nvmlDeviceGetCurrPcieLinkWidth(self, h):
-        return self._get("cur_width")
-
-    def nvmlDeviceGetMemoryBusWidth(self, h):
-        return self._get("bus_width")
-
-    def nvmlDeviceGetMaxClockInfo(self, h, clock):
-        return self._get("mem_clock")
+# ---------------------------------------------------------------------- the catalog file
 
 
-class FakePsutil:
-    def __init__(self, total=64 * GiB, available=60 * GiB, cores=16):
-        self._vm = SimpleNamespace(total=total, available=available)
-        self._cores = cores
+def test_catalog_is_package_data_with_a_source_per_figure():
+    import importlib.resources
 
-    def virtual_memory(self):
-        return self._vm
-
-    def cpu_count(self, logical=True):
-        return self._cores
-
-
-class FakeTorch:
-    def __init__(self, available=True, integrated=False, mem=None):
-        self.cuda = SimpleNamespace(
-            is_available=lambda: available,
-            get_device_properties=lambda i: SimpleNamespace(is_integrated=integrated),
-            mem_get_info=lambda i: mem if mem else (_ for _ in ()).throw(RuntimeError("no cuda")),
-        )
+    raw = json.loads((importlib.resources.files("residency") / "data" / "gpus.json").read_text())
+    assert raw["kind"] == "gpu_catalog" and [g["name"] for g in raw["gpus"]] == [g.name for g in CATALOG]
+    for entry in raw["gpus"]:
+        figures = {k for k, v in entry.items() if k not in ("name", "aliases", "link", "notes", "host", "sources")
+                   and v is not None and k != "unified_memory"}
+        assert figures <= set(entry["sources"]), entry["name"]
+    assert load_catalog() == (CATALOG, DEFAULT_HOST)
 
 
-def test_detect_discrete_gpu_uses_max_link_not_idle_link():
-    nvml = FakeNVML()
-    det = detect_local(nvml=nvml, psutil_module=FakePsutil(), torch_module=FakeTorch())
-    g = det.gpu
-    assert g is not None and g.name == "RTX 4090" and not g.unified_memory
-    assert g.usable_bytes == 24 * GiB - 300 * 2**20 and det.free_bytes == 23 * GiB
-    # Gen1 (idle) would give 3.2 GB/s; the max link Gen4 x16 gives 25.2, capped at the catalog's 25.
-    assert g.h2d_gbps == 25.0 and g.link == "PCIe 4.0 x16"
-    assert any("maximum negotiated PCIe Gen4 x16" in n for n in det.notes)
-    assert det.host.memory_bytes == 64 * GiB and det.host.cpu_cores == 16
-    assert nvml.shutdown
+def test_a_broken_catalog_file_is_refused(tmp_path):
+    path = tmp_path / "gpus.json"
+    path.write_text('{"kind": "gpu_catalog"')
+    with pytest.raises(HardwareError, match="not valid JSON"):
+        load_catalog(path)
+    path.write_text(json.dumps({"kind": "gpu_catalog", "format_version": 1, "default_host": {}, "hosts": {},
+                                "gpus": [{**lookup_gpu("GH200").to_dict(), "host": "grace"}]}))
+    with pytest.raises(HardwareError, match="host 'grace' is not in hosts"):
+        load_catalog(path)
+    l4 = lookup_gpu("L4").to_dict()
+    for doc, message in [
+        ({"kind": "plan", "format_version": 1}, "not a GPU catalog"),
+        ({"kind": "gpu_catalog", "format_version": 2}, "GPU catalog format 2 is not 1; reinstall residency"),
+        ({"kind": "gpu_catalog", "format_version": 1, "default_host": DEFAULT_HOST.to_dict(), "gpus": [l4, l4]},
+         r"GPU names repeat: \['L4'\]"),
+    ]:
+        path.write_text(json.dumps(doc))
+        with pytest.raises(HardwareError, match=message):
+            load_catalog(path)
 
 
-def test_detect_narrow_slot_lowers_the_link_estimate():
-    det = detect_local(nvml=FakeNVML(max_width=8), psutil_module=FakePsutil(), torch_module=FakeTorch())
-    assert det.gpu.h2d_gbps == pytest.approx(pcie_practical_gbps(4, 8)) == pytest.approx(12.6, abs=0.01)
-    assert det.gpu.source_of("h2d_gbps").startswith("derived")
+def test_planning_imports_point_one_way():
+    """No import cycles among the planning modules (hardware <-> memory used to import each other)."""
+    import ast
+    import pathlib
 
+    import residency.planning as planning
 
-def test_detect_gb10_memory_not_supported_uses_host_memory():
-    nvml = FakeNVML(name="NVIDIA GB10", memory=NVMLNotSupported, cc=(12, 1), max_gen=1, max_width=1)
-    psutil = FakePsutil(total=int(121.7 * GiB), available=100 * GiB, cores=20)
-    det = detect_local(nvml=nvml, psutil_module=psutil, torch_module=FakeTorch(integrated=True))
-    g = det.gpu
-    assert g.name == "DGX Spark" and g.unified_memory and g.h2d_gbps is None
-    assert g.usable_bytes == int(121.7 * GiB) and det.free_bytes == 100 * GiB
-    assert any("NVML memory info is not supported" in n for n in det.notes)
-    assert not any("PCIe Gen1" in n for n in det.notes)  # the fake Gen1 x1 link is ignored
-    assert det.host.memory_bytes == int(121.7 * GiB)
+    folder = pathlib.Path(planning.__file__).parent
+    graph = {}
+    for path in folder.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                deps.add(node.module.split(".")[0])
+        graph[path.stem] = deps
+    assert "memory" not in graph["hardware"] and "detect" not in graph["hardware"]
 
+    def visit(name, stack):
+        assert name not in stack, f"import cycle: {' -> '.join([*stack, name])}"
+        for dep in graph.get(name, ()):
+            visit(dep, [*stack, name])
 
-def test_detect_integrated_reporting_host_sized_memory():
-    nvml = FakeNVML(name="NVIDIA GB10", memory=SimpleNamespace(total=int(121.7 * GiB), free=90 * GiB), cc=(12, 1))
-    det = detect_local(nvml=nvml, psutil_module=FakePsutil(total=int(121.7 * GiB)), torch_module=FakeTorch())
-    assert det.gpu.unified_memory and any("host-sized memory" in n for n in det.notes)
-
-
-def test_detect_discrete_memory_unsupported_falls_back_to_torch():
-    torch = FakeTorch(mem=(20 * GiB, 24 * GiB))
-    det = detect_local(nvml=FakeNVML(memory=NVMLNotSupported), psutil_module=FakePsutil(), torch_module=torch)
-    assert not det.gpu.unified_memory and det.gpu.usable_bytes == 24 * GiB
-    assert any("MIG slice" in n for n in det.notes)
-
-
-def test_detect_unknown_gpu_builds_a_spec_from_nvml():
-    nvml = FakeNVML(name="NVIDIA Future GPU", cc=(10, 3), max_gen=5, max_width=16, bus_width=512, mem_clock=14000)
-    det = detect_local(nvml=nvml, psutil_module=FakePsutil(), torch_module=FakeTorch())
-    g = det.gpu
-    assert g.name == "NVIDIA Future GPU" and g.fp8 and g.fp4
-    assert g.mem_bw_gbps == pytest.approx(2 * 14000e6 * 512 / 8 / 1e9)
-    assert g.h2d_gbps == pytest.approx(pcie_practical_gbps(5, 16))
-    assert any("not in the catalog" in n for n in det.notes)
-
-
-def test_detect_without_driver():
-    det = detect_local(nvml=FakeNVML(init=NVMLError), psutil_module=FakePsutil(), torch_module=FakeTorch())
-    assert det.gpu is None and "NVML unavailable" in det.notes[0]
-    det = detect_local(nvml=FakeNVML(count=0), psutil_module=FakePsutil(), torch_module=FakeTorch())
-    assert det.gpu is None and "not present" in det.notes[0]
-    assert "no NVIDIA GPU" in det.describe()
+    for name in graph:
+        visit(name, [])
+    sizes = pathlib.Path(planning.__file__).parents[1] / "sizes.py"
+    leaf = [n for n in ast.walk(ast.parse(sizes.read_text())) if isinstance(n, ast.ImportFrom) and n.level]
+    assert [n.module for n in leaf] == ["errors"]  # sizes is a leaf: only the error types

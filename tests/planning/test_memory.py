@@ -1,4 +1,4 @@
-"""Device memory accounting for the real Super config, size parsing and the budget error."""
+"""Device memory accounting for the real Super config and the budget error (sizes: tests/test_sizes.py)."""
 
 from __future__ import annotations
 
@@ -6,17 +6,14 @@ import pytest
 
 from residency.cli.plan import resolve_config
 from residency.errors import BudgetError
-from residency.planning.hardware import GiB, lookup_gpu
+from residency.planning.hardware import lookup_gpu
 from residency.planning.memory import (
     CUDA_CONTEXT_BYTES,
     MemoryBreakdown,
     account_memory,
     activation_bytes,
-    format_bytes,
-    parse_size,
 )
-
-MiB = 2**20
+from residency.sizes import GiB, MiB
 
 
 @pytest.fixture(scope="module")
@@ -24,25 +21,10 @@ def super_config():
     return resolve_config("nemotron-3-super", None)
 
 
-@pytest.mark.parametrize(
-    ("text", "value"),
-    [("20GiB", 20 * GiB), ("64GB", 64 * 10**9), ("512MiB", 512 * MiB), ("1.5g", int(1.5 * GiB)), ("100", 100),
-     (" 2 TiB ", 2 * 2**40), ("3kb", 3000), (4096, 4096)],
-)
-def test_parse_size(text, value):
-    assert parse_size(text) == value
+def test_memory_no_longer_offers_size_parsing():
+    import residency.planning.memory as memory
 
-
-@pytest.mark.parametrize("text", ["", "GiB", "20 gigs", "-1GiB", "1.2.3GB"])
-def test_parse_size_rejects(text):
-    with pytest.raises(ValueError, match="20GiB"):
-        parse_size(text)
-
-
-def test_format_bytes():
-    assert format_bytes(15_851_591_680) == "14.76 GiB"
-    assert format_bytes(256 * MiB) == "256.00 MiB"
-    assert format_bytes(10) == "10 B"
+    assert "parse_size" not in memory.__all__ and not hasattr(memory, "parse_size")
 
 
 def test_super_on_rtx_4090_components(super_config):
@@ -97,6 +79,15 @@ def test_budget_below_minimum_lists_components_and_fixes(super_config):
         assert part in msg, part
     assert "--dense-dtype fp8 (non-expert weights 6.30 GiB smaller; fits)" in msg
     assert account_memory(super_config, 12 * GiB, dense_dtype="fp8").expert_bytes >= 0  # the fix really fits
+
+
+def test_budget_error_suggests_a_larger_vram_only_below_the_device(super_config):
+    with pytest.raises(BudgetError) as err:
+        account_memory(super_config, 12 * GiB, target="RTX 4090", device_memory=24 * GiB)
+    assert "a larger --vram, up to the 24.00 GiB of RTX 4090" in str(err.value)
+    with pytest.raises(BudgetError) as err:
+        account_memory(super_config, 12 * GiB, target="small card", device_memory=12 * GiB)
+    assert "--vram" not in str(err.value) and "--gpu-spec FILE with the real figures" in str(err.value)
 
 
 def test_budget_error_suggests_a_context_that_fits(super_config):

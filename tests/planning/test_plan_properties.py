@@ -12,11 +12,12 @@ from hypothesis import strategies as st
 
 from residency.cli.plan import resolve_config
 from residency.config import NemotronHConfig
-from residency.errors import BudgetError
+from residency.errors import BudgetError, SizeError
 from residency.planning.allocate import allocate, hit_curves, pick_probabilities, slot_gains
-from residency.planning.hardware import GiB
+from residency.planning.hardware import GpuSpec, lookup_gpu
 from residency.planning.memory import account_memory
 from residency.planning.plan import plan_residency
+from residency.sizes import GiB
 
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -49,6 +50,13 @@ def counts_strategy(layers: int, experts: int):
         lambda v: np.array(v, dtype=float).reshape(layers, experts))
 
 
+def roomy(name: str, vram: int) -> GpuSpec:
+    """The catalog GPU with at least ``vram`` of memory, so any budget the strategies draw is allowed
+    (a budget above the device's memory is refused; the plan for a given budget does not depend on the size)."""
+    gpu = lookup_gpu(name)
+    return gpu.replace(usable_memory_bytes=max(gpu.usable_bytes, vram))
+
+
 def slots_vram(config: NemotronHConfig, slots: int, **kw) -> int:
     """A device size that leaves room for exactly ``slots`` experts (with the default staging)."""
     big = account_memory(config, 1 << 40, **kw)
@@ -73,13 +81,13 @@ def test_planned_bytes_never_exceed_the_budget(super_config, vram_gib, context, 
                                                gpu, locality):
     vram = int(vram_gib * GiB)
     try:
-        plan = plan_residency(super_config, gpu, vram=vram, context=context, batch=batch, expert_dtype=expert_dtype,
-                              dense_dtype=dense_dtype, locality=locality)
+        plan = plan_residency(super_config, roomy(gpu, vram), vram=vram, context=context, batch=batch,
+                              expert_dtype=expert_dtype, dense_dtype=dense_dtype, locality=locality)
     except BudgetError:
         return
     assert plan.planned_device_bytes() <= vram
-    assert plan.budget["expert_bytes_used"] <= plan.budget["expert_bytes"]
-    assert sum(lp.slots for lp in plan.layers) * plan.expert_size == plan.budget["expert_bytes_used"]
+    assert plan.budget.expert_bytes_used <= plan.budget.expert_bytes
+    assert sum(lp.slots for lp in plan.layers) * plan.expert_size == plan.budget.expert_bytes_used
     assert all(lp.slots <= 512 for lp in plan.layers)
 
 
@@ -105,9 +113,14 @@ def test_more_budget_never_predicts_a_lower_hit_rate_tiny(a, b, counts, locality
        gpu=st.sampled_from(["RTX 4090", "H100 PCIe"]), miss_path=st.sampled_from(["auto", "copy"]))
 def test_more_budget_never_predicts_a_lower_hit_rate_super(super_config, v1, v2, locality, gpu, miss_path):
     lo, hi = sorted((int(v1 * GiB), int(v2 * GiB)))
-    p_lo = plan_residency(super_config, gpu, vram=lo, locality=locality, miss_path=miss_path)
-    p_hi = plan_residency(super_config, gpu, vram=hi, locality=locality, miss_path=miss_path)
+    p_lo = plan_residency(super_config, roomy(gpu, hi), vram=lo, locality=locality, miss_path=miss_path)
+    p_hi = plan_residency(super_config, roomy(gpu, hi), vram=hi, locality=locality, miss_path=miss_path)
     assert p_lo.hit_rate <= p_hi.hit_rate + 1e-12
+
+
+def test_a_budget_above_the_device_is_refused(super_config):
+    with pytest.raises(SizeError, match="more than RTX 4090 has"):
+        plan_residency(super_config, "RTX 4090", vram=90 * GiB)
 
 
 # ---------------------------------------------------------------------- optimality against brute force

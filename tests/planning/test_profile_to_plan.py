@@ -18,12 +18,12 @@ def test_plan_from_profile_and_trace(tiny_model):
     loose = plan_residency(cfg, "H100 PCIe", profile=profile, trace=trace, expert_dtype="bf16", dense_dtype="bf16")
     assert loose.hit_rate == pytest.approx(1.0)  # the tiny model fits an H100 many times over
     # a budget that holds about half the experts: the profile's hottest experts are kept
-    need = loose.budget["vram_bytes"] - loose.budget["expert_bytes"]
+    need = loose.budget.vram_bytes - loose.budget.expert_bytes
     half = need + cfg.num_experts_total * cfg.expert_bytes("bf16") // 2
     plan = plan_residency(cfg, "H100 PCIe", profile=profile, trace=trace, vram=half, expert_dtype="bf16",
                           miss_path="copy")
     assert 0.5 < plan.hit_rate < 1.0
-    assert plan.budget["expert_bytes"] <= half - need + cfg.expert_bytes("bf16")
+    assert plan.budget.expert_bytes <= half - need + cfg.expert_bytes("bf16")
     result = simulate(plan, trace)
     assert abs(result.hit_rate - plan.hit_rate) < 0.15
     counts = profile.counts

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from residency.runtime.policy import COUNTERS, POLICIES, replay_layer
+from residency.runtime.policy import COUNTERS, POLICIES, POLICY_NAMES, replay_layer
 
 from residency.cli.plan import resolve_config
 from residency.errors import ModelMismatchError, ResidencyError
@@ -39,7 +39,7 @@ def trace(super_config):
 def copy_plan(super_config, trace):
     """A plan with static and dynamic slots (copy path, locality from the trace)."""
     plan = plan_residency(super_config, "RTX 4090", trace=trace, miss_path="copy")
-    assert plan.budget["dynamic_slots"] > 0 and plan.budget["static_experts"] > 0
+    assert plan.budget.dynamic_slots > 0 and plan.budget.static_experts > 0
     return plan
 
 
@@ -65,7 +65,7 @@ def test_fast_replay_equals_reference_replay(seed, experts, top_k, tokens, n_sta
     assert {k: int(v) for k, v in zip(COUNTERS, fast) if k in ref} == ref
 
 
-@pytest.mark.parametrize("policy", ["static", "lru", "lfu", "hybrid"])
+@pytest.mark.parametrize("policy", POLICY_NAMES)
 def test_simulate_counts_equal_reference_on_a_plan(copy_plan, trace, policy):
     from residency.planning.simulate import static_set_for
 
@@ -77,7 +77,7 @@ def test_simulate_counts_equal_reference_on_a_plan(copy_plan, trace, policy):
     for j in with_dynamic[:2] + without[:1]:
         lp = copy_plan.layers[j]
         ref = reference_replay(ids[:, j, :], static_set_for(copy_plan, j, policy).tolist(), lp.slots, policy,
-                               priors[j], copy_plan.settings["prior_tokens"])
+                               priors[j], copy_plan.settings.prior_tokens)
         assert {k: int(result.counters[k][j]) for k in ref} == ref
     assert result.tokens == 400
     assert int(result.counters["hits"].sum() + result.counters["misses"].sum()) == 400 * 40 * 22
@@ -89,7 +89,7 @@ def test_static_policy_gets_the_same_bytes(copy_plan, trace):
     for j, lp in enumerate(copy_plan.layers):
         static = static_set_for(copy_plan, j, "static")
         assert len(static) == lp.slots and len(set(static.tolist())) == lp.slots
-        assert static[: len(lp.static)].tolist() == lp.static
+        assert tuple(static[: len(lp.static)].tolist()) == lp.static
 
 
 # ---------------------------------------------------------------------- predictions vs replay
@@ -106,7 +106,7 @@ def test_planner_prediction_matches_replay_of_its_own_trace(super_config):
 
 def test_results_compare_policies_and_state_the_trace(copy_plan, trace):
     results = compare_policies(copy_plan, trace)
-    assert [r.policy for r in results] == ["static", "lru", "lfu", "hybrid"]
+    assert [r.policy for r in results] == list(POLICY_NAMES) == ["static", "lru", "lfu", "hybrid"]
     assert results[1].hit_rate > results[0].hit_rate  # locality 0.4: recency beats a static set of equal size
     table = format_comparison(results)
     assert "synthetic trace: 400 tokens, Zipf skew 1.0, locality 0.4 (window 4 tokens), seed 11" in table

@@ -1,6 +1,10 @@
 """Command-line planning: ``residency plan``, ``plan show`` / ``plan-show``, ``simulate``, ``gpus``, ``calibrate``.
 
 Everything here runs without weights or a GPU except ``calibrate``, which measures the local GPU.
+Sizes and budgets (``--vram``, ``--host-memory``, ``--size``) are read by :mod:`residency.sizes`
+inside the commands, so a bad value ends with one line naming it and the fix. Policy and miss-path
+names are checked by the planner and the simulator, which own them; importing them here would load
+numba for every ``residency`` command.
 """
 
 from __future__ import annotations
@@ -15,18 +19,10 @@ from typing import Any
 
 from ..config import DENSE_DTYPES, EXPERT_DTYPES, NemotronHConfig, load_config
 from ..errors import ResidencyError
-from ..planning.hardware import (
-    CATALOG,
-    DEFAULT_HOST,
-    GpuSpec,
-    HardwareError,
-    HostSpec,
-    detect_local,
-    load_gpu_spec,
-    lookup_gpu,
-    save_gpu_spec,
-)
-from ..planning.memory import KV_DTYPE_BYTES, format_bytes, parse_size
+from ..planning.detect import detect_local
+from ..planning.hardware import CATALOG, DEFAULT_HOST, GpuSpec, HostSpec, load_gpu_spec, lookup_gpu, save_gpu_spec
+from ..planning.memory import KV_DTYPE_BYTES
+from ..sizes import Budget, format_bytes, parse_budget, parse_size
 
 __all__ = ["register", "resolve_config", "CONFIG_ALIASES"]
 
@@ -35,14 +31,6 @@ CONFIG_ALIASES = {
     "nemotron-3-super": "nemotron-3-super-120b-a12b.config.json",
     "nemotron-3-super-120b-a12b": "nemotron-3-super-120b-a12b.config.json",
 }
-POLICIES = ("static", "lru", "lfu", "hybrid")
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _positive(kind: type) -> Any:
@@ -75,9 +63,16 @@ def resolve_config(config: str | None, model: str | None) -> NemotronHConfig:
     return load_config(config)
 
 
-def _resolve_gpu(args: argparse.Namespace) -> tuple[GpuSpec, HostSpec | None, list[str]]:
+def _resolve_gpu(args: argparse.Namespace) -> tuple[GpuSpec, HostSpec | None, list[str], int | None]:
+    """The target GPU, its built-in or detected host, detection notes and free device memory (when measured)."""
     notes: list[str] = []
     host: HostSpec | None = None
+    free: int | None = None
+    if args.gpu and args.gpu_spec:
+        raise ResidencyError(
+            f"--gpu {args.gpu} and --gpu-spec {args.gpu_spec} both name the target GPU: use one of them "
+            '(a spec file can start from a catalog entry with "base": NAME)'
+        )
     if args.gpu_spec:
         gpu = load_gpu_spec(args.gpu_spec)
         host = gpu.host
@@ -87,12 +82,14 @@ def _resolve_gpu(args: argparse.Namespace) -> tuple[GpuSpec, HostSpec | None, li
         det = detect_local()
         if det.gpu is None:
             raise ResidencyError(f"--gpu local: {'; '.join(det.notes) or 'no GPU found'}; name a GPU instead")
-        gpu, host, notes = det.gpu, det.host, list(det.notes)
+        gpu, host, notes, free = det.gpu, det.host, list(det.notes), det.free_bytes
     elif args.gpu.lower() == "custom":
         if args.vram is None or args.mem_bw is None or (args.h2d is None and not args.unified):
             raise ResidencyError("--gpu custom needs --vram, --mem-bw and --h2d (or --unified)")
         gpu = GpuSpec(
-            name="custom", memory_bytes=args.vram, mem_bw_gbps=args.mem_bw, h2d_gbps=None if args.unified else args.h2d,
+            name="custom",
+            memory_bytes=parse_budget(args.vram, total_bytes=None, device_name="a custom GPU", what="--vram").bytes,
+            mem_bw_gbps=args.mem_bw, h2d_gbps=None if args.unified else args.h2d,
             link="unified" if args.unified else "PCIe", unified_memory=bool(args.unified), compute_capability=(0, 0),
             fp8=True, fp4=False,
             sources={"memory_bytes": "user: --vram", "mem_bw_gbps": "user: --mem-bw", "h2d_gbps": "user: --h2d",
@@ -109,7 +106,15 @@ def _resolve_gpu(args: argparse.Namespace) -> tuple[GpuSpec, HostSpec | None, li
         changes["h2d_gbps"] = args.h2d
     if changes:
         gpu = gpu.replace(note="user: command line", **changes)
-    return gpu, host, notes
+    return gpu, host, notes, free
+
+
+def _resolve_budget(args: argparse.Namespace, gpu: GpuSpec, free: int | None) -> Budget | None:
+    """``--vram`` read against the target: a size, or a fraction of free (or, unmeasured, all) device memory."""
+    if args.vram is None:
+        return None
+    return parse_budget(args.vram, total_bytes=gpu.usable_bytes, free_bytes=free, device_name=gpu.name,
+                        what="--vram")
 
 
 def _resolve_host(args: argparse.Namespace, gpu: GpuSpec, host: HostSpec | None) -> HostSpec:
@@ -120,7 +125,7 @@ def _resolve_host(args: argparse.Namespace, gpu: GpuSpec, host: HostSpec | None)
             raise ResidencyError(
                 f"{gpu.name} has unified memory: host and GPU share one pool; set its size with --vram"
             )
-        changes["memory_bytes"] = args.host_memory
+        changes["memory_bytes"] = parse_size(args.host_memory, what="--host-memory")
     if args.host_cpu_bw is not None:
         changes["cpu_bw_gbps"] = args.host_cpu_bw
     if args.disk_bw is not None:
@@ -142,7 +147,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from ..planning.plan import plan_residency
 
     config = resolve_config(args.config, args.model)
-    gpu, host, detect_notes = _resolve_gpu(args)
+    gpu, host, detect_notes, free = _resolve_gpu(args)
+    budget = _resolve_budget(args, gpu, free)
     host = _resolve_host(args, gpu, host)
     profile = trace = None
     if args.profile:
@@ -155,11 +161,14 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         from ..profiling.trace import RoutingTrace
 
         trace = RoutingTrace.load(args.trace, fingerprint=config.fingerprint())
+    chosen = {"policy": args.policy, "miss_path": args.miss_path}  # checked by the planner, which owns the names
+    if budget is not None:
+        print(f"Budget: --vram {budget.understood}")
     started = time.perf_counter()
     plan = plan_residency(
-        config, gpu, profile=profile, trace=trace, vram=args.vram, host=host, expert_dtype=args.expert_dtype,
+        config, gpu, profile=profile, trace=trace, vram=budget, host=host, expert_dtype=args.expert_dtype,
         dense_dtype=args.dense_dtype, kv_dtype=args.kv_dtype, context=args.context, batch=args.batch,
-        locality=args.locality, window=args.window, policy=args.policy, miss_path=args.miss_path,
+        locality=args.locality, window=args.window, **{k: v for k, v in chosen.items() if v is not None},
     )
     elapsed = time.perf_counter() - started
     plan.notes.extend(detect_notes)
@@ -202,15 +211,19 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
                                 window=args.synthetic_window, seed=args.seed)
     else:
         raise ResidencyError("no routing to replay: pass --trace TRACE (from `residency profile`) or --synthetic N")
-    policies = POLICIES if args.policy == "all" else (args.policy,)
+    from ..runtime.policy import POLICY_NAMES
+
+    if args.policy not in (*POLICY_NAMES, "all"):
+        raise ResidencyError(f"unknown policy {args.policy!r}; choose one of {POLICY_NAMES} or 'all'")
+    policies = POLICY_NAMES if args.policy == "all" else (args.policy,)
     started = time.perf_counter()
     results = compare_policies(plan, trace, policies, prefetch_recall=args.prefetch_recall,
                                prefetch_extra=args.prefetch_extra, decode_only=args.decode_only, seed=args.seed)
     elapsed = time.perf_counter() - started
-    print(f"plan: {plan.gpu.name}, {plan.settings['expert_dtype']} experts; predicted hit rate "
-          f"{100 * plan.hit_rate:.1f} %, {plan.tokens_per_s:.1f} tokens/s ({plan.settings['policy']})")
+    print(f"plan: {plan.gpu.name}, {plan.settings.expert_dtype} experts; predicted hit rate "
+          f"{100 * plan.hit_rate:.1f} %, {plan.tokens_per_s:.1f} tokens/s ({plan.settings.policy})")
     print(format_comparison(results))
-    if plan.budget.get("dynamic_slots", 0) == 0:
+    if plan.budget.dynamic_slots == 0:
         print("note: this plan has no dynamic slots, so every policy serves the same static sets; "
               "plan with --miss-path copy (or a trace with locality) to compare eviction policies")
     if args.prefetch_recall or args.prefetch_extra:
@@ -268,25 +281,12 @@ def _cmd_gpus(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- calibrate
 
 
-def calibrated_spec(base: GpuSpec, h2d_gbps: float, device_copy_gbps: float, context_bytes: int) -> GpuSpec:
-    """``base`` with measured H2D rate and CUDA context size; device bandwidth kept as the datasheet peak
-    when known (the cost model applies its own efficiency), else derived from the measured copy rate."""
-    from ..planning.cost import GPU_BW_EFFICIENCY
-
-    changes: dict[str, Any] = {"h2d_gbps": round(h2d_gbps, 2), "context_bytes": int(context_bytes)}
-    sources = {"h2d_gbps": "measured: residency calibrate, pinned H2D copy",
-               "context_bytes": "measured: residency calibrate, device memory in use after CUDA init"}
-    if not base.source_of("mem_bw_gbps").startswith("spec"):
-        changes["mem_bw_gbps"] = round(device_copy_gbps / GPU_BW_EFFICIENCY, 1)
-        sources["mem_bw_gbps"] = f"derived: measured device copy {device_copy_gbps:.0f} GB/s / {GPU_BW_EFFICIENCY}"
-    notes = (base.notes + " " if base.notes else "") + f"calibrated: device-to-device copy {device_copy_gbps:.0f} GB/s"
-    spec = base.replace(**changes)
-    return GpuSpec.from_dict({**spec.to_dict(), "notes": notes, "sources": {**spec.sources, **sources}})
-
-
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     import torch
 
+    from ..planning.calibrate import calibrate
+
+    size = parse_size(args.size, what="--size")
     if not torch.cuda.is_available():
         print(
             "residency calibrate: error: no CUDA device is visible (torch.cuda.is_available() is False). "
@@ -295,37 +295,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    det = detect_local(args.device)
-    if det.gpu is None:
-        raise HardwareError(f"calibrate: {'; '.join(det.notes)}")
-    free, total = torch.cuda.mem_get_info(args.device)
-    context_bytes = int(total - free)
-    size = args.size
-    dev = torch.device("cuda", args.device)
-    host_buf = torch.empty(size, dtype=torch.uint8, pin_memory=True)
-    a = torch.empty(size, dtype=torch.uint8, device=dev)
-    b = torch.empty(size, dtype=torch.uint8, device=dev)
-    stream = torch.cuda.Stream(device=dev)
-
-    def rate(copy: Any, bytes_moved: int) -> float:
-        with torch.cuda.stream(stream):
-            copy()  # warm-up
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record(stream)
-            for _ in range(args.repeats):
-                copy()
-            end.record(stream)
-        end.synchronize()
-        return bytes_moved * args.repeats / (start.elapsed_time(end) * 1e-3) / 1e9
-
-    h2d = rate(lambda: a.copy_(host_buf, non_blocking=True), size)
-    d2d = rate(lambda: b.copy_(a, non_blocking=True), 2 * size)
-    spec = calibrated_spec(det.gpu, h2d, d2d, context_bytes)
-    if det.host is not None:
-        spec = GpuSpec.from_dict({**spec.to_dict(), "host": det.host.to_dict()})
+    spec, result = calibrate(args.device, size, args.repeats)
     save_gpu_spec(args.out, spec)
-    print(f"{spec.name}: pinned H2D {h2d:.1f} GB/s, device copy {d2d:.0f} GB/s (read + write), "
-          f"CUDA context and other processes {format_bytes(context_bytes)}")
+    print(f"{spec.name}: pinned H2D {result.h2d_gbps:.1f} GB/s, device copy {result.device_copy_gbps:.0f} GB/s "
+          f"(read + write), CUDA context and other processes {format_bytes(result.context_bytes)}")
     print(f"wrote {args.out}; plan with `residency plan --gpu-spec {args.out} ...`")
     return 0
 
@@ -349,14 +322,15 @@ def register(subparsers: Any) -> None:
     _add_model_args(p)
     p.add_argument("--gpu", help="catalog name ('RTX 4090', '4090', 'H100 PCIe', 'spark'), 'local' or 'custom'")
     p.add_argument("--gpu-spec", help="custom GPU spec JSON (written by `residency calibrate` or by hand)")
-    p.add_argument("--vram", type=_size, help="device memory the plan may use, e.g. 20GiB (overrides the GPU's)")
+    p.add_argument("--vram", help="device memory the plan may use: 20GiB (binary), 24GB (decimal), or a fraction "
+                                  "of free device memory such as 0.8 (default: all of the GPU's)")
     p.add_argument("--mem-bw", type=_positive(float), help="device memory bandwidth, GB/s")
     p.add_argument("--h2d", type=_positive(float), help="practical pinned host-to-device rate, GB/s")
     p.add_argument("--unified", action="store_true", help="with --gpu custom: CPU and GPU share one memory pool")
     p.add_argument("--expert-dtype", choices=EXPERT_DTYPES, default="nvfp4")
     p.add_argument("--dense-dtype", choices=DENSE_DTYPES, default="bf16", help="non-expert weights")
     p.add_argument("--kv-dtype", choices=tuple(KV_DTYPE_BYTES), default="bf16")
-    p.add_argument("--host-memory", type=_size, help="host RAM, e.g. 64GiB (default 128 GiB)")
+    p.add_argument("--host-memory", help="host RAM, e.g. 64GiB or 64GB (default 128 GiB)")
     p.add_argument("--host-cpu-bw", type=_positive(float), help="DRAM bandwidth a CPU expert kernel reaches, GB/s")
     p.add_argument("--disk-bw", type=_positive(float), help="disk random-read rate, GB/s")
     p.add_argument("--context", type=_positive(int), default=32768, help="tokens of context (KV cache)")
@@ -366,9 +340,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--locality", type=float, help="override the locality λ in [0, 1] (default: from the trace, "
                                                    "else 0.2)")
     p.add_argument("--window", type=_positive(int), default=4, help="locality window in tokens")
-    p.add_argument("--policy", choices=POLICIES, default="hybrid", help="eviction policy for dynamic slots")
-    p.add_argument("--miss-path", choices=("auto", "copy", "cpu"), default="auto",
-                   help="serve misses by copying or on the CPU (auto: cost model)")
+    p.add_argument("--policy", help="eviction policy for dynamic slots (docs/planning.md section 6; default: the "
+                                    "profile-seeded hybrid)")
+    p.add_argument("--miss-path", help="serve misses by copying ('copy') or on the CPU ('cpu'); default 'auto': the "
+                                       "cost model chooses")
     p.add_argument("--out", help="write the plan JSON here")
     p.set_defaults(func=_cmd_plan)
 
@@ -385,7 +360,7 @@ def register(subparsers: Any) -> None:
     s.add_argument("--synthetic-locality", type=float, default=0.2,
                    help="synthetic: probability a pick reuses an expert of the last --synthetic-window tokens")
     s.add_argument("--synthetic-window", type=_positive(int), default=4)
-    s.add_argument("--policy", choices=(*POLICIES, "all"), default="all")
+    s.add_argument("--policy", default="all", help="one eviction policy, or 'all' to compare them")
     s.add_argument("--prefetch-recall", type=float, default=0.0,
                    help="share of copy-path misses a look-ahead prefetch would have fetched early")
     s.add_argument("--prefetch-extra", type=int, default=0, help="wrong prefetch guesses per layer and token")
@@ -404,6 +379,6 @@ def register(subparsers: Any) -> None:
     c = subparsers.add_parser("calibrate", help="measure this GPU's host link and memory; write a GPU spec file")
     c.add_argument("--out", required=True, help="GPU spec JSON to write")
     c.add_argument("--device", type=int, default=0)
-    c.add_argument("--size", type=_size, default=256 * 2**20, help="bytes per copy (default 256MiB)")
+    c.add_argument("--size", default="256MiB", help="bytes per copy, a size such as 256MiB (default)")
     c.add_argument("--repeats", type=_positive(int), default=20)
     c.set_defaults(func=_cmd_calibrate)

@@ -32,13 +32,18 @@ from ..config import NemotronHConfig
 from .hardware import GpuSpec, HostSpec
 from .memory import KV_DTYPE_BYTES
 
-__all__ = ["GPU_BW_EFFICIENCY", "MISS_PATHS", "CostModel", "LayerTraffic", "CostReport", "dense_bytes_per_token"]
+__all__ = [
+    "GPU_BW_EFFICIENCY", "MISS_PATHS", "MISS_PATH_CHOICES", "CostModel", "LayerTraffic", "CostReport",
+    "dense_bytes_per_token",
+]
 
 #: Share of peak memory bandwidth a decode GEMV reaches (GB10: 231 of 273 GB/s in a read kernel).
 GPU_BW_EFFICIENCY = 0.8
 #: How a layer serves misses: copy to the GPU, compute on the CPU, read from disk (unified memory)
 #: or nothing to serve (every expert resident).
 MISS_PATHS = ("copy", "cpu", "disk", "none")
+#: What a plan may be asked for: let the cost model choose per plan, or force copies or CPU compute.
+MISS_PATH_CHOICES = ("auto", "copy", "cpu")
 
 
 def dense_bytes_per_token(config: NemotronHConfig, dense_dtype: str, context: int, kv_dtype: str = "bf16") -> int:

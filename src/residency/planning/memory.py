@@ -20,31 +20,28 @@ Every byte on the target device is assigned to one component (see :func:`account
   when every expert is resident).
 
 What remains is the expert budget. A budget below the minimum raises :class:`BudgetError` with the
-component list and concrete ways to make it fit. Size strings ("20GiB", "64GB", "512MiB") are
-parsed by :func:`parse_size`.
+component list and concrete ways to make it fit. Size strings and budgets are read by
+:mod:`residency.sizes`.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..config import NemotronHConfig
 from ..errors import BudgetError
+from ..sizes import GiB, MiB, format_bytes
+from .hardware import CATALOG
 
 __all__ = [
     "MemoryComponent",
     "MemoryBreakdown",
     "account_memory",
-    "parse_size",
-    "format_bytes",
+    "activation_bytes",
     "KV_DTYPE_BYTES",
     "CUDA_CONTEXT_BYTES",
 ]
-
-MiB = 1 << 20
-GiB = 1 << 30
 
 KV_DTYPE_BYTES = {"bf16": 2, "fp8": 1}
 CUDA_CONTEXT_BYTES = 768 * MiB  # unverified default; `residency calibrate` measures it on the device
@@ -54,42 +51,6 @@ UNIFIED_OS_SHARE = 0.12  # vLLM advises <= 0.85 GPU memory utilisation on GB10; 
 UNIFIED_OS_MIN = 4 * GiB
 WORKSPACE_BYTES = 256 * MiB
 PREFILL_CHUNK = 1024
-
-_UNITS = {
-    "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
-}
-
-
-def parse_size(text: str | int | float) -> int:
-    """Bytes from "20GiB", "64GB", "512MiB", "1.5g" or a plain number.
-
-    KB/MB/GB/TB are decimal (1e9); KiB/MiB/GiB/TiB and the single letters K/M/G/T are binary, as
-    ``docker --memory 20g`` reads them. Case does not matter.
-    """
-    if isinstance(text, bool):
-        raise ValueError(f"not a size: {text!r}")
-    if isinstance(text, (int, float)):
-        if text < 0:
-            raise ValueError(f"size must not be negative: {text!r}")
-        return int(text)
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
-    unit = match.group(2).lower() if match else None
-    if match is None or unit not in _UNITS:
-        raise ValueError(f"cannot read size {text!r}; write it like 20GiB, 64GB or 512MiB")
-    return int(float(match.group(1)) * _UNITS[unit])
-
-
-def format_bytes(n: float) -> str:
-    """Binary units with two decimals: '14.76 GiB', '256.00 MiB'."""
-    sign = "-" if n < 0 else ""
-    n = abs(float(n))
-    for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", 1024)):
-        if n >= size:
-            return f"{sign}{n / size:.2f} {unit}"
-    return f"{sign}{int(n)} B"
 
 
 @dataclass(frozen=True)
@@ -193,11 +154,13 @@ def account_memory(
     cuda_context_bytes: int | None = None,
     prefill_chunk: int = PREFILL_CHUNK,
     target: str = "the target device",
+    device_memory: int | None = None,
 ) -> MemoryBreakdown:
     """Split ``device_bytes`` into fixed components and the expert budget.
 
     Raises :class:`BudgetError` listing every component and what would fit when the fixed part
-    (including staging buffers) exceeds ``device_bytes``.
+    (including staging buffers) exceeds ``device_bytes``. ``device_memory`` is all the memory of
+    ``target`` when ``device_bytes`` is a smaller budget (the error then suggests a larger one).
     """
     components = _components(
         config, device_bytes, expert_dtype, dense_dtype, context, batch, kv_dtype, unified,
@@ -210,6 +173,7 @@ def account_memory(
             config, device_bytes, components, expert_dtype=expert_dtype, dense_dtype=dense_dtype, context=context,
             batch=batch, kv_dtype=kv_dtype, unified=unified, staging_slots=staging_slots,
             cuda_context_bytes=cuda_context_bytes, prefill_chunk=prefill_chunk, target=target,
+            device_memory=device_memory,
         ))
     return MemoryBreakdown(
         device_bytes=int(device_bytes), components=tuple(components), expert_bytes=int(device_bytes - fixed),
@@ -270,6 +234,7 @@ def _fixed(config: NemotronHConfig, device_bytes: int, **kw: Any) -> int:
 def _explain(config: NemotronHConfig, device_bytes: int, components: list[MemoryComponent], **kw: Any) -> str:
     """The BudgetError text: what takes the memory, and concrete changes that would make it fit."""
     target = kw.pop("target")
+    device_memory = kw.pop("device_memory")
     needed = sum(c.bytes for c in components)
     rows = "\n".join(f"  {c.name:<22} {format_bytes(c.bytes):>12}  {c.note}" for c in components)
     fixes: list[str] = []
@@ -295,8 +260,6 @@ def _explain(config: NemotronHConfig, device_bytes: int, components: list[Memory
     if kw["kv_dtype"] == "bf16" and kv_now > short / 4:
         alt = _fixed(config, device_bytes, **{**kw, "kv_dtype": "fp8"})
         fixes.append(f"fp8 KV cache ({'fits' if alt <= device_bytes else 'not enough alone'})")
-    from .hardware import CATALOG  # local import: hardware imports this module
-
     bigger = sorted(
         (g for g in CATALOG if g.unified_memory == kw["unified"] and
          g.usable_bytes - (_fixed(config, g.usable_bytes, **kw)) > 0),
@@ -305,7 +268,12 @@ def _explain(config: NemotronHConfig, device_bytes: int, components: list[Memory
     if bigger:
         names = ", ".join(f"{g.name} ({format_bytes(g.usable_bytes)})" for g in bigger)
         fixes.append(f"a bigger GPU: {names}")
-    fixes.append("--vram with a larger budget if the device has more memory free than assumed")
+    if device_memory is None:
+        fixes.append("a larger --vram, up to the device's memory")
+    elif device_bytes < device_memory:
+        fixes.append(f"a larger --vram, up to the {format_bytes(device_memory)} of {target}")
+    else:
+        fixes.append(f"--gpu-spec FILE with the real figures, if {target} has more than {format_bytes(device_bytes)}")
     return (
         f"{format_bytes(device_bytes)} on {target} cannot hold what Nemotron-H needs besides routed experts: "
         f"{format_bytes(needed)}, {format_bytes(short)} short.\n"

@@ -25,7 +25,8 @@ A plan is a versioned JSON file (:class:`Plan`), validated on load and refused f
 
 from __future__ import annotations
 
-import dataclasses
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,8 @@ from ..config import DENSE_DTYPES, EXPERT_DTYPES, ConfigError, NemotronHConfig
 from ..errors import FileFormatError, ModelMismatchError
 from ..files import load_json, save_json
 from ..profiling.trace import RoutingTrace
+from ..runtime.policy import POLICY_NAMES
+from ..sizes import Budget, format_bytes, parse_budget
 from .allocate import (
     DEFAULT_LOCALITY,
     DEFAULT_WINDOW,
@@ -47,84 +50,391 @@ from .allocate import (
     rank_experts,
     slot_gains,
 )
-from .cost import GPU_BW_EFFICIENCY, MISS_PATHS, CostModel, LayerTraffic, dense_bytes_per_token
+from .cost import (
+    GPU_BW_EFFICIENCY,
+    MISS_PATH_CHOICES,
+    MISS_PATHS,
+    CostModel,
+    LayerTraffic,
+    dense_bytes_per_token,
+)
 from .hardware import DEFAULT_HOST, GpuSpec, HostSpec, lookup_gpu
-from .memory import KV_DTYPE_BYTES, MemoryBreakdown, account_memory, format_bytes
+from .memory import KV_DTYPE_BYTES, MemoryBreakdown, MemoryComponent, account_memory
 
-__all__ = ["PLAN_FORMAT_VERSION", "LayerPlan", "Plan", "plan_residency", "POLICY_NAMES"]
+__all__ = [
+    "PLAN_FORMAT_VERSION",
+    "DEFAULT_POLICY",
+    "POLICY_NAMES",
+    "LayerPlan",
+    "PlanSettings",
+    "PlanBudget",
+    "PlanPrediction",
+    "Plan",
+    "plan_residency",
+]
 
 PLAN_FORMAT_VERSION = 1
-POLICY_NAMES = ("static", "lru", "lfu", "hybrid")
+#: The eviction policy a plan uses unless told otherwise (one of :data:`POLICY_NAMES`).
+DEFAULT_POLICY = "hybrid"
 
 
-@dataclass
+# ---------------------------------------------------------------------- reading plan files
+
+
+def _bad(source: str, msg: str) -> FileFormatError:
+    return FileFormatError(f"{source}: {msg}; the plan is corrupt or was edited by hand, regenerate it")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+class _Fields:
+    """Typed reads from one JSON object of a plan file; a problem names the field (``settings.context``)."""
+
+    def __init__(self, raw: Any, where: str, source: str) -> None:
+        if not isinstance(raw, Mapping):
+            raise _bad(source, f"{where or 'the plan'} must be an object, got {_short(raw)}")
+        self.raw, self.where, self.source = raw, where, source
+        self.seen: set[str] = set()
+
+    def _get(self, name: str) -> Any:
+        self.seen.add(name)
+        if name not in self.raw:
+            raise _bad(self.source, f"{self._path(name)} is missing")
+        return self.raw[name]
+
+    def _wrong(self, name: str, words: str, value: Any) -> FileFormatError:
+        return _bad(self.source, f"{self._path(name)} must be {words}, got {_short(value)}")
+
+    def int(self, name: str) -> int:
+        value = self._get(name)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise self._wrong(name, "an integer", value)
+        return value
+
+    def number(self, name: str) -> float:
+        value = self._get(name)
+        if not _is_number(value):
+            raise self._wrong(name, "a number", value)
+        return float(value)
+
+    def text(self, name: str) -> str:
+        value = self._get(name)
+        if not isinstance(value, str):
+            raise self._wrong(name, "a string", value)
+        return value
+
+    def flag(self, name: str) -> bool:
+        value = self._get(name)
+        if not isinstance(value, bool):
+            raise self._wrong(name, "true or false", value)
+        return value
+
+    def ints(self, name: str) -> tuple[int, ...]:
+        value = self._get(name)
+        if not isinstance(value, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in value):
+            raise self._wrong(name, "a list of integers", value)
+        return tuple(value)
+
+    def numbers(self, name: str, *, optional: bool = False) -> tuple[float, ...] | None:
+        value = self._get(name)
+        if value is None and optional:
+            return None
+        if not isinstance(value, list) or not all(_is_number(x) for x in value):
+            raise self._wrong(name, "a list of numbers" + (" or null" if optional else ""), value)
+        return tuple(float(x) for x in value)
+
+    def texts(self, name: str) -> list[str]:
+        value = self._get(name)
+        if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+            raise self._wrong(name, "a list of strings", value)
+        return list(value)
+
+    def table(self, name: str, cast: type) -> dict[str, Any]:
+        """An object of numbers (``cast`` int or float) keyed by resource name."""
+        value = self._get(name)
+        ok = isinstance(value, Mapping) and all(
+            isinstance(k, str) and (_is_number(v) if cast is float else isinstance(v, int) and not isinstance(v, bool))
+            for k, v in value.items())
+        if not ok:
+            raise self._wrong(name, f"an object of {'numbers' if cast is float else 'integers'}", value)
+        return {k: cast(v) for k, v in value.items()}
+
+    def _path(self, name: str) -> str:
+        return f"{self.where}.{name}" if self.where else name
+
+    def obj(self, name: str) -> _Fields:
+        return _Fields(self._get(name), self._path(name), self.source)
+
+    def items(self, name: str) -> list[_Fields]:
+        value = self._get(name)
+        if not isinstance(value, list):
+            raise self._wrong(name, "a list", value)
+        return [_Fields(x, f"{self._path(name)}[{i}]", self.source) for i, x in enumerate(value)]
+
+    def done(self) -> None:
+        extra = sorted(set(self.raw) - self.seen)
+        if extra:
+            raise _bad(self.source, f"{self.where or 'the plan'} has unknown field(s) {extra}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# ---------------------------------------------------------------------- the plan's parts
+
+
+@dataclass(frozen=True)
 class LayerPlan:
-    """The plan for one MoE layer.
+    """The plan for one MoE layer: what the runtime allocates and how it serves misses there.
 
-    ``static``: experts resident for the whole run (slots 0..len-1); ``dynamic_slots``: slots the
-    eviction policy manages; ``disk``: experts whose host copy is on disk (every other non-static
-    expert sits in pinned RAM; on unified memory, the rest are simply resident in the shared
-    pool); ``miss_path``: 'copy', 'cpu', 'disk' or 'none'; ``prior``: picks per token per expert
-    that seeded the plan (None when the prior was uniform).
+    ``static``: experts resident for the whole run (slots ``0..len(static)-1``); ``dynamic_slots``:
+    slots the eviction policy manages (so the layer's slot bank holds :attr:`slots` experts);
+    ``disk``: experts whose host copy is on disk (every other non-static expert sits in pinned RAM;
+    on unified memory, the rest are simply resident in the shared pool); ``miss_path``: 'copy',
+    'cpu', 'disk' or 'none' (:data:`~residency.planning.cost.MISS_PATHS`); ``locality``: the λ
+    planned with; ``predicted_hits``: expected hits per token; ``prior``: picks per token per
+    expert that seeded the plan (None when the prior was uniform).
     """
 
     moe_index: int
     layer: int
-    static: list[int]
+    static: tuple[int, ...]
     dynamic_slots: int
     miss_path: str
-    disk: list[int]
+    disk: tuple[int, ...]
     locality: float
     predicted_hits: float
-    prior: list[float] | None = None
+    prior: tuple[float, ...] | None = None
+
+    @property
+    def num_static(self) -> int:
+        return len(self.static)
 
     @property
     def slots(self) -> int:
+        """Expert slots this layer holds on the device: static plus dynamic."""
         return len(self.static) + self.dynamic_slots
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {
+            "moe_index": self.moe_index, "layer": self.layer, "static": list(self.static),
+            "dynamic_slots": self.dynamic_slots, "miss_path": self.miss_path, "disk": list(self.disk),
+            "locality": self.locality, "predicted_hits": self.predicted_hits,
+            "prior": list(self.prior) if self.prior is not None else None,
+        }
+
+    @classmethod
+    def _read(cls, f: _Fields) -> LayerPlan:
+        out = cls(
+            moe_index=f.int("moe_index"), layer=f.int("layer"), static=f.ints("static"),
+            dynamic_slots=f.int("dynamic_slots"), miss_path=f.text("miss_path"), disk=f.ints("disk"),
+            locality=f.number("locality"), predicted_hits=f.number("predicted_hits"),
+            prior=f.numbers("prior", optional=True),
+        )
+        f.done()
+        return out
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """What the plan was made for and with: dtypes, context, batch, policy, model shape, prior and locality.
+
+    ``policy`` is one of :data:`POLICY_NAMES`; ``miss_path`` the request ('auto', 'copy' or 'cpu';
+    each layer's :attr:`LayerPlan.miss_path` is the outcome); ``expert_size`` the bytes of one
+    routed expert in ``expert_dtype``; ``dense_bytes_per_token`` what the GPU reads per token
+    besides routed experts; ``prior_tokens`` the weight of the profile prior in the hybrid policy.
+    """
+
+    expert_dtype: str
+    dense_dtype: str
+    kv_dtype: str
+    context: int
+    batch: int
+    policy: str
+    prior_tokens: float
+    window: int
+    miss_path: str
+    num_moe_layers: int
+    num_experts: int
+    top_k: int
+    moe_layers: tuple[int, ...]
+    expert_size: int
+    dense_bytes_per_token: int
+    prior_source: str
+    locality_source: str
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        out["moe_layers"] = list(self.moe_layers)
+        return out
+
+    @classmethod
+    def _read(cls, f: _Fields) -> PlanSettings:
+        out = cls(
+            expert_dtype=f.text("expert_dtype"), dense_dtype=f.text("dense_dtype"), kv_dtype=f.text("kv_dtype"),
+            context=f.int("context"), batch=f.int("batch"), policy=f.text("policy"),
+            prior_tokens=f.number("prior_tokens"), window=f.int("window"), miss_path=f.text("miss_path"),
+            num_moe_layers=f.int("num_moe_layers"), num_experts=f.int("num_experts"), top_k=f.int("top_k"),
+            moe_layers=f.ints("moe_layers"), expert_size=f.int("expert_size"),
+            dense_bytes_per_token=f.int("dense_bytes_per_token"), prior_source=f.text("prior_source"),
+            locality_source=f.text("locality_source"),
+        )
+        f.done()
+        return out
+
+
+@dataclass(frozen=True)
+class PlanBudget:
+    """Device and host memory of the plan, in bytes and expert counts.
+
+    ``vram_bytes``: device memory the plan may occupy (``vram_override``: it came from ``--vram``
+    rather than the GPU's size); ``expert_bytes``: what the fixed components leave for experts;
+    ``expert_bytes_used``: what the layers' slots take (never more); ``expert_slots``: whole experts
+    that fit ``expert_bytes``; ``static_experts`` and ``dynamic_slots``: totals over layers; host
+    tier: experts and bytes in pinned RAM and on disk; ``breakdown``: the device memory accounting.
+    """
+
+    vram_bytes: int
+    vram_override: bool
+    expert_bytes: int
+    expert_bytes_used: int
+    expert_slots: int
+    static_experts: int
+    dynamic_slots: int
+    host_ram_experts: int
+    host_ram_bytes: int
+    host_disk_experts: int
+    host_disk_bytes: int
+    breakdown: MemoryBreakdown
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        out["breakdown"] = self.breakdown.to_dict()
+        return out
+
+    @classmethod
+    def _read(cls, f: _Fields) -> PlanBudget:
+        ints = {name: f.int(name) for name in cls.__dataclass_fields__ if name not in ("vram_override", "breakdown")}
+        out = cls(**ints, vram_override=f.flag("vram_override"), breakdown=_read_breakdown(f.obj("breakdown")))
+        f.done()
+        return out
+
+
+def _read_breakdown(f: _Fields) -> MemoryBreakdown:
+    components = []
+    for c in f.items("components"):
+        components.append(MemoryComponent(c.text("name"), c.int("bytes"), c.text("note")))
+        c.done()
+    out = MemoryBreakdown(
+        device_bytes=f.int("device_bytes"), components=tuple(components), expert_bytes=f.int("expert_bytes"),
+        expert_size=f.int("expert_size"), staging_slots=f.int("staging_slots"), unified=f.flag("unified"),
+    )
+    f.done()
+    return out
+
+
+@dataclass(frozen=True)
+class PlanPrediction:
+    """What the plan should achieve, from the cost model (:mod:`residency.planning.cost`).
+
+    ``bound``: the resource that sets the time per token; ``busy_ms_per_token`` and
+    ``bytes_per_token``: per resource (gpu_memory, host_link / host_to_device, cpu / cpu_dram,
+    disk); ``layer_ms``: time of each MoE layer; ``method``: how the figures were obtained.
+    """
+
+    hit_rate: float
+    tokens_per_s: float
+    bound: str
+    ms_per_token: float
+    dense_ms_per_token: float
+    busy_ms_per_token: Mapping[str, float]
+    bytes_per_token: Mapping[str, int]
+    layer_ms: tuple[float, ...]
+    method: str
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        out["busy_ms_per_token"] = dict(self.busy_ms_per_token)
+        out["bytes_per_token"] = dict(self.bytes_per_token)
+        out["layer_ms"] = list(self.layer_ms)
+        return out
+
+    @classmethod
+    def _read(cls, f: _Fields) -> PlanPrediction:
+        out = cls(
+            hit_rate=f.number("hit_rate"), tokens_per_s=f.number("tokens_per_s"), bound=f.text("bound"),
+            ms_per_token=f.number("ms_per_token"), dense_ms_per_token=f.number("dense_ms_per_token"),
+            busy_ms_per_token=f.table("busy_ms_per_token", float), bytes_per_token=f.table("bytes_per_token", int),
+            layer_ms=f.numbers("layer_ms"), method=f.text("method"),
+        )
+        f.done()
+        return out
+
+
+# ---------------------------------------------------------------------- the plan
 
 
 @dataclass
 class Plan:
-    """A residency plan and its predictions. See ``docs/planning.md`` for the file schema."""
+    """A residency plan and its predictions. See ``docs/planning.md`` for the file schema.
+
+    What a runtime reads: ``settings`` (:class:`PlanSettings`: dtypes, policy, context),
+    ``budget`` (:class:`PlanBudget`: bytes on the device and the host), ``layers`` (one
+    :class:`LayerPlan` per MoE layer: static experts, dynamic slots, miss path, disk tier) and
+    :attr:`layer_slots`.
+    """
 
     fingerprint: str
     model: str
     gpu: GpuSpec
     host: HostSpec
-    settings: dict[str, Any]
-    budget: dict[str, Any]
-    layers: list[LayerPlan]
-    predicted: dict[str, Any]
+    settings: PlanSettings
+    budget: PlanBudget
+    layers: tuple[LayerPlan, ...]
+    predicted: PlanPrediction
     notes: list[str] = field(default_factory=list)
     format_version: int = PLAN_FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        self.layers = tuple(self.layers)
 
     # ------------------------------------------------------------------ accessors
     @property
     def num_experts(self) -> int:
-        return int(self.settings["num_experts"])
+        return self.settings.num_experts
 
     @property
     def top_k(self) -> int:
-        return int(self.settings["top_k"])
+        return self.settings.top_k
 
     @property
     def expert_size(self) -> int:
-        return int(self.settings["expert_size"])
+        return self.settings.expert_size
+
+    @property
+    def policy(self) -> str:
+        return self.settings.policy
 
     @property
     def hit_rate(self) -> float:
-        return float(self.predicted["hit_rate"])
+        return self.predicted.hit_rate
 
     @property
     def tokens_per_s(self) -> float:
-        return float(self.predicted["tokens_per_s"])
+        return self.predicted.tokens_per_s
 
     @property
     def breakdown(self) -> MemoryBreakdown:
-        return MemoryBreakdown.from_dict(self.budget["breakdown"])
+        return self.budget.breakdown
+
+    @property
+    def layer_slots(self) -> tuple[int, ...]:
+        """Device expert slots per MoE layer (static + dynamic), in MoE-layer order."""
+        return tuple(lp.slots for lp in self.layers)
 
     def priors(self) -> np.ndarray:
         """Picks per token per expert for every layer ([layers, experts]; uniform where none was recorded)."""
@@ -133,7 +443,7 @@ class Plan:
 
     def planned_device_bytes(self) -> int:
         """Fixed components plus the expert slots the plan uses: never more than ``budget.vram_bytes``."""
-        return self.breakdown.fixed_bytes + int(self.budget["expert_bytes_used"])
+        return self.breakdown.fixed_bytes + self.budget.expert_bytes_used
 
     # ------------------------------------------------------------------ files
     def to_dict(self) -> dict[str, Any]:
@@ -144,31 +454,40 @@ class Plan:
             "model": self.model,
             "created_by": f"residency {__version__}",
             "target": {"gpu": self.gpu.to_dict(), "host": self.host.to_dict()},
-            "settings": self.settings,
-            "budget": self.budget,
-            "predicted": self.predicted,
-            "notes": self.notes,
+            "settings": self.settings.to_dict(),
+            "budget": self.budget.to_dict(),
+            "predicted": self.predicted.to_dict(),
+            "notes": list(self.notes),
             "layers": [lp.to_dict() for lp in self.layers],
         }
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "plan") -> Plan:
-        """Build and validate; any structural problem raises :class:`FileFormatError`."""
+        """Build and validate; a missing or mistyped field, or an inconsistent plan, raises :class:`FileFormatError`."""
+        f = _Fields(raw, "", source)
+        for name in ("kind", "created_by"):
+            f.seen.add(name)
+        target = f.obj("target")
         try:
-            plan = cls(
-                fingerprint=str(raw["fingerprint"]),
-                model=str(raw.get("model", "")),
-                gpu=GpuSpec.from_dict(raw["target"]["gpu"], f"{source} target.gpu"),
-                host=HostSpec.from_dict(raw["target"]["host"], f"{source} target.host"),
-                settings=dict(raw["settings"]),
-                budget=dict(raw["budget"]),
-                layers=[LayerPlan(**lp) for lp in raw["layers"]],
-                predicted=dict(raw["predicted"]),
-                notes=list(raw.get("notes", [])),
-                format_version=int(raw["format_version"]),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise FileFormatError(f"{source}: plan is incomplete or malformed ({exc!r}); regenerate it") from exc
+            gpu = GpuSpec.from_dict(target._get("gpu"), f"{source} target.gpu")
+            host = HostSpec.from_dict(target._get("host"), f"{source} target.host")
+        except ValueError as exc:  # HardwareError
+            raise FileFormatError(f"{exc}; the plan is corrupt or was edited by hand, regenerate it") from exc
+        target.done()
+        version = f.int("format_version")
+        plan = cls(
+            fingerprint=f.text("fingerprint"),
+            model=f.text("model"),
+            gpu=gpu,
+            host=host,
+            settings=PlanSettings._read(f.obj("settings")),
+            budget=PlanBudget._read(f.obj("budget")),
+            layers=tuple(LayerPlan._read(x) for x in f.items("layers")),
+            predicted=PlanPrediction._read(f.obj("predicted")),
+            notes=f.texts("notes"),
+            format_version=version,
+        )
+        f.done()
         plan.validate(source)
         return plan
 
@@ -195,27 +514,27 @@ class Plan:
             )
 
     def validate(self, source: str = "plan") -> None:
-        """Check internal consistency: ids, slot counts, budget arithmetic, predictions."""
+        """Check internal consistency: choices, ids, slot counts, budget arithmetic, predictions."""
 
         def bad(msg: str) -> FileFormatError:
-            return FileFormatError(f"{source}: {msg}; the plan is corrupt or was edited by hand, regenerate it")
+            return _bad(source, msg)
 
-        s = self.settings
-        for key in ("num_experts", "top_k", "num_moe_layers", "expert_size", "dense_bytes_per_token", "expert_dtype",
-                    "dense_dtype", "kv_dtype", "context", "batch", "policy"):
-            if key not in s:
-                raise bad(f"settings.{key} is missing")
-        for key in ("vram_bytes", "expert_bytes", "expert_bytes_used", "expert_slots", "breakdown"):
-            if key not in self.budget:
-                raise bad(f"budget.{key} is missing")
-        for key in ("hit_rate", "tokens_per_s", "bound", "bytes_per_token", "method"):
-            if key not in self.predicted:
-                raise bad(f"predicted.{key} is missing")
-        if s["policy"] not in POLICY_NAMES:
-            raise bad(f"unknown policy {s['policy']!r}")
+        s, b, p = self.settings, self.budget, self.predicted
+        for name, value, choices in (
+            ("policy", s.policy, POLICY_NAMES), ("expert_dtype", s.expert_dtype, EXPERT_DTYPES),
+            ("dense_dtype", s.dense_dtype, DENSE_DTYPES), ("kv_dtype", s.kv_dtype, tuple(KV_DTYPE_BYTES)),
+            ("miss_path", s.miss_path, MISS_PATH_CHOICES),
+        ):
+            if value not in choices:
+                raise bad(f"unknown {name.replace('_', ' ')} {value!r} in settings.{name} (one of {choices})")
+        for name in ("context", "batch", "window", "num_experts", "top_k", "expert_size"):
+            if getattr(s, name) < 1:
+                raise bad(f"settings.{name} must be at least 1, got {getattr(s, name)}")
+        if s.top_k > s.num_experts or len(s.moe_layers) != s.num_moe_layers:
+            raise bad("settings.top_k or settings.moe_layers do not fit the model shape")
         E = self.num_experts
-        if len(self.layers) != int(s["num_moe_layers"]):
-            raise bad(f"{len(self.layers)} layer entries for {s['num_moe_layers']} MoE layers")
+        if len(self.layers) != s.num_moe_layers:
+            raise bad(f"{len(self.layers)} layer entries for {s.num_moe_layers} MoE layers")
         used = 0
         for j, lp in enumerate(self.layers):
             if lp.moe_index != j:
@@ -236,15 +555,16 @@ class Plan:
             if not 0.0 <= lp.predicted_hits <= self.top_k + 1e-6:
                 raise bad(f"MoE layer {j} predicts {lp.predicted_hits} hits per token")
             used += lp.slots
-        breakdown = MemoryBreakdown.from_dict(self.budget["breakdown"])
-        if used * self.expert_size != int(self.budget["expert_bytes_used"]):
+        if used * self.expert_size != b.expert_bytes_used:
             raise bad("budget.expert_bytes_used does not match the layers' slots")
-        if int(self.budget["expert_bytes_used"]) > int(self.budget["expert_bytes"]):
+        if b.expert_bytes_used > b.expert_bytes:
             raise bad("the layers use more expert bytes than the budget allows")
-        if breakdown.fixed_bytes + int(self.budget["expert_bytes"]) != int(self.budget["vram_bytes"]):
+        if b.breakdown.fixed_bytes + b.expert_bytes != b.vram_bytes:
             raise bad("budget breakdown does not add up to budget.vram_bytes")
-        if not 0.0 <= float(self.predicted["hit_rate"]) <= 1.0 or not float(self.predicted["tokens_per_s"]) > 0:
+        if not 0.0 <= p.hit_rate <= 1.0 or not p.tokens_per_s > 0:
             raise bad("predicted hit_rate or tokens_per_s out of range")
+        if len(p.layer_ms) != len(self.layers):
+            raise bad(f"predicted.layer_ms has {len(p.layer_ms)} entries for {len(self.layers)} MoE layers")
 
     # ------------------------------------------------------------------ display
     def show(self) -> str:
@@ -254,40 +574,38 @@ class Plan:
         lines = [
             f"Plan for {self.model}",
             f"  model fingerprint {self.fingerprint}",
-            f"Target: {g.describe()}" + (f" (budget {format_bytes(b['vram_bytes'])})" if b.get("vram_override")
-                                         else ""),
+            f"Target: {g.describe()}" + (f" (budget {format_bytes(b.vram_bytes)})" if b.vram_override else ""),
             f"  host: {self.host.name}, {format_bytes(self.host.memory_bytes)} RAM, "
             f"CPU {self.host.cpu_bw_gbps:g} GB/s, disk {self.host.disk_gbps:g} GB/s",
-            f"  experts {s['expert_dtype']} ({format_bytes(self.expert_size)} each), non-expert {s['dense_dtype']}, "
-            f"KV {s['kv_dtype']}, context {s['context']}, batch {s['batch']}, policy {s['policy']}",
-            f"Device memory ({format_bytes(b['vram_bytes'])}):",
+            f"  experts {s.expert_dtype} ({format_bytes(self.expert_size)} each), non-expert {s.dense_dtype}, "
+            f"KV {s.kv_dtype}, context {s.context}, batch {s.batch}, policy {s.policy}",
+            f"Device memory ({format_bytes(b.vram_bytes)}):",
             *self.breakdown.lines(),
-            f"  used by expert slots: {format_bytes(b['expert_bytes_used'])} "
-            f"({b['static_experts']} static + {b['dynamic_slots']} dynamic of "
-            f"{s['num_moe_layers'] * self.num_experts} experts)",
+            f"  used by expert slots: {format_bytes(b.expert_bytes_used)} "
+            f"({b.static_experts} static + {b.dynamic_slots} dynamic of "
+            f"{s.num_moe_layers * self.num_experts} experts)",
         ]
         if not g.unified_memory:
             lines.append(
-                f"Host tier: {b['host_ram_experts']} experts in pinned RAM ({format_bytes(b['host_ram_bytes'])} of "
-                f"{format_bytes(self.host.usable_bytes)} usable), {b['host_disk_experts']} on disk "
-                f"({format_bytes(b['host_disk_bytes'])})"
+                f"Host tier: {b.host_ram_experts} experts in pinned RAM ({format_bytes(b.host_ram_bytes)} of "
+                f"{format_bytes(self.host.usable_bytes)} usable), {b.host_disk_experts} on disk "
+                f"({format_bytes(b.host_disk_bytes)})"
             )
         else:
-            lines.append(f"Unified memory: one copy of every expert; {b['host_disk_experts']} experts read from disk")
-        bpt = p["bytes_per_token"]
+            lines.append(f"Unified memory: one copy of every expert; {b.host_disk_experts} experts read from disk")
         lines += [
-            f"Predicted: hit rate {100 * p['hit_rate']:.1f} %, {p['tokens_per_s']:.1f} tokens/s "
-            f"({p['ms_per_token']:.2f} ms/token), bound by {p['bound']}",
-            "  per token: " + ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in bpt.items()),
+            f"Predicted: hit rate {100 * p.hit_rate:.1f} %, {p.tokens_per_s:.1f} tokens/s "
+            f"({p.ms_per_token:.2f} ms/token), bound by {p.bound}",
+            "  per token: " + ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}"
+                                        for k, v in p.bytes_per_token.items()),
             "  busy per token: " + ", ".join(f"{k.replace('_', ' ')} {v:.2f} ms"
-                                             for k, v in p["busy_ms_per_token"].items()),
-            f"  how: {p['method']}",
+                                             for k, v in p.busy_ms_per_token.items()),
+            f"  how: {p.method}",
             "Per MoE layer:",
             f"  {'moe':>3} {'layer':>5} {'static':>6} {'dynamic':>7} {'ram':>5} {'disk':>5} {'path':>6} "
             f"{'locality':>8} {'hit %':>6} {'ms':>7}",
         ]
-        layer_ms = p.get("layer_ms", [0.0] * len(self.layers))
-        for lp, ms in zip(self.layers, layer_ms):
+        for lp, ms in zip(self.layers, p.layer_ms):
             resident = lp.slots >= self.num_experts and lp.dynamic_slots == 0
             ram = 0 if g.unified_memory or resident else self.num_experts - len(lp.static) - len(lp.disk)
             lines.append(
@@ -316,7 +634,7 @@ def plan_residency(
     *,
     profile: Any = None,
     trace: RoutingTrace | None = None,
-    vram: int | None = None,
+    vram: int | str | float | Budget | None = None,
     host: HostSpec | None = None,
     expert_dtype: str = "nvfp4",
     dense_dtype: str = "bf16",
@@ -325,7 +643,7 @@ def plan_residency(
     batch: int = 1,
     locality: float | None = None,
     window: int = DEFAULT_WINDOW,
-    policy: str = "hybrid",
+    policy: str = DEFAULT_POLICY,
     prior_tokens: float = 64.0,
     miss_path: str = "auto",
     cuda_context_bytes: int | None = None,
@@ -335,9 +653,13 @@ def plan_residency(
     ``profile``: an object with ``counts`` [moe_layers, experts] (and optionally ``gate_mass`` as a
     tie-break), ``tokens`` and ``fingerprint`` (a :class:`residency.profiling.profile.Profile`). ``trace``: a
     :class:`RoutingTrace`; gives counts when there is no profile and the per-layer locality.
-    ``vram`` overrides the device memory the plan may use; ``host`` the host (default: the GPU's
-    built-in host for integrated systems, else a generic 128 GiB host). ``locality`` overrides the
-    trace estimate / default assumption. ``miss_path``: 'auto' (cost model), 'copy' or 'cpu'.
+    ``vram`` is the device memory the plan may use (default: all of the GPU's): an int byte count, a
+    size string ("20GiB" binary, "24GB" decimal), a fraction in (0, 1] of the GPU's memory, or a
+    :class:`~residency.sizes.Budget` (read by :func:`residency.sizes.parse_budget`; a bare "24" or
+    a budget above the GPU's memory raises :class:`~residency.errors.SizeError`). ``host`` is the
+    host (default: the GPU's built-in host for integrated systems, else a generic 128 GiB host).
+    ``locality`` overrides the trace estimate / default assumption. ``miss_path``: 'auto' (cost
+    model), 'copy' or 'cpu'.
     Raises :class:`BudgetError` if the non-expert part does not fit and :class:`ModelMismatchError`
     for a profile or trace of another model.
     """
@@ -351,13 +673,15 @@ def plan_residency(
         raise ConfigError(f"unknown KV dtype {kv_dtype!r}; use one of {tuple(KV_DTYPE_BYTES)}")
     if policy not in POLICY_NAMES:
         raise ConfigError(f"unknown policy {policy!r}; use one of {POLICY_NAMES}")
-    if miss_path not in ("auto", "copy", "cpu"):
-        raise ConfigError(f"miss path must be 'auto', 'copy' or 'cpu', got {miss_path!r}")
+    if miss_path not in MISS_PATH_CHOICES:
+        raise ConfigError(f"miss path must be one of {MISS_PATH_CHOICES}, got {miss_path!r}")
     if window < 1:
         raise ConfigError(f"locality window must be at least 1 token, got {window}")
     if locality is not None and not 0.0 <= locality <= 1.0:
         raise ConfigError(f"locality must lie in [0, 1], got {locality}")
     host = host or gpu.host or DEFAULT_HOST
+    if vram is not None:
+        vram = parse_budget(vram, total_bytes=gpu.usable_bytes, device_name=gpu.name, what="vram").bytes
     fp = config.fingerprint()
     L, E, k = config.num_moe_layers, config.n_routed_experts, config.num_experts_per_tok
     if L == 0:
@@ -373,7 +697,7 @@ def plan_residency(
     ctx_bytes = cuda_context_bytes if cuda_context_bytes is not None else gpu.context_bytes
     account = dict(expert_dtype=expert_dtype, dense_dtype=dense_dtype, context=context, batch=batch,
                    kv_dtype=kv_dtype, unified=gpu.unified_memory, cuda_context_bytes=ctx_bytes,
-                   target=gpu.name)
+                   target=gpu.name, device_memory=gpu.usable_bytes)
     breakdown = account_memory(config, device_bytes, **account)
     if breakdown.expert_bytes + breakdown.get("staging_buffers") >= L * E * eb:
         breakdown = account_memory(config, device_bytes, staging_slots=0, **account)  # all resident
@@ -449,46 +773,46 @@ def plan_residency(
     layers = []
     for j in range(L):
         layers.append(LayerPlan(
-            moe_index=j, layer=config.moe_layers[j], static=[int(e) for e in order[j, : r[j]]],
-            dynamic_slots=int(n[j] - r[j]), miss_path=paths[j], disk=sorted(disk_sets[j]),
+            moe_index=j, layer=config.moe_layers[j], static=tuple(int(e) for e in order[j, : r[j]]),
+            dynamic_slots=int(n[j] - r[j]), miss_path=paths[j], disk=tuple(sorted(disk_sets[j])),
             locality=round(float(lam[j]), 6), predicted_hits=round(float(hits[j]), 6),
-            prior=[float(f"{x:.6g}") for x in p[j]] if profiled else None,
+            prior=tuple(float(f"{x:.6g}") for x in p[j]) if profiled else None,
         ))
     static_total, slots_total = int(r.sum()), int(n.sum())
     ram_experts = 0 if gpu.unified_memory else n_non_static - n_disk
-    budget = {
-        "vram_bytes": device_bytes,
-        "vram_override": vram is not None,
-        "expert_bytes": breakdown.expert_bytes,
-        "expert_bytes_used": slots_total * eb,
-        "expert_slots": breakdown.expert_slots,
-        "static_experts": static_total,
-        "dynamic_slots": slots_total - static_total,
-        "host_ram_experts": ram_experts,
-        "host_ram_bytes": ram_experts * eb,
-        "host_disk_experts": n_disk,
-        "host_disk_bytes": n_disk * eb,
-        "breakdown": breakdown.to_dict(),
-    }
+    budget = PlanBudget(
+        vram_bytes=device_bytes,
+        vram_override=vram is not None,
+        expert_bytes=breakdown.expert_bytes,
+        expert_bytes_used=slots_total * eb,
+        expert_slots=breakdown.expert_slots,
+        static_experts=static_total,
+        dynamic_slots=slots_total - static_total,
+        host_ram_experts=ram_experts,
+        host_ram_bytes=ram_experts * eb,
+        host_disk_experts=n_disk,
+        host_disk_bytes=n_disk * eb,
+        breakdown=breakdown,
+    )
     method = (
         f"expected hits from {prior_source}; {locality_source}, window {window} tokens; hit model: static pick "
         "mass + LRU slots catching recent re-picks and an average share of fresh picks (docs/planning.md); "
         "cost model: decode at batch 1 and full context, copy/CPU/compute overlap within a layer, no prefetch, "
         f"{GPU_BW_EFFICIENCY:.0%} of peak memory bandwidth"
     )
-    predicted = {
-        "hit_rate": round(float(hits.sum() / (L * k)), 6),
+    predicted = PlanPrediction(
+        hit_rate=round(float(hits.sum() / (L * k)), 6),
         **report.to_dict(),
-        "layer_ms": [round(float(x), 4) for x in report.layer_ms],
-        "method": method,
-    }
-    settings = {
-        "expert_dtype": expert_dtype, "dense_dtype": dense_dtype, "kv_dtype": kv_dtype, "context": int(context),
-        "batch": int(batch), "policy": policy, "prior_tokens": float(prior_tokens), "window": int(window),
-        "miss_path": miss_path, "num_moe_layers": L, "num_experts": E, "top_k": k,
-        "moe_layers": list(config.moe_layers), "expert_size": eb,
-        "dense_bytes_per_token": cost.dense_bytes, "prior_source": prior_source, "locality_source": locality_source,
-    }
+        layer_ms=tuple(round(float(x), 4) for x in report.layer_ms),
+        method=method,
+    )
+    settings = PlanSettings(
+        expert_dtype=expert_dtype, dense_dtype=dense_dtype, kv_dtype=kv_dtype, context=int(context),
+        batch=int(batch), policy=policy, prior_tokens=float(prior_tokens), window=int(window),
+        miss_path=miss_path, num_moe_layers=L, num_experts=E, top_k=k,
+        moe_layers=tuple(config.moe_layers), expert_size=eb,
+        dense_bytes_per_token=cost.dense_bytes, prior_source=prior_source, locality_source=locality_source,
+    )
     return Plan(fingerprint=fp, model=config.describe(), gpu=gpu, host=host, settings=settings, budget=budget,
                 layers=layers, predicted=predicted, notes=notes)
 

@@ -35,10 +35,20 @@ import torch
 from ..config import NemotronHConfig
 from ..errors import ModelMismatchError, ResidencyError
 from ..profiling.trace import RoutingTrace
-from ..runtime.policy import COUNTERS, K_HYBRID, K_LFU, K_LRU, K_STATIC, njit, replay_layer
+from ..runtime.policy import (
+    COUNTERS,
+    LFU,
+    LRU,
+    POLICIES,
+    POLICY_NAMES,
+    ProfileSeededHybrid,
+    StaticOnly,
+    njit,
+    replay_layer,
+)
+from ..sizes import format_bytes
 from .cost import CostModel, CostReport, LayerTraffic
-from .memory import format_bytes
-from .plan import POLICY_NAMES, Plan
+from .plan import Plan
 
 __all__ = [
     "SimulationResult",
@@ -52,7 +62,7 @@ __all__ = [
     "static_set_for",
 ]
 
-_KINDS = {"static": K_STATIC, "lru": K_LRU, "lfu": K_LFU, "hybrid": K_HYBRID}
+_KINDS = {name: cls.kind for name, cls in POLICIES.items()}
 
 
 @dataclass
@@ -98,7 +108,7 @@ def static_set_for(plan: Plan, j: int, policy: str) -> np.ndarray:
     also the next most probable experts in place of the dynamic slots (same bytes for every policy)."""
     lp = plan.layers[j]
     static = list(lp.static)
-    if policy == "static" and lp.dynamic_slots:
+    if policy == StaticOnly.name and lp.dynamic_slots:
         prior = np.asarray(lp.prior) if lp.prior is not None else np.zeros(plan.num_experts)
         taken = set(static)
         order = [int(e) for e in np.lexsort((np.arange(plan.num_experts), -prior)) if int(e) not in taken]
@@ -119,7 +129,7 @@ def simulate(
     threads: int | None = None,
 ) -> SimulationResult:
     """Replay ``trace`` through ``plan``'s caches under ``policy`` (default: the plan's) and cost it."""
-    policy = policy or plan.settings["policy"]
+    policy = policy or plan.settings.policy
     if policy not in _KINDS:
         raise ResidencyError(f"unknown policy {policy!r}; choose one of {POLICY_NAMES}")
     if not 0.0 <= prefetch_recall <= 1.0 or prefetch_extra < 0:
@@ -141,14 +151,14 @@ def simulate(
     ids = np.ascontiguousarray(ids.astype(np.int64))
     T = ids.shape[0]
     priors = plan.priors()
-    prior_tokens = float(plan.settings.get("prior_tokens", 64.0))
+    prior_tokens = plan.settings.prior_tokens
     kind = _KINDS[policy]
 
     def run(j: int) -> np.ndarray:
         lp = plan.layers[j]
         static = static_set_for(plan, j, policy)
         disk = np.zeros(E, dtype=np.bool_)
-        disk[lp.disk] = True
+        disk[list(lp.disk)] = True
         recall = prefetch_recall if (lp.miss_path == "copy" and j > 0) else 0.0
         extra = prefetch_extra if (lp.miss_path == "copy" and j > 0) else 0
         layer_ids = np.ascontiguousarray(ids[:, j, :])
@@ -163,7 +173,7 @@ def simulate(
         rows = [run(j) for j in range(L)]
     counts = np.stack(rows) if rows else np.zeros((0, len(COUNTERS)), dtype=np.int64)
     counters = {name: counts[:, i].astype(np.int64) for i, name in enumerate(COUNTERS)}
-    cost = CostModel.from_specs(plan.gpu, plan.host, plan.expert_size, int(plan.settings["dense_bytes_per_token"]))
+    cost = CostModel.from_specs(plan.gpu, plan.host, plan.expert_size, plan.settings.dense_bytes_per_token)
     report = cost.evaluate(_traffic(plan, counters, T))
     info = {"tokens": T, "prompts": trace.num_prompts, "fingerprint": trace.fingerprint, **trace.meta}
     settings = {"prefetch_recall": prefetch_recall, "prefetch_extra": prefetch_extra, "decode_only": decode_only,
@@ -368,7 +378,7 @@ def reference_replay(
     cached: set[int] = set()  # dynamic residents
     last: dict[int, int] = {}
     uses: dict[int, float] = defaultdict(float)
-    if policy == "hybrid" and prior is not None:
+    if policy == ProfileSeededHybrid.name and prior is not None:
         for e, p in enumerate(prior):
             uses[e] = float(p) * prior_tokens
     key: dict[int, float] = {}
@@ -382,7 +392,7 @@ def reference_replay(
                 out["hits"] += 1
             else:
                 out["misses"] += 1
-                if policy == "static" or dynamic_capacity <= 0:
+                if policy == StaticOnly.name or dynamic_capacity <= 0:
                     out["bypassed"] += 1
                 elif len(cached) < dynamic_capacity:
                     cached.add(e)
@@ -392,9 +402,9 @@ def reference_replay(
                     if not candidates:
                         out["bypassed"] += 1
                     else:
-                        if policy == "lru":
+                        if policy == LRU.name:
                             victim = min(candidates, key=lambda c: last[c])
-                        elif policy == "lfu":
+                        elif policy == LFU.name:
                             victim = min(candidates, key=lambda c: (uses[c], last[c]))
                         else:
                             victim = min(candidates, key=lambda c: (key[c], last[c]))
