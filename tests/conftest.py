@@ -67,3 +67,17 @@ def tiny_model(tiny_checkpoint):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# 4 MoE layers x 512 experts x (2 x 256 x 256) fp32 weights = 1 GiB of experts, plus the rest
+BIG_CHECKPOINT = dict(n_routed_experts=512, num_experts_per_tok=8, moe_intermediate_size=256, moe_latent_size=256,
+                      hidden_size=128, moe_shared_expert_intermediate_size=128)
+
+
+@pytest.fixture(scope="session")
+def big_checkpoint(tmp_path_factory):
+    """A checkpoint of more than 1 GiB in the real layout, written once per session: (folder, bytes)."""
+    from residency.model.checkpoint import Checkpoint
+
+    folder = write_tiny_checkpoint(tmp_path_factory.mktemp("big") / "ckpt", seed=0, **BIG_CHECKPOINT)
+    return folder, Checkpoint(folder).total_bytes

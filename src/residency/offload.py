@@ -26,7 +26,7 @@ from .config import NemotronHConfig
 from .errors import BudgetError, InputError
 from .model.checkpoint import Checkpoint
 from .model.loading import build_model, footprint
-from .model.modeling import NemotronHForCausalLM
+from .model.modeling import NemotronHForCausalLM, meta_model
 from .model.moe import ExpertBackend, ExpertWork
 from .runtime.backend import LayerSlotPlan, OffloadRuntime, RuntimeOptions
 from .runtime.ledger import DeviceLedger
@@ -114,8 +114,7 @@ class FixedBytes:
 def fixed_bytes(config: NemotronHConfig, dtype: torch.dtype, *, staging: int | None = None,
                 context: int = DEFAULT_CONTEXT, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> FixedBytes:
     """What :func:`load_offloaded` charges to the budget before any expert slot."""
-    with torch.device("meta"):
-        meta = NemotronHForCausalLM(config)
+    meta = meta_model(config)
     layout = ExpertLayout(config.moe_intermediate_size, config.expert_input_size, dtype)
     staging = staging if staging is not None else 2 * config.num_experts_per_tok
     return FixedBytes(

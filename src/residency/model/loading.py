@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import BudgetError
 from .checkpoint import FLOAT_DTYPES, Checkpoint
-from .modeling import NemotronHForCausalLM
+from .modeling import NemotronHForCausalLM, meta_model
 from .moe import ResidentExperts, Router
 
 _EXPERT = re.compile(r"^(backbone\.layers\.\d+\.mixer\.experts)\.(\d+)\.(up_proj|down_proj)\.weight$")
@@ -70,8 +70,7 @@ def build_model(
     device = torch.device(device)
     if dtype is None:
         dtype = checkpoint_dtype(ckpt)
-    with torch.device("meta"):
-        model = NemotronHForCausalLM(ckpt.config)
+    model = meta_model(ckpt.config)
     if allocate is None:
         check_fits(model, dtype, device, ckpt, experts=experts)
 
@@ -90,7 +89,7 @@ def build_model(
         params[f"{module_name}.{name}" if module_name else name] = real
     for module in model.modules() if experts else ():
         if isinstance(module, ResidentExperts):  # not in the checkpoint: the identity slot table
-            module.slot_of_expert.copy_(torch.arange(module.slot_of_expert.numel(), dtype=torch.int32))
+            module.reset_slot_table()
 
     names = sorted((n for n in ckpt.tensors if not n.startswith("mtp.") and (experts or not _EXPERT.match(n))),
                    key=_load_order)

@@ -13,7 +13,8 @@ so the offload runtime can swap in its own implementation without touching the r
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -131,3 +132,28 @@ class NemotronHForCausalLM(nn.Module):
             h = h[:, -1:]
         h = self.backbone.norm_f(h)
         return self.lm_head(h.to(self.lm_head.weight.dtype)).float()
+
+
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "kaiming_uniform_",
+                   "kaiming_normal_", "xavier_uniform_", "xavier_normal_")
+
+
+@contextlib.contextmanager
+def _skip_random_init() -> Iterator[None]:
+    # torch's layers initialise their weights in __init__; on the meta device those calls run
+    # through torch._refs, whose first use imports torch._dynamo and sympy (~140 MiB resident,
+    # seconds of start-up) for weights that are replaced by the checkpoint's anyway
+    saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS}
+    for name in _INIT_FUNCTIONS:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
+
+
+def meta_model(config: NemotronHConfig) -> NemotronHForCausalLM:
+    """The model's module tree on the ``meta`` device: shapes and dtypes, no storage, no initialisation."""
+    with torch.device("meta"), _skip_random_init():
+        return NemotronHForCausalLM(config)

@@ -112,7 +112,13 @@ class ResidentExperts(ExpertBackend):
         super().__init__()
         self.up_proj = nn.Parameter(torch.empty(num_experts, inner, width))  # [E, I, L]
         self.down_proj = nn.Parameter(torch.empty(num_experts, width, inner))  # [E, L, I]
-        self.register_buffer("slot_of_expert", torch.arange(num_experts, dtype=torch.int32), persistent=False)
+        self.register_buffer("slot_of_expert", torch.empty(num_experts, dtype=torch.int32), persistent=False)
+        if self.slot_of_expert.device.type != "meta":  # (arange on meta would import sympy: 140 MB)
+            self.reset_slot_table()
+
+    def reset_slot_table(self) -> None:
+        """The identity slot table: expert e is in slot e."""
+        self.slot_of_expert.copy_(torch.arange(self.slot_of_expert.numel(), dtype=torch.int32))
 
     def submit(self, work: ExpertWork) -> torch.Tensor:
         return moe_gather_gemm(
