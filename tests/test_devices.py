@@ -41,10 +41,9 @@ def test_cuda_without_cuda_is_refused(device):
 @pytest.mark.parametrize(
     "device, message",
     [
-        ("mps", r"unsupported device 'mps'; residency runs on 'cpu' or 'cuda'.*'unified'.*planned"),
+        ("mps", r"unsupported device 'mps'; residency runs on 'cpu', 'cuda'.*or 'unified'"),
         (torch.device("meta"), "unsupported device 'meta'"),
-        ("unified", "'unified' is not supported yet; use 'cuda'"),
-        ("gpu", r"unknown device 'gpu'; residency runs on 'cpu' or 'cuda'"),
+        ("gpu", r"unknown device 'gpu'; residency runs on 'cpu', 'cuda'"),
         ("cuda:x", "unknown device 'cuda:x'"),
         (0, "device must be a string such as 'cuda:0'"),
     ],
@@ -53,6 +52,10 @@ def test_unsupported_devices_are_refused(device, message):
     with pytest.raises(DeviceError, match=message) as info:
         resolve_device(device)
     assert isinstance(info.value, ResidencyError) and "\n" not in str(info.value)
+
+
+def test_unified_is_this_machine_s_gpu_or_cpu():
+    assert resolve_device("unified") == resolve_device(None)
 
 
 def test_from_pretrained_checks_the_device_first(tmp_path):

@@ -9,16 +9,17 @@ from .errors import DeviceError
 
 __all__ = ["SUPPORTED_DEVICES", "DeviceError", "resolve_device"]
 
-SUPPORTED_DEVICES = ("cpu", "cuda")
+SUPPORTED_DEVICES = ("cpu", "cuda", "unified")
 _SUPPORTED_TEXT = (
-    "residency runs on 'cpu' or 'cuda' (also 'cuda:N'); 'unified' (DGX Spark, GH200-class machines) is planned"
+    "residency runs on 'cpu', 'cuda' (also 'cuda:N') or 'unified' (DGX Spark, GH200-class machines)"
 )
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """The device to run on.
 
-    ``None`` picks ``cuda`` when a CUDA GPU is usable, else ``cpu``. ``"cuda"`` and ``"cuda:N"`` are
+    ``None`` picks ``cuda`` when a CUDA GPU is usable, else ``cpu``; so does ``"unified"`` (the
+    offload runtime then reads experts in place from the shared memory pool). ``"cuda"`` and ``"cuda:N"`` are
     checked for availability and index range and come back with their index (``cuda:0`` …).
     Anything else raises :class:`~residency.errors.DeviceError` listing the supported devices.
     """
@@ -26,10 +27,8 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     if isinstance(device, str):
         text = device.strip().lower()
-        if text == "unified":
-            raise DeviceError(
-                "device 'unified' is not supported yet; use 'cuda' (or 'cpu'). " + _SUPPORTED_TEXT
-            )
+        if text == "unified":  # a unified-memory machine: its GPU, or the CPU where there is none
+            return resolve_device(None)
         try:
             dev = torch.device(text)
         except RuntimeError:

@@ -140,7 +140,7 @@ class OffloadRuntime:
             self.unified_tables = []
             for j in range(store.num_layers):
                 table = ledger.empty((store.num_experts,), torch.int32, "slot tables")
-                table.copy_(store.row_of_expert[j].to(torch.int32))
+                table.copy_(torch.from_numpy(store.row_of_expert[j].astype(np.int32)))
                 self.unified_tables.append(table)
         else:
             for j, plan in enumerate(self.plans):
@@ -163,6 +163,7 @@ class OffloadRuntime:
                 ticket = self._fill(j, cache.bank[s], e, DEMAND, None, None)
                 cache.assign(s, e, ticket, None)
                 tickets.append(ticket)
+            cache.flush_table()
         for t in tickets:
             t.wait()
         for cache in self.caches:
@@ -231,14 +232,18 @@ class OffloadRuntime:
 
     # ------------------------------------------------------------------ one layer call
     def submit(self, j: int, work) -> _Pending:
-        counters = LayerCounters()
-        ids_h = work.ids.detach().cpu().numpy()
-        flat = ids_h.reshape(-1)
-        uniq, first = np.unique(flat, return_index=True)
-        order = uniq[np.argsort(first, kind="stable")]
-        tokens_of = dict(zip(uniq.tolist(), np.bincount(np.searchsorted(uniq, flat), minlength=uniq.size).tolist()))
-        cache = self.caches[j]
         decode = work.is_decode
+        counters = self.telemetry["decode" if decode else "prefill"].layers[j]  # counted in place
+        ids_h = work.ids.detach().cpu().numpy()
+        if ids_h.shape[0] == 1:  # one token (batch-1 decode): its top-k ids are distinct already
+            order = ids_h[0].astype(np.int64)
+            tokens_of = dict.fromkeys(order.tolist(), 1)
+        else:
+            flat = ids_h.reshape(-1)
+            uniq, first, counts = np.unique(flat, return_index=True, return_counts=True)
+            order = uniq[np.argsort(first, kind="stable")]
+            tokens_of = dict(zip(uniq.tolist(), counts.tolist()))
+        cache = self.caches[j]
         gpu_slots: list[int] = []
         gpu_experts: list[int] = []
         staged: list[int] = []
@@ -254,10 +259,10 @@ class OffloadRuntime:
         else:
             table, up, down = cache.table, cache.up, cache.down
             if decode:
-                result = cache.policy.step(order, cache.inflight_experts())
+                result = cache.policy.step(order, cache.inflight_experts()).tolist()
             for idx, e in enumerate(order.tolist()):
                 if decode:
-                    hit, s, evicted = (int(v) for v in result[idx])
+                    hit, s, evicted = result[idx]
                 else:
                     s = cache.slot_of(e)
                     hit, evicted = int(s >= 0), -1
@@ -290,21 +295,23 @@ class OffloadRuntime:
         elsewhere = set(cpu) | set(staged)
         skip = None
         if elsewhere:
-            skip = torch.from_numpy(np.isin(ids_h, list(elsewhere))).to(work.ids.device)
+            skip = torch.from_numpy(np.isin(ids_h, list(elsewhere))).to(work.ids.device, non_blocking=True)
         future = None
         if cpu:
             future = self._cpu_pool.submit(self._cpu_part, j, work, ids_h, np.isin(ids_h, cpu))
 
         if cache is not None:
+            cache.flush_table()
             for s in gpu_slots:
-                counters.stall_s += cache.wait(s)
+                if s in cache.inflight:
+                    counters.stall_s += cache.wait(s)
             if self.options.verify:
                 cache.check_resident(gpu_slots, gpu_experts)
         if cache is None or gpu_slots:
             out = moe_gather_gemm(work.latent, up, down, table, work.ids, work.weights, skip,
                                   pair_norms=work.pair_norms)
-            if cache is not None:
-                marker = self.copies.release_marker()
+            marker = self.copies.release_marker() if cache is not None else None
+            if marker is not None:
                 for s in gpu_slots:
                     cache.release[s] = marker
         else:
@@ -312,7 +319,7 @@ class OffloadRuntime:
         if staged:
             out = self._staged(j, work, ids_h, staged, out, counters)
         if decode and self.options.prefetch and self.routers is not None and j + 1 < len(self.caches):
-            self._prefetch(j + 1, work.hidden, counters)
+            self._prefetch(j + 1, work.hidden, self.telemetry["decode"].layers[j + 1])
         return _Pending(out, future, counters)
 
     def _staged(self, j: int, work, ids_h: np.ndarray, staged: list[int], out: torch.Tensor,
@@ -336,8 +343,9 @@ class OffloadRuntime:
                                    work.weights, skip, pair_norms=work.pair_norms)
             acc += part.float()
             marker = self.copies.release_marker()
-            for i in range(len(chunk)):
-                self.staging_release[i] = marker
+            if marker is not None:
+                for i in range(len(chunk)):
+                    self.staging_release[i] = marker
         return acc.to(out.dtype)
 
     def _cpu_part(self, j: int, work, ids_h: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, ...]:
@@ -350,7 +358,7 @@ class OffloadRuntime:
         weights = work.weights.detach().float().cpu().numpy()[tokens, picks]
         out = torch.zeros(x.shape, dtype=torch.float32)
         norms = None if work.pair_norms is None else np.full(tokens.size, np.nan, dtype=np.float32)
-        rows = self.store.row_of_expert[j].numpy()[experts]
+        rows = self.store.row_of_expert[j][experts]
         if (rows < 0).any():  # disk experts computed on the CPU: read them first
             raise NotImplementedError("computing disk-tier experts on the CPU is not supported; they are copied")
         cpu_moe(x.numpy(), self.store.up(j), self.store.down(j), tokens.astype(np.int64), rows.astype(np.int64),
@@ -378,6 +386,7 @@ class OffloadRuntime:
             cache.prefetched[s] = True
             pinned = np.append(pinned, e)
             counters.prefetch_issued += 1
+        cache.flush_table()
 
     def collect(self, j: int, pending: _Pending, work) -> torch.Tensor:
         out = pending.out
@@ -389,6 +398,4 @@ class OffloadRuntime:
             if work.pair_norms is not None:
                 work.pair_norms[torch.from_numpy(tokens).to(out.device), torch.from_numpy(picks).to(out.device)] = (
                     torch.from_numpy(norms).to(out.device))
-        phase = "decode" if work.is_decode else "prefill"
-        self.telemetry[phase].layers[j].add(pending.counters)
         return out

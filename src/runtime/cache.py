@@ -48,11 +48,13 @@ class SlotCache:
         self.down = layout.down(self.bank)
         self.table = ledger.empty((num_experts,), torch.int32, "slot tables")
         self.table.fill_(-1)
+        self._table_updates: dict[int, int] = {}  # expert -> slot (-1 = none), written by flush_table
         kwargs = {} if prior is None else {"prior": prior, "prior_tokens": prior_tokens}
         self.policy: ExpertCache = make_policy(policy, num_experts, self.num_slots, list(static), **kwargs)
         self.expert = np.full(self.num_slots, -1, dtype=np.int64)
         self.landed = np.zeros(self.num_slots, dtype=bool)
         self.ticket: list[CopyTicket | None] = [None] * self.num_slots
+        self.inflight: set[int] = set()  # slots whose ticket is not None
         self.release: list[object | None] = [None] * self.num_slots
         self.prefetched = np.zeros(self.num_slots, dtype=bool)
         self.static = list(static)
@@ -60,13 +62,16 @@ class SlotCache:
     # ------------------------------------------------------------------ state
     def poll(self) -> None:
         """Mark slots whose copies have completed as resident."""
-        for s, ticket in enumerate(self.ticket):
-            if ticket is not None and ticket.done():
-                self.landed[s] = True
-                self.ticket[s] = None
+        for s in [s for s in self.inflight if self.ticket[s].done()]:
+            self._landed(s)
+
+    def _landed(self, s: int) -> None:
+        self.landed[s] = True
+        self.ticket[s] = None
+        self.inflight.discard(s)
 
     def inflight_experts(self) -> np.ndarray:
-        return np.array([self.expert[s] for s, t in enumerate(self.ticket) if t is not None], dtype=np.int64)
+        return self.expert[sorted(self.inflight)] if self.inflight else np.empty(0, dtype=np.int64)
 
     def slot_of(self, expert: int) -> int:
         s = self.policy.lookup(expert)
@@ -75,12 +80,28 @@ class SlotCache:
     def assign(self, slot: int, expert: int, ticket: CopyTicket | None, evicted: int | None) -> None:
         """Record that ``slot`` now receives ``expert`` (its copy ``ticket``), displacing ``evicted``."""
         if evicted is not None:
-            self.table[evicted] = -1
+            self._table_updates[evicted] = -1
         self.expert[slot] = expert
         self.landed[slot] = ticket is None
         self.ticket[slot] = ticket
+        if ticket is None:
+            self.inflight.discard(slot)
+        else:
+            self.inflight.add(slot)
         self.prefetched[slot] = False
-        self.table[expert] = slot
+        self._table_updates[expert] = slot
+
+    def flush_table(self) -> None:
+        """Write the slot-table changes since the last flush to the device table (one indexed write)."""
+        if not self._table_updates:
+            return
+        experts = np.fromiter(self._table_updates, dtype=np.int64, count=len(self._table_updates))
+        slots = np.fromiter(self._table_updates.values(), dtype=np.int32, count=len(self._table_updates))
+        self._table_updates.clear()
+        if self.table.device.type == "cpu":
+            self.table.numpy()[experts] = slots
+        else:
+            self.table[torch.from_numpy(experts).to(self.table.device)] = torch.from_numpy(slots).to(self.table.device)
 
     def wait(self, slot: int) -> float:
         """Order compute after the slot's copy (host wait on the CPU device); returns seconds stalled."""
@@ -89,8 +110,7 @@ class SlotCache:
             return 0.0
         stalled = ticket.order_before_compute()
         if ticket.done():
-            self.landed[slot] = True
-            self.ticket[slot] = None
+            self._landed(slot)
         return stalled
 
     def check_resident(self, slots: Sequence[int], experts: Sequence[int]) -> None:

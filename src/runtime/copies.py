@@ -125,26 +125,29 @@ class CudaCopyEngine(CopyEngine):
 
 
 class _ThreadTicket(CopyTicket):
-    def __init__(self, nbytes: int) -> None:
-        super().__init__(nbytes)
-        self.landed = threading.Event()
+    __slots__ = ("nbytes", "landed", "error", "_engine")
+
+    def __init__(self, nbytes: int, engine: ThreadCopyEngine) -> None:
+        self.nbytes = nbytes
+        self.landed = False  # set by the copy thread under the engine's condition
         self.error: BaseException | None = None
+        self._engine = engine
 
     def done(self) -> bool:
-        return self.landed.is_set()
+        return self.landed
 
     def wait(self) -> float:
-        if self.landed.is_set():
-            self._raise()
-            return 0.0
-        t0 = time.perf_counter()
-        self.landed.wait()
-        self._raise()
-        return time.perf_counter() - t0
-
-    def _raise(self) -> None:
+        if not self.landed:
+            t0 = time.perf_counter()
+            with self._engine._cond:
+                while not self.landed:
+                    self._engine._cond.wait()
+            stalled = time.perf_counter() - t0
+        else:
+            stalled = 0.0
         if self.error is not None:
             raise RuntimeError(f"an expert copy failed on the copy thread: {self.error}") from self.error
+        return stalled
 
 
 class ThreadCopyEngine(CopyEngine):
@@ -166,7 +169,7 @@ class ThreadCopyEngine(CopyEngine):
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, priority: int = DEMAND,
              after: object | None = None) -> CopyTicket:
-        ticket = _ThreadTicket(src.numel() * src.element_size())
+        ticket = _ThreadTicket(src.numel() * src.element_size(), self)
         with self._cond:
             if self._closed:
                 raise RuntimeError("the copy engine is closed")
@@ -189,8 +192,8 @@ class ThreadCopyEngine(CopyEngine):
                 dst.copy_(src)
             except BaseException as exc:  # reported to whoever waits on the ticket
                 ticket.error = exc
-            ticket.landed.set()
             with self._cond:
+                ticket.landed = True
                 self._pending -= 1
                 self._cond.notify_all()
 

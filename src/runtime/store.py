@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..errors import CheckpointError
@@ -72,7 +73,7 @@ class HostExpertStore:
         self.layout = layout
         self.num_layers = num_layers
         self.num_experts = num_experts
-        self.row_of_expert: list[torch.Tensor] = []
+        self.row_of_expert: list[np.ndarray] = []  # per layer: expert -> row of its record, -1 = on disk
         self.buffers: list[torch.Tensor] = []
         self._registered: list[int] = []
         self.pinned = False
@@ -81,9 +82,9 @@ class HostExpertStore:
         if len(disk_sets) != num_layers:
             raise ValueError(f"disk sets for {len(disk_sets)} layers, the model has {num_layers} MoE layers")
         for j in range(num_layers):
-            rows = torch.full((num_experts,), -1, dtype=torch.int64)
+            rows = np.full(num_experts, -1, dtype=np.int64)
             ram = [e for e in range(num_experts) if e not in disk_sets[j]]
-            rows[ram] = torch.arange(len(ram))
+            rows[ram] = np.arange(len(ram))
             self.row_of_expert.append(rows)
             self.buffers.append(torch.empty(len(ram), layout.record_numel, dtype=layout.dtype, device=device))
         if pin and torch.device(device).type == "cpu":

@@ -20,6 +20,23 @@ def test_demo_prints_tokens_and_rate(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "generated token ids: [" in out and "tokens/s" in out
     assert (tmp_path / "tiny" / "config.json").is_file()
+    # the offloaded half: profile, a small budget, the plan line, telemetry, predicted beside measured
+    assert "== offloaded: profiled 3 prompts, budget" in out
+    assert "residency: cpu device, budget" in out and "predicted hit rate" in out
+    assert out.count("tokens/s") == 2
+    assert "experts: " in out and " hits / " in out and " misses (" in out
+    assert "decode hit rate: measured " in out and ", predicted by the plan " in out
+    assert "same tokens as the resident run: yes" in out
+
+
+def test_generate_offloaded_prints_the_plan_and_telemetry(tiny_checkpoint, capsys):
+    assert main(["generate", "--model", str(tiny_checkpoint), "--ids", "1,40,41", "--max-new-tokens", "6",
+                 "--temperature", "0", "--vram-budget", "16MiB", "--no-prefetch"]) == 0
+    out = capsys.readouterr().out
+    assert "residency: cpu device, budget 16.00 MiB:" in out
+    assert "6 new tokens" in out
+    telemetry = [line for line in out.splitlines() if line.startswith("experts: ")]
+    assert len(telemetry) == 1 and "prefetch 0/0 used" in telemetry[0] and "device " in telemetry[0]
 
 
 def test_generate_from_ids_and_bad_folder(tiny_checkpoint, tmp_path, capsys):
@@ -69,8 +86,9 @@ GENERATE_ERRORS = [
     (["--max-new-tokens", "0"], "max_new_tokens must be a whole number >= 1, got 0"),
     (["--max-new-tokens", "-3"], "max_new_tokens must be a whole number >= 1, got -3"),
     (["--seed", str(2**70)], "seed must be an integer that fits in 64 bits"),
-    (["--device", "mps"], "unsupported device 'mps'; residency runs on 'cpu' or 'cuda'"),
-    (["--device", "unified"], "'unified' is not supported yet"),
+    (["--device", "mps"], "unsupported device 'mps'; residency runs on 'cpu', 'cuda'"),
+    (["--vram-budget", "24"], "vram_budget '24' is a bare number"),
+    (["--vram-budget", "1KiB"], "cannot hold what runs besides expert slots"),
 ]
 
 
