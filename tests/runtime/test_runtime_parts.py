@@ -1,0 +1,158 @@
+"""The runtime's parts on their own: copy ordering, the budget ledger, the host store, policy settling."""
+
+from __future__ import annotations
+
+import threading
+import time
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from residency.runtime import store as store_module
+from residency.runtime.copies import DEMAND, PREFETCH, ThreadCopyEngine
+from residency.runtime.ledger import DeviceLedger
+from residency.runtime.policy import make_policy
+from residency.runtime.store import ExpertLayout, HostExpertStore
+
+from residency.errors import BudgetError
+from residency.testing import write_tiny_checkpoint
+
+
+def test_copy_thread_executes_demand_before_queued_prefetches():
+    executed: list[int] = []
+    engine = ThreadCopyEngine()
+    gate = threading.Event()
+
+    class Probe:
+        """A destination whose copy_ records the order in which the thread executed it."""
+
+        def __init__(self, tag: int) -> None:
+            self.tag = tag
+
+        def copy_(self, src):
+            if self.tag == 0:
+                gate.wait(5)
+            executed.append(self.tag)
+
+    src = torch.zeros(1)
+    try:
+        tickets = [engine.copy(Probe(0), src, PREFETCH)]  # the thread blocks inside this one
+        time.sleep(0.05)
+        for tag, prio in ((1, PREFETCH), (2, DEMAND), (3, PREFETCH), (4, DEMAND)):
+            tickets.append(engine.copy(Probe(tag), src, prio))
+        gate.set()
+        for t in tickets:
+            t.wait()
+        assert executed == [0, 2, 4, 1, 3]
+    finally:
+        engine.close()
+
+
+def test_a_failed_copy_is_reported_to_its_waiter():
+    engine = ThreadCopyEngine()
+    try:
+        ticket = engine.copy(torch.zeros(3), torch.zeros(4), DEMAND)  # shape mismatch
+        with pytest.raises(RuntimeError, match="copy failed on the copy thread"):
+            ticket.wait()
+    finally:
+        engine.close()
+
+
+def test_ledger_refuses_past_the_budget_and_names_what_holds_memory():
+    ledger = DeviceLedger(torch.device("cpu"), 1000)
+    a = ledger.empty((100,), torch.float32, "dense weights")
+    assert a.numel() == 100 and ledger.allocated_bytes == 400
+    ledger.charge(500, "staging slots")
+    with pytest.raises(BudgetError, match="cannot hold slots .*staging slots 0.00 MiB; dense weights"):
+        ledger.empty((50,), torch.float32, "slots")
+    assert ledger.allocated_bytes == 900 and ledger.peak_bytes == 900
+    ledger.release(500, "staging slots")
+    assert ledger.free_bytes == 600
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "hybrid"])
+def test_policy_settle_keys_an_unused_admission_like_a_use(policy):
+    """An admitted but unused expert is the last choice of victim (its key is infinite); a look-ahead
+    guess is settled so that, if nobody uses it, it is evicted before experts that are in use."""
+    plain = make_policy(policy, 8, 2)
+    plain.admit(1)
+    plain.admit(2)
+    assert plain.admit(3)[1] == 1  # both unkeyed: the first slot goes
+    settled = make_policy(policy, 8, 2)
+    settled.admit(1)
+    settled.admit(2)
+    settled.settle(2)
+    assert settled.admit(3)[1] == 2  # the settled guess has a finite key, the other is still protected
+
+
+def test_store_records_are_contiguous_and_filled_from_the_checkpoint(tmp_path):
+    from residency.model.checkpoint import Checkpoint
+
+    folder = write_tiny_checkpoint(tmp_path / "tiny", seed=3)
+    ckpt = Checkpoint(folder)
+    c = ckpt.config
+    layout = ExpertLayout(c.moe_intermediate_size, c.expert_input_size, torch.float32)
+    disk = [[0, 5] if j == 1 else [] for j in range(c.num_moe_layers)]
+    store = HostExpertStore(layout, c.num_moe_layers, c.n_routed_experts, disk=disk)
+    prefixes = [f"backbone.layers.{layer}.mixer.experts" for layer in c.moe_layers]
+    store.fill(ckpt, prefixes)
+    assert store.nbytes == (c.num_moe_layers * c.n_routed_experts - 2) * layout.record_bytes
+    for j, prefix in enumerate(prefixes):
+        for e in (0, 5, c.n_routed_experts - 1):
+            up = ckpt.get(f"{prefix}.{e}.up_proj.weight")
+            down = ckpt.get(f"{prefix}.{e}.down_proj.weight")
+            if store.on_disk(j, e):
+                record = torch.full((layout.record_numel,), float("nan"))
+                store.read_from_disk(j, e, record)
+            else:
+                record = store.record(j, e)
+                assert record.is_contiguous()
+            assert torch.equal(record[: layout.up_numel].view_as(up), up)
+            assert torch.equal(record[layout.up_numel:].view_as(down), down)
+    with pytest.raises(KeyError, match="on disk"):
+        store.record(1, 0)
+
+
+def test_failed_pinning_warns_and_falls_back_to_pageable(monkeypatch):
+    class FakeCudart:
+        def cudaHostRegister(self, ptr, size, flags):
+            return 2  # cudaErrorMemoryAllocation
+
+        def cudaHostUnregister(self, ptr):
+            return 0
+
+    monkeypatch.setattr(store_module.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(store_module.torch.cuda, "cudart", lambda: FakeCudart())
+    layout = ExpertLayout(4, 4, torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        store = HostExpertStore(layout, 2, 3, pin=True)
+    assert not store.pinned and "cudaHostRegister failed" in store.pin_problem
+    assert any("pageable memory" in str(w.message) for w in caught)
+
+
+def test_pinning_registers_each_buffer_at_its_exact_size(monkeypatch):
+    calls = []
+
+    class FakeCudart:
+        def cudaHostRegister(self, ptr, size, flags):
+            calls.append(size)
+            return 0
+
+        def cudaHostUnregister(self, ptr):
+            return 0
+
+    monkeypatch.setattr(store_module.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(store_module.torch.cuda, "cudart", lambda: FakeCudart())
+    layout = ExpertLayout(3, 5, torch.bfloat16)  # 60 bytes per record: no power-of-two rounding
+    store = HostExpertStore(layout, 2, 7, pin=True)
+    assert store.pinned and calls == [7 * 60, 7 * 60]
+    store.unpin()
+    assert not store.pinned
+
+
+def test_rows_of_disk_experts_are_minus_one():
+    layout = ExpertLayout(2, 2, torch.float32)
+    store = HostExpertStore(layout, 1, 6, disk=[[1, 4]])
+    assert np.array_equal(store.row_of_expert[0], [0, -1, 1, 2, -1, 3])
