@@ -307,26 +307,33 @@ class OffloadRuntime:
                     counters.stall_s += cache.wait(s)
             if self.options.verify:
                 cache.check_resident(gpu_slots, gpu_experts)
+        # with several parts (staged rounds, the CPU) they are summed in fp32 and rounded once
+        parts = bool(staged or cpu)
+        out = None
+        if parts:
+            out = torch.empty(work.latent.shape, dtype=torch.float32, device=work.latent.device)
         if cache is None or gpu_slots:
-            out = moe_gather_gemm(work.latent, up, down, table, work.ids, work.weights, skip,
+            out = moe_gather_gemm(work.latent, up, down, table, work.ids, work.weights, skip, out=out,
                                   pair_norms=work.pair_norms)
             marker = self.copies.release_marker() if cache is not None else None
             if marker is not None:
                 for s in gpu_slots:
                     cache.release[s] = marker
-        else:
+        elif out is None:
             out = torch.zeros_like(work.latent)
+        else:
+            out.zero_()
         if staged:
-            out = self._staged(j, work, ids_h, staged, out, counters)
+            self._staged(j, work, ids_h, staged, out, counters)
         if decode and self.options.prefetch and self.routers is not None and j + 1 < len(self.caches):
             self._prefetch(j + 1, work.hidden, self.telemetry["decode"].layers[j + 1])
         return _Pending(out, future, counters)
 
-    def _staged(self, j: int, work, ids_h: np.ndarray, staged: list[int], out: torch.Tensor,
-                counters: LayerCounters) -> torch.Tensor:
-        """Compute ``staged`` experts through the shared staging slots, as many per round as there are slots."""
+    def _staged(self, j: int, work, ids_h: np.ndarray, staged: list[int], acc: torch.Tensor,
+                counters: LayerCounters) -> None:
+        """Add ``staged`` experts into the fp32 ``acc``, through the staging slots, as many per round as there are."""
         n = self.options.staging_slots
-        acc = out.float()
+        part = torch.empty_like(acc)
         for start in range(0, len(staged), n):
             chunk = staged[start:start + n]
             tickets = []
@@ -339,14 +346,13 @@ class OffloadRuntime:
             self.staging_table[torch.tensor(chunk, dtype=torch.long)] = torch.arange(len(chunk), dtype=torch.int32
                                                                                    ).to(self.device)
             skip = torch.from_numpy(~np.isin(ids_h, chunk)).to(work.ids.device)
-            part = moe_gather_gemm(work.latent, self.staging_up, self.staging_down, self.staging_table, work.ids,
-                                   work.weights, skip, pair_norms=work.pair_norms)
-            acc += part.float()
+            moe_gather_gemm(work.latent, self.staging_up, self.staging_down, self.staging_table, work.ids,
+                            work.weights, skip, out=part, pair_norms=work.pair_norms)
+            acc += part
             marker = self.copies.release_marker()
             if marker is not None:
                 for i in range(len(chunk)):
                     self.staging_release[i] = marker
-        return acc.to(out.dtype)
 
     def _cpu_part(self, j: int, work, ids_h: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, ...]:
         """Weighted sum of the CPU pairs ``[T, L]`` fp32 (host), and their output norms."""
@@ -394,8 +400,8 @@ class OffloadRuntime:
             t0 = time.perf_counter()
             cpu_out, (tokens, picks, norms) = pending.cpu.result()
             pending.counters.stall_s += time.perf_counter() - t0
-            out = (out.float() + cpu_out.to(out.device)).to(out.dtype)
+            out += cpu_out.to(out.device)
             if work.pair_norms is not None:
                 work.pair_norms[torch.from_numpy(tokens).to(out.device), torch.from_numpy(picks).to(out.device)] = (
                     torch.from_numpy(norms).to(out.device))
-        return out
+        return out.to(work.latent.dtype)

@@ -338,3 +338,21 @@ def test_pair_norms_of_skipped_pairs_are_left_alone(path, device):
         moe_gather_gemm(*problem, skip, path=path, backend=backend, config=SMALL, pair_norms=norms)
         assert float(norms[1, 2]) == float(norms[4, 0]) == -7.0, backend
         assert bool((norms[~skip] >= 0).all()), backend
+
+
+def test_fp32_out_keeps_the_sum_unrounded_for_bf16_inputs(device):
+    """Callers adding partial results (the offload runtime) pass an fp32 ``out``: no bf16 rounding."""
+    x, up, down, slots, ids, weights = make_problem(5, 24, 40, 10, 12, 3, device=device)
+    bf = [t.to(torch.bfloat16) for t in (x, up, down)]
+    exact = moe_gather_gemm_reference(*(t.float() for t in bf), slots, ids, weights)
+    out = torch.full(x.shape, float("nan"), device=device)
+    result = moe_gather_gemm(*bf, slots, ids, weights, out=out, backend="torch")
+    assert result is out and out.dtype == torch.float32
+    assert_matches(out, exact, tol=1e-6)
+    assert not torch.equal(out, out.to(torch.bfloat16).float())  # really unrounded
+    with pytest.raises(ValueError, match="in x's dtype torch.bfloat16 or fp32"):
+        moe_gather_gemm(*bf, slots, ids, weights, out=torch.empty(x.shape, dtype=torch.float16, device=device))
+    # the Triton launchers take an fp32 out too (checked in fp32, the interpreter's exact dtype)
+    out32 = torch.full(x.shape, float("nan"), device=device)
+    moe_gather_gemm(x, up, down, slots, ids, weights, out=out32, backend="triton", config=SMALL)
+    assert_matches(out32, moe_gather_gemm_reference(x, up, down, slots, ids, weights))

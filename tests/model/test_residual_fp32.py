@@ -26,7 +26,7 @@ def test_residual_stream_dtype_follows_the_flag(tmp_path):
         model = _with_flag(folder, flag)
         assert model.config.residual_in_fp32 is flag
         dtypes = []
-        hooks = [b.register_forward_hook(lambda mod, inp, out: dtypes.append(out.dtype))
+        hooks = [b.register_forward_hook(lambda mod, inp, out, seen=dtypes: seen.append(out.dtype))
                  for b in model.model.backbone.layers]
         results[flag] = model(ids)
         for h in hooks:

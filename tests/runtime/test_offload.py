@@ -189,3 +189,18 @@ def test_profile_guided_layout_puts_hot_experts_in_static_slots(case):
         assert layers_with_static > 0
     finally:
         model.runtime.close()
+
+
+def test_bf16_offloaded_parts_are_summed_in_fp32_and_rounded_once(tmp_path):
+    """In bf16 the offloaded layer adds its parts (slots, staging rounds, CPU) in fp32 and rounds once,
+    as the resident kernel does, so the logits stay within bf16 rounding of the resident model's."""
+    folder = write_tiny_checkpoint(tmp_path / "bf16", seed=1, dtype=torch.bfloat16, **CONFIGS["tiny"])
+    resident = OffloadedNemotron.from_pretrained(folder, device="cpu")
+    ids = torch.randint(3, 256, (1, 32), generator=torch.Generator().manual_seed(0))
+    want = resident(ids)
+    for cpu in (False, True):
+        model = load(folder, budgets(resident.config)["few"], cpu_experts=cpu)
+        try:
+            assert rel(model(ids), want) <= 2e-3
+        finally:
+            model.runtime.close()

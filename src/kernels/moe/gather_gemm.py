@@ -65,7 +65,8 @@ def moe_gather_gemm(
         topk_ids: ``[T, k]`` int32/int64 expert ids; -1 = skip the pair.
         topk_weights: ``[T, k]`` routing weights (applied in fp32).
         skip: optional ``[T, k]`` bool; True = another path computes this pair.
-        out: optional ``[T, L]`` output of x's dtype; every element is written.
+        out: optional ``[T, L]`` output of x's dtype, or fp32 to keep the fp32 sum unrounded (callers
+            that add several partial results); every element is written.
         pair_norms: optional ``[T, k]`` fp32; each computed pair's entry is overwritten with the L2
             norm of its unweighted expert output ``down @ relu(up @ x)^2`` (the profiler's REAP
             saliency input); entries of pairs not computed here are left as they are.
@@ -78,7 +79,7 @@ def moe_gather_gemm(
             CUDA only with ``RESIDENCY_KERNEL_CHECKS=1``.
 
     Returns:
-        ``[T, L]`` in x's dtype, fp32-accumulated (``out`` when given).
+        ``[T, L]`` in x's dtype (or ``out``'s), fp32-accumulated (``out`` when given).
     """
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")

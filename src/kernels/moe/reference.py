@@ -48,8 +48,9 @@ def check_inputs(
         raise ValueError(f"topk_weights must be a float tensor shaped like topk_ids {tuple(topk_ids.shape)}")
     if skip is not None and (skip.shape != topk_ids.shape or skip.dtype != torch.bool):
         raise ValueError(f"skip must be a bool tensor shaped like topk_ids {tuple(topk_ids.shape)}")
-    if out is not None and (out.shape != x.shape or out.dtype != x.dtype):
-        raise ValueError(f"out must match x: {tuple(x.shape)} {x.dtype}, got {tuple(out.shape)} {out.dtype}")
+    if out is not None and (out.shape != x.shape or out.dtype not in (x.dtype, torch.float32)):
+        raise ValueError(f"out must be shaped like x {tuple(x.shape)}, in x's dtype {x.dtype} or fp32; got "
+                         f"{tuple(out.shape)} {out.dtype}")
     if pair_norms is not None and (pair_norms.shape != topk_ids.shape or pair_norms.dtype != torch.float32
                                    or not pair_norms.is_contiguous()):
         raise ValueError(f"pair_norms must be a contiguous fp32 tensor shaped like topk_ids {tuple(topk_ids.shape)}")
@@ -111,7 +112,7 @@ def moe_gather_gemm_reference(
         topk_ids: ``[T, k]`` expert ids, -1 = skip this pair.
         topk_weights: ``[T, k]`` routing weights.
         skip: optional ``[T, k]`` bool, True = computed elsewhere.
-        out: optional ``[T, L]`` tensor of x's dtype to write into.
+        out: optional ``[T, L]`` tensor of x's dtype (or fp32: the accumulator unrounded) to write into.
         pair_norms: optional ``[T, k]`` fp32; the entries of the pairs computed here receive the L2
             norm of their unweighted expert output; the others are left unchanged.
 
