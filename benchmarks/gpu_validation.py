@@ -14,7 +14,10 @@ gives each step what is left of the budget, recording what ran, how long and how
    (``pip download -d .gpu_wheels pytest`` on a machine with network, then carried), else skipped
    with the reason in the summary;
 5. ``benchmarks/autotune_moe.py --quick`` into ``OUT_DIR/configs``;
-6. ``bench_kernels.py`` again with the table step 5 wrote.
+6. ``bench_kernels.py`` again with the table step 5 wrote;
+7. ``benchmarks/bench_offload.py --device cuda``: per-expert fetch bandwidth against one large pinned
+   copy, and offloaded decode tokens/s at several budgets against resident, naive synchronous
+   on-demand copying and all misses on the CPU (``offload.{json,md}``).
 
 Writes into ``OUT_DIR``: one ``<step>.log`` per step, ``kernels.{json,md}`` and
 ``kernels_tuned.{json,md}`` from the benchmarks, ``configs/*.json``, ``compile_check.json``, and
@@ -121,6 +124,8 @@ def validation_steps(out_dir: Path, commit: str | None) -> list[Step]:
         Step("autotune_quick", [py, "benchmarks/autotune_moe.py", "--quick", "--tokens", "1,2,4,8,16,32,64,512,2048",
                                 "--out-dir", str(out_dir / "configs")], 150),  # fmt: skip
         Step("bench_tuned_table", [*bench, "--out", str(out_dir / "kernels_tuned")], 180, env=tuned),
+        Step("bench_offload", [py, "benchmarks/bench_offload.py", "--device", "cuda",
+                               "--out", str(out_dir / "offload")], 240, env=env),
     ]
 
 

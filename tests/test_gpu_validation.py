@@ -53,8 +53,10 @@ def test_the_plan_checks_correctness_before_tuning_and_names_the_commit(gv, tmp_
     monkeypatch.setattr(gv.importlib.util, "find_spec", lambda name: None)
     steps = gv.validation_steps(tmp_path, "abc123")
     names = [s.name for s in steps]
-    assert names == ["install", "compile_check", "bench_default_table", "pytest_kernels", "autotune_quick",
-                     "bench_tuned_table"]  # fmt: skip
+    assert names[:6] == ["install", "compile_check", "bench_default_table", "pytest_kernels", "autotune_quick",
+                         "bench_tuned_table"]  # fmt: skip
+    assert "bench_offload" in names
+    assert "--device" in {s.name: s for s in steps}["bench_offload"].command
     by_name = {s.name: s for s in steps}
     assert "pytest is not installed" in by_name["pytest_kernels"].skip_reason
     assert by_name["bench_default_table"].env == {"RESIDENCY_COMMIT": "abc123"}
