@@ -37,6 +37,8 @@ DEFAULT_CONTEXT = 8192
 DEFAULT_PREFILL_CHUNK = 512
 #: host-to-device rate the per-miss copy-or-compute choice assumes without a plan (PCIe 4.0 x16, practical)
 DEFAULT_H2D_GBPS = 25.0
+#: CPU expert throughput assumed where it is not measured (see miss_rates)
+DEFAULT_CPU_EXPERT_GBPS = 10.0
 
 
 class OffloadedExperts(ExpertBackend):
@@ -176,6 +178,34 @@ def plan_layout(config: NemotronHConfig, expert_slots: int, *, profile: Any = No
     return SlotLayout(tuple(layers), policy, predicted, "planned here")
 
 
+def miss_rates(plan: Any, mode: str, cpu_experts: str | bool, device: torch.device,
+               layout: ExpertLayout) -> tuple[float, float]:
+    """(host-to-device GB/s, CPU expert GB/s) the per-miss copy-or-compute choice uses.
+
+    The link comes from the plan's GPU, else local detection, else :data:`DEFAULT_H2D_GBPS`. The
+    CPU rate is measured on this host (a short decode step of 4 experts of the model's shape)
+    when the choice is automatic on a CUDA device; elsewhere the choice does not need it.
+    """
+    h2d = DEFAULT_H2D_GBPS
+    if plan is not None and plan.gpu.h2d_gbps:
+        h2d = float(plan.gpu.h2d_gbps)
+    elif device.type == "cuda":
+        try:
+            from .planning.detect import detect_local
+
+            gpu = detect_local(device.index or 0).gpu
+            if gpu is not None and gpu.h2d_gbps:
+                h2d = float(gpu.h2d_gbps)
+        except Exception:  # detection is best effort (NVML missing or unsupported)
+            pass
+    cpu = DEFAULT_CPU_EXPERT_GBPS
+    if cpu_experts == "auto" and mode == "cuda":
+        from .runtime.cpu_experts import measure_throughput
+
+        cpu = measure_throughput(4, latent=layout.width, intermediate=layout.inner, bank_experts=16, repeats=3)
+    return h2d, cpu
+
+
 def device_memory(device: torch.device) -> tuple[int, int, str]:
     """(total, free, name) of the memory the budget is taken from."""
     if device.type == "cuda":
@@ -251,10 +281,10 @@ def load_offloaded(
     store.fill(ckpt, prefixes, progress=show)
     ckpt.close()
     routers = [m.route for m in model.moe_mixers]
-    h2d = float(plan.gpu.h2d_gbps) if plan is not None and plan.gpu.h2d_gbps else DEFAULT_H2D_GBPS
+    h2d, cpu_gbps = miss_rates(plan, mode, cpu_experts, device, layout)
     options = RuntimeOptions(mode=mode, policy="static" if mode == "unified" else slots.policy, prefetch=prefetch,
-                             cpu_experts=cpu_experts, staging_slots=staging, h2d_gbps=h2d, verify=verify,
-                             copy_delay=copy_delay)
+                             cpu_experts=cpu_experts, staging_slots=staging, h2d_gbps=h2d, cpu_expert_gbps=cpu_gbps,
+                             verify=verify, copy_delay=copy_delay)
     runtime = OffloadRuntime(store, slots.layers, ledger, options, routers, config.num_experts_per_tok)
     model.set_experts(lambda mixer: OffloadedExperts(runtime, mixer.moe_index))
     model.add_step_listener(runtime)
