@@ -157,12 +157,9 @@ class OffloadRuntime:
     def _load_static(self) -> None:
         tickets = []
         for j, cache in enumerate(self.caches):
-            if cache is None:
+            if cache is None or not cache.static:
                 continue
-            for s, e in enumerate(cache.static):
-                ticket = self._fill(j, cache.bank[s], e, DEMAND, None, None)
-                cache.assign(s, e, ticket, None)
-                tickets.append(ticket)
+            tickets.append(self._issue(j, cache, [(s, e, None) for s, e in enumerate(cache.static)], DEMAND, None))
             cache.flush_table()
         for t in tickets:
             t.wait()
@@ -200,9 +197,8 @@ class OffloadRuntime:
             t.reset()
 
     # ------------------------------------------------------------------ copies
-    def _fill(self, j: int, dst: torch.Tensor, expert: int, priority: int, after: object | None,
-              counters: LayerCounters | None) -> CopyTicket:
-        """Copy expert ``expert`` of layer ``j`` into ``dst`` (a slot record), from RAM or from disk."""
+    def _source(self, j: int, expert: int, counters: LayerCounters | None) -> torch.Tensor:
+        """The host record of expert ``expert`` of layer ``j``: in the store, or read from disk now."""
         if self.store.on_disk(j, expert):
             src = torch.empty(self.layout.record_numel, dtype=self.layout.dtype,
                               pin_memory=self.options.mode == "cuda")
@@ -213,7 +209,16 @@ class OffloadRuntime:
             src = self.store.record(j, expert)
         if counters is not None:
             counters.h2d_bytes += self.layout.record_bytes
-        return self.copies.copy(dst, src, priority, after)
+        return src
+
+    def _issue(self, j: int, cache: SlotCache, fills: list[tuple[int, int, int | None]], priority: int,
+               counters: LayerCounters | None) -> CopyTicket:
+        """Copy ``(slot, expert, evicted)`` fills into ``cache`` as one job and record the slots' new state."""
+        jobs = [(cache.bank[s], self._source(j, e, counters), cache.release[s]) for s, e, _ in fills]
+        ticket = self.copies.copy_many(jobs, priority)
+        for s, e, evicted in fills:
+            cache.assign(s, e, ticket, evicted)
+        return ticket
 
     # ------------------------------------------------------------------ CPU choice
     def _on_cpu(self, j: int, tokens: int) -> bool:
@@ -258,6 +263,8 @@ class OffloadRuntime:
             table, up, down = self.unified_tables[j], self.store.up(j), self.store.down(j)
         else:
             table, up, down = cache.table, cache.up, cache.down
+            demand: list[tuple[int, int, int | None]] = []
+            background: list[tuple[int, int, int | None]] = []
             if decode:
                 result = cache.policy.step(order, cache.inflight_experts()).tolist()
             for idx, e in enumerate(order.tolist()):
@@ -279,8 +286,7 @@ class OffloadRuntime:
                 if s >= 0:  # admitted by the policy (decode only)
                     if evicted >= 0 and cache.prefetched[s]:
                         counters.prefetch_wasted += 1
-                    ticket = self._fill(j, cache.bank[s], e, PREFETCH if on_cpu else DEMAND, cache.release[s], counters)
-                    cache.assign(s, e, ticket, evicted if evicted >= 0 else None)
+                    (background if on_cpu else demand).append((s, e, evicted if evicted >= 0 else None))
                     if not on_cpu:
                         counters.demand_copies += 1
                         gpu_slots.append(s)
@@ -289,6 +295,10 @@ class OffloadRuntime:
                     staged.append(e)
                 if on_cpu:
                     cpu.append(e)
+            if demand:
+                self._issue(j, cache, demand, DEMAND, counters)
+            if background:
+                self._issue(j, cache, background, PREFETCH, counters)
         counters.cpu_computed += len(cpu)
 
         # the CPU part starts first and overlaps everything below
@@ -302,9 +312,7 @@ class OffloadRuntime:
 
         if cache is not None:
             cache.flush_table()
-            for s in gpu_slots:
-                if s in cache.inflight:
-                    counters.stall_s += cache.wait(s)
+            counters.stall_s += cache.wait(gpu_slots)
             if self.options.verify:
                 cache.check_resident(gpu_slots, gpu_experts)
         # with several parts (staged rounds, the CPU) they are summed in fp32 and rounded once
@@ -336,12 +344,10 @@ class OffloadRuntime:
         part = torch.empty_like(acc)
         for start in range(0, len(staged), n):
             chunk = staged[start:start + n]
-            tickets = []
-            for i, e in enumerate(chunk):
-                tickets.append(self._fill(j, self.staging[i], e, DEMAND, self.staging_release[i], counters))
-                counters.demand_copies += 1
-            for t in tickets:
-                counters.stall_s += t.order_before_compute()
+            jobs = [(self.staging[i], self._source(j, e, counters), self.staging_release[i])
+                    for i, e in enumerate(chunk)]
+            counters.demand_copies += len(chunk)
+            counters.stall_s += self.copies.copy_many(jobs, DEMAND).order_before_compute()
             self.staging_table.fill_(-1)
             self.staging_table[torch.tensor(chunk, dtype=torch.long)] = torch.arange(len(chunk), dtype=torch.int32
                                                                                    ).to(self.device)
@@ -378,6 +384,7 @@ class OffloadRuntime:
         ids = self.routers[j](hidden)[0]
         predicted = np.unique(ids.detach().cpu().numpy().reshape(-1))
         pinned = cache.inflight_experts()
+        fills = []
         for e in predicted.tolist():
             if cache.slot_of(e) >= 0:
                 continue
@@ -387,11 +394,13 @@ class OffloadRuntime:
             if evicted is not None and cache.prefetched[s]:
                 counters.prefetch_wasted += 1
             cache.policy.settle(e)
-            ticket = self._fill(j, cache.bank[s], e, PREFETCH, cache.release[s], counters)
-            cache.assign(s, e, ticket, evicted)
-            cache.prefetched[s] = True
+            fills.append((s, e, evicted))
             pinned = np.append(pinned, e)
-            counters.prefetch_issued += 1
+        if fills:
+            self._issue(j, cache, fills, PREFETCH, counters)
+            for s, _, _ in fills:
+                cache.prefetched[s] = True
+            counters.prefetch_issued += len(fills)
         cache.flush_table()
 
     def collect(self, j: int, pending: _Pending, work) -> torch.Tensor:

@@ -103,14 +103,17 @@ class SlotCache:
         else:
             self.table[torch.from_numpy(experts).to(self.table.device)] = torch.from_numpy(slots).to(self.table.device)
 
-    def wait(self, slot: int) -> float:
-        """Order compute after the slot's copy (host wait on the CPU device); returns seconds stalled."""
-        ticket = self.ticket[slot]
-        if ticket is None:
+    def wait(self, slots: Sequence[int]) -> float:
+        """Order compute after the copies into ``slots`` (host wait on the CPU device); returns seconds stalled."""
+        pending = [s for s in slots if s in self.inflight]
+        if not pending:
             return 0.0
-        stalled = ticket.order_before_compute()
-        if ticket.done():
-            self._landed(slot)
+        stalled = 0.0
+        for ticket in {id(self.ticket[s]): self.ticket[s] for s in pending}.values():
+            stalled += ticket.order_before_compute()
+        for s in pending:
+            if self.ticket[s].done():
+                self._landed(s)
         return stalled
 
     def check_resident(self, slots: Sequence[int], experts: Sequence[int]) -> None:

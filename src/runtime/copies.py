@@ -50,11 +50,20 @@ class CopyTicket:
 
 
 class CopyEngine:
-    """Issues ``dst.copy_(src)`` asynchronously; see the module docstring."""
+    """Issues ``dst.copy_(src)`` asynchronously; see the module docstring.
+
+    :meth:`copy_many` issues several copies as one job with one ticket (the runtime batches the
+    copies of one layer call: one queue entry, one event), :meth:`copy` one copy.
+    """
+
+    def copy_many(self, jobs: list[tuple[torch.Tensor, torch.Tensor, object | None]],
+                  priority: int = DEMAND) -> CopyTicket:  # pragma: no cover - interface
+        """``(dst, src, after)`` per copy; ``after`` is a release marker the copy must wait for, or None."""
+        raise NotImplementedError
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, priority: int = DEMAND,
-             after: object | None = None) -> CopyTicket:  # pragma: no cover - interface
-        raise NotImplementedError
+             after: object | None = None) -> CopyTicket:
+        return self.copy_many([(dst, src, after)], priority)
 
     def release_marker(self) -> object | None:
         """A marker of "compute queued so far"; a copy given it as ``after`` starts only after that work."""
@@ -105,16 +114,20 @@ class CudaCopyEngine(CopyEngine):
         event.record(torch.cuda.current_stream(self.device))
         return event
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, priority: int = DEMAND,
-             after: object | None = None) -> CopyTicket:
+    def copy_many(self, jobs: list[tuple[torch.Tensor, torch.Tensor, object | None]],
+                  priority: int = DEMAND) -> CopyTicket:
         stream = self.streams[priority]
-        if after is not None:
-            stream.wait_event(after)
+        waited: set[int] = set()
+        for _, _, after in jobs:
+            if after is not None and id(after) not in waited:
+                stream.wait_event(after)
+                waited.add(id(after))
         with torch.cuda.stream(stream):
-            dst.copy_(src, non_blocking=True)
+            for dst, src, _ in jobs:
+                dst.copy_(src, non_blocking=True)
             event = torch.cuda.Event()
             event.record(stream)
-        return _CudaTicket(src.numel() * src.element_size(), event)
+        return _CudaTicket(sum(src.numel() * src.element_size() for _, src, _ in jobs), event)
 
     def synchronize(self) -> None:
         for stream in self.streams.values():
@@ -159,7 +172,7 @@ class ThreadCopyEngine(CopyEngine):
 
     def __init__(self, delay: Callable[[], float] | None = None) -> None:
         self.delay = delay
-        self._queue: list[tuple[int, int, torch.Tensor, torch.Tensor, _ThreadTicket]] = []
+        self._queue: list[tuple[int, int, list[tuple[torch.Tensor, torch.Tensor]], _ThreadTicket]] = []
         self._order = itertools.count()
         self._cond = threading.Condition()
         self._pending = 0
@@ -167,13 +180,15 @@ class ThreadCopyEngine(CopyEngine):
         self._thread = threading.Thread(target=self._run, name="residency-copies", daemon=True)
         self._thread.start()
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, priority: int = DEMAND,
-             after: object | None = None) -> CopyTicket:
-        ticket = _ThreadTicket(src.numel() * src.element_size(), self)
+    def copy_many(self, jobs: list[tuple[torch.Tensor, torch.Tensor, object | None]],
+                  priority: int = DEMAND) -> CopyTicket:
+        # compute on the cpu device is synchronous: every release marker has passed already
+        pairs = [(dst, src) for dst, src, _ in jobs]
+        ticket = _ThreadTicket(sum(src.numel() * src.element_size() for _, src in pairs), self)
         with self._cond:
             if self._closed:
                 raise RuntimeError("the copy engine is closed")
-            heapq.heappush(self._queue, (priority, next(self._order), dst, src, ticket))
+            heapq.heappush(self._queue, (priority, next(self._order), pairs, ticket))
             self._pending += 1
             self._cond.notify_all()
         return ticket
@@ -185,11 +200,12 @@ class ThreadCopyEngine(CopyEngine):
                     self._cond.wait()
                 if not self._queue:
                     return
-                _, _, dst, src, ticket = heapq.heappop(self._queue)
+                _, _, pairs, ticket = heapq.heappop(self._queue)
             try:
                 if self.delay is not None:
                     time.sleep(self.delay())
-                dst.copy_(src)
+                for dst, src in pairs:
+                    dst.copy_(src)
             except BaseException as exc:  # reported to whoever waits on the ticket
                 ticket.error = exc
             with self._cond:
