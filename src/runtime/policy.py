@@ -132,10 +132,9 @@ def _init_state(kind: int, num_slots: int, num_experts: int, static: np.ndarray,
 
 
 @_inline
-def _use(kind: int, e: int, I: np.ndarray, F: np.ndarray) -> None:
+def _key(kind: int, e: int, I: np.ndarray, F: np.ndarray) -> None:
+    # (re)key expert e's slot as of the current tick and its use count, if it has a slot
     S = I[_S]
-    I[_TICK] += 1
-    F[1 + S + e] += 1.0
     s = I[_HEAD + S + e]
     if s < 0:
         return
@@ -146,6 +145,13 @@ def _use(kind: int, e: int, I: np.ndarray, F: np.ndarray) -> None:
         F[1 + s] = F[1 + S + e]
     elif kind == K_HYBRID:
         F[1 + s] = F[0] + F[1 + S + e]
+
+
+@_inline
+def _use(kind: int, e: int, I: np.ndarray, F: np.ndarray) -> None:
+    I[_TICK] += 1
+    F[1 + I[_S] + e] += 1.0
+    _key(kind, e, I, F)
 
 
 @_inline
@@ -281,17 +287,7 @@ def _call_admit(kind: int, e: int, I: np.ndarray, F: np.ndarray) -> tuple[int, i
 @njit
 def _settle(kind: int, e: int, I: np.ndarray, F: np.ndarray) -> None:
     # give an admitted expert the key a use would, without counting a use: it becomes a victim candidate
-    S = I[_S]
-    s = I[_HEAD + S + e]
-    if s < 0:
-        return
-    I[_HEAD + S + I[_E] + s] = I[_TICK]
-    if kind == K_LRU:
-        F[1 + s] = I[_TICK]
-    elif kind == K_LFU:
-        F[1 + s] = F[1 + S + e]
-    elif kind == K_HYBRID:
-        F[1 + s] = F[0] + F[1 + S + e]
+    _key(kind, e, I, F)
 
 
 @njit
