@@ -104,7 +104,7 @@ def test_text_prompts_without_tokenizer(tiny_checkpoint, prompt_file, tmp_path, 
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--device", "mps"], "unsupported device 'mps'; residency runs on 'cpu' or 'cuda'"),
+        (["--device", "mps"], "unsupported device 'mps'; residency runs on 'cpu', 'cuda'"),
         (["--decode-tokens", "-1"], "--decode-tokens must be a whole number >= 0, got -1"),
         (["--co-activation", "-2"], "--co-activation must be a whole number >= 0"),
         (["--top", "-1"], "--top must be a whole number >= 0"),
