@@ -8,7 +8,9 @@ slots and the runtime's buffers under the budget (:mod:`residency.offload`,
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +20,13 @@ from .config import NemotronHConfig
 from .devices import resolve_device
 from .errors import InputError
 from .model.checkpoint import Checkpoint
+from .model.detokenize import check_stop
+from .model.generation_config import GenerationDefaults, load_generation_defaults
 from .model.loading import build_model
 from .model.modeling import NemotronHForCausalLM
+from .model.reasoning import prompt_opens_reasoning
 from .model.sampling import check_max_new_tokens, check_sampling, check_seed, sample_next
+from .model.streaming import ChatResult, ChatStream, TextStream
 from .model.tokenizer import Tokenizer, as_token_ids, load_tokenizer, missing_tokenizer_reason
 
 
@@ -36,6 +42,7 @@ class OffloadedNemotron:
         self.slots = slots  # residency.offload.SlotLayout when offloaded
         self.prefill_chunk = prefill_chunk
         self._stats: dict[str, Any] = {}
+        self._generation_defaults: GenerationDefaults | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -158,61 +165,230 @@ class OffloadedNemotron:
         self,
         inputs: str | list[int] | list[list[int]] | torch.Tensor,
         max_new_tokens: int = 32,
-        temperature: float = 1.0,
-        top_p: float = 0.95,
+        temperature: float | None = None,
+        top_p: float | None = None,
         seed: int | None = None,
         stop_at_eos: bool = True,
-    ) -> torch.Tensor | str:
+        stop: str | list[str] | None = None,
+        stream: bool = False,
+    ) -> torch.Tensor | str | TextStream:
         """Decode with the KV and SSM caches.
 
-        Returns ``[B, T + new]`` token ids (prompt included) for id input, and the generated text
-        for text input. ``temperature=0`` is greedy. Rows that produced an end-of-sequence token
-        are padded with ``pad_token_id`` afterwards; generation stops when every row has. Bad
-        inputs or settings (``temperature < 0``, ``top_p`` outside (0, 1], ``max_new_tokens < 1``, a
-        seed that is not an integer) raise :class:`~residency.errors.InputError` before any compute.
+        Text in (used as it is, no chat template: see :meth:`chat`), text out: returns the generated
+        text. Token ids in: returns ``[B, T + new]`` token ids (prompt included); rows that produced
+        an end token are padded with ``pad_token_id`` afterwards, and generation stops when every
+        row has. ``stream=True`` returns a :class:`~residency.model.streaming.TextStream` instead,
+        which yields text pieces as tokens are decoded (never half a UTF-8 character) and holds the
+        :class:`~residency.model.streaming.GenerationResult` in ``.result`` when done; its pieces
+        joined equal the non-streamed text. ``stop``: strings that end generation (not included in
+        the text). End tokens: ``eos_token_id`` of ``generation_config.json`` and ``config.json`` and
+        the tokenizer's ``eos_token`` (``stop_at_eos=False`` ignores them). ``temperature`` and
+        ``top_p`` default to the folder's ``generation_config.json``, else 1.0 and 0.95;
+        ``temperature=0`` is greedy; the same ``seed`` gives the same tokens. Streams and stop
+        strings take one prompt. Bad inputs or settings (``temperature < 0``, ``top_p`` outside
+        (0, 1], ``max_new_tokens < 1``, a seed that is not an integer, an empty stop string) raise
+        :class:`~residency.errors.InputError` before any compute.
         """
-        temperature, top_p = check_sampling(temperature, top_p)
+        temperature, top_p = self._sampling(temperature, top_p)
         max_new_tokens = check_max_new_tokens(max_new_tokens)
         seed = check_seed(seed)
+        stops = check_stop(stop)
         ids = self.encode(inputs)
-        gen = torch.Generator(device=ids.device).manual_seed(seed) if seed is not None else None
-        eos = self.config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        end_ids = self.end_token_ids() if stop_at_eos else ()
+        if isinstance(inputs, str) or stream or stops:
+            text = self._text_stream(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                     seed=seed, stop=stops, end_ids=end_ids)
+            if stream:
+                return text
+            result = text.read()
+            if isinstance(inputs, str):
+                return result.text
+            return torch.cat([ids, torch.tensor([result.token_ids], dtype=ids.dtype, device=ids.device)], dim=1)
         pad = self.config.pad_token_id if self.config.pad_token_id is not None else 0
-        cache = self.model.new_cache(ids.shape[0])
+        ends = torch.tensor(sorted(end_ids), dtype=torch.long, device=ids.device)
         out = [ids]
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        steps = self._decode_loop(ids, max_new_tokens, temperature, top_p, seed,
+                                  choose=lambda nxt: torch.where(done, torch.full_like(nxt, pad), nxt))
+        try:
+            for nxt in steps:
+                out.append(nxt[:, None])
+                if end_ids:
+                    done |= torch.isin(nxt, ends)
+                    if bool(done.all()):
+                        break
+        finally:
+            steps.close()
+        return torch.cat(out, dim=1)
+
+    def chat(
+        self,
+        messages: str | list[dict[str, Any]],
+        *,
+        enable_thinking: bool = True,
+        low_effort: bool = False,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: str | list[str] | None = None,
+        stream: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+        force_nonempty_content: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> ChatResult | ChatStream:
+        """Reply to ``messages`` (a list of ``{"role", "content"}`` dicts, or one user message as a string)
+        through the folder's chat template.
+
+        ``enable_thinking`` and ``low_effort`` are passed to the template (Nemotron 3's switches), as
+        is every entry of ``chat_template_kwargs`` (which wins over both). The reply is split into
+        ``reasoning`` and ``content`` where the template marks the thinking span
+        (:mod:`residency.model.reasoning`), also when the template opened the span in the prompt.
+        ``force_nonempty_content``: a reply that never left the thinking span gives its reasoning as
+        the content too. ``max_new_tokens`` defaults to ``generation_config.json``'s, else to the rest
+        of the context (``max_position_embeddings``); sampling settings, ``seed`` and ``stop`` work as
+        in :meth:`generate`. Returns a :class:`~residency.model.streaming.ChatResult`; with
+        ``stream=True`` a :class:`~residency.model.streaming.ChatStream` of
+        :class:`~residency.model.streaming.ChatDelta` pieces whose ``.result`` is that ChatResult.
+        Bad messages or settings raise :class:`~residency.errors.InputError` before any compute.
+        """
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        kwargs: dict[str, Any] = {"enable_thinking": bool(enable_thinking), "low_effort": bool(low_effort)}
+        if force_nonempty_content:
+            kwargs["force_nonempty_content"] = True
+        if chat_template_kwargs is not None:
+            if not isinstance(chat_template_kwargs, dict) or not all(isinstance(k, str) for k in chat_template_kwargs):
+                raise InputError("chat_template_kwargs must be a dict with string keys, "
+                                 "e.g. {'enable_thinking': False}")
+            kwargs.update(chat_template_kwargs)
+        temperature, top_p = self._sampling(temperature, top_p)
+        seed = check_seed(seed)
+        stops = check_stop(stop)
+        prompt = self.apply_chat_template(messages, tools=tools, **kwargs)
+        ids = self.encode_prompt(prompt)
+        if max_new_tokens is None:
+            max_new_tokens = self.generation_defaults.max_new_tokens or max(1, self.context_length - ids.shape[1])
+        max_new_tokens = check_max_new_tokens(max_new_tokens)
+        text = self._text_stream(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                 seed=seed, stop=stops, end_ids=self.end_token_ids())
+        chat = ChatStream(text, prompt=prompt, in_reasoning=prompt_opens_reasoning(prompt),
+                          force_nonempty_content=bool(kwargs.get("force_nonempty_content")))
+        return chat if stream else chat.read()
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None, **template_kwargs: Any) -> str:
+        """The prompt text the folder's chat template makes of ``messages`` (see :mod:`residency.model.chat`)."""
+        template = getattr(self.tokenizer, "chat_template", None) if self.tokenizer is not None else None
+        if template is None:
+            tok = self._tokenizer_for_text()
+            if getattr(tok, "chat_template_missing", None):
+                raise InputError(f"{self.path or 'this model'}: {tok.chat_template_missing}")
+            raise InputError(
+                f"{self.path or 'this model'} has no chat template (chat_template.jinja, or chat_template in "
+                "tokenizer_config.json): add the model's template to the folder, or pass plain text to generate()"
+            )
+        return template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools, **template_kwargs)
+
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        """A rendered chat prompt → ``[1, T]`` ids; special tokens come from the text (none are added)."""
+        tok = self._tokenizer_for_text()
+        try:
+            ids = tok.encode(prompt, add_special_tokens=False)
+        except TypeError:  # a tokenizer without the option
+            ids = tok.encode(prompt)
+        return as_token_ids([ids], self.config.vocab_size).to(self.device)
+
+    @property
+    def generation_defaults(self) -> GenerationDefaults:
+        """Sampling defaults and end tokens from the folder's ``generation_config.json`` (read once)."""
+        if self._generation_defaults is None:
+            self._generation_defaults = load_generation_defaults(self.path)
+        return self._generation_defaults
+
+    def end_token_ids(self) -> tuple[int, ...]:
+        """Tokens that end generation: ``generation_config.json``'s and ``config.json``'s ``eos_token_id``
+        and the tokenizer's ``eos_token``."""
+        eos = self.config.eos_token_id
+        ids = list(self.generation_defaults.eos_token_ids)
+        ids += eos if isinstance(eos, list) else [eos] if eos is not None else []
+        tok_eos = getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer is not None else None
+        if tok_eos is not None:
+            ids.append(int(tok_eos))
+        return tuple(dict.fromkeys(int(i) for i in ids))
+
+    @property
+    def context_length(self) -> int:
+        """Prompt plus generated tokens one sequence may hold (``max_position_embeddings``)."""
+        return int(self.config.max_position_embeddings)
+
+    def _sampling(self, temperature: float | None, top_p: float | None) -> tuple[float, float]:
+        d = self.generation_defaults
+        return check_sampling(d.temperature if temperature is None else temperature,
+                              d.top_p if top_p is None else top_p)
+
+    def _text_stream(self, ids: torch.Tensor, *, max_new_tokens: int, temperature: float, top_p: float,
+                     seed: int | None, stop: tuple[str, ...], end_ids: tuple[int, ...]) -> TextStream:
+        """A lazy :class:`TextStream` of one prompt; checks the batch and the context length first."""
+        if ids.shape[0] != 1:
+            raise InputError(f"streaming and stop strings take one prompt, got a batch of {ids.shape[0]}; "
+                             "generate the rows one by one")
+        tok = self._tokenizer_for_text()
+        if ids.shape[1] + max_new_tokens > self.context_length:
+            raise InputError(
+                f"the prompt's {ids.shape[1]} tokens plus max_new_tokens {max_new_tokens} exceed the model's "
+                f"context of {self.context_length} tokens; lower max_new_tokens or shorten the prompt"
+            )
+
+        def tokens(cancel: threading.Event) -> Iterator[int]:
+            steps = self._decode_loop(ids, max_new_tokens, temperature, top_p, seed, cancel=cancel)
+            try:
+                for nxt in steps:
+                    yield int(nxt[0])
+            finally:
+                steps.close()
+
+        return TextStream(tokens, tok.decode, end_ids=end_ids, stop=stop, prompt_tokens=int(ids.shape[1]))
+
+    @torch.no_grad()
+    def _decode_loop(self, ids: torch.Tensor, max_new_tokens: int, temperature: float, top_p: float,
+                     seed: int | None, *, cancel: threading.Event | None = None,
+                     choose: Any = None) -> Iterator[torch.Tensor]:
+        """Prefill, then yield each step's sampled tokens ``[B]``; the next forward runs only when the
+        consumer asks for the next token, so stopping early costs nothing. ``choose`` may replace the
+        sampled tokens before they are fed back; ``cancel`` stops before the next token. Timings and
+        counts go to :meth:`stats` when the loop ends, however it ends."""
+        gen = torch.Generator(device=ids.device).manual_seed(seed) if seed is not None else None
+        cache = self.model.new_cache(ids.shape[0])
+        steps = 0
         t0 = time.perf_counter()
         logits = self._prefill(ids, cache)
         t_prefill = time.perf_counter() - t0
-        steps = 0
-        for step in range(max_new_tokens):
-            nxt = sample_next(logits, temperature, top_p, gen)
-            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-            out.append(nxt[:, None])
-            steps += 1
-            if stop_at_eos and eos_ids:
-                done |= torch.isin(nxt, torch.tensor(sorted(eos_ids), device=nxt.device))
-                if bool(done.all()):
+        try:
+            for step in range(max_new_tokens):
+                if cancel is not None and cancel.is_set():
                     break
-            if step + 1 < max_new_tokens:
-                logits = self.model(nxt[:, None], cache)[:, -1]
-        total = time.perf_counter() - t0
-        decode_time = total - t_prefill
-        self._stats = {
-            "prompt_tokens": int(ids.shape[1]),
-            "batch": int(ids.shape[0]),
-            "new_tokens": steps,
-            "prefill_s": t_prefill,
-            "decode_s": decode_time,
-            "decode_tokens_per_s": (steps - 1) * ids.shape[0] / decode_time if steps > 1 and decode_time > 0 else None,
-            "tokens_per_s": steps * ids.shape[0] / total if total > 0 else None,
-            "device": str(self.device),
-        }
-        result = torch.cat(out, dim=1)
-        if isinstance(inputs, str) and self.tokenizer is not None:
-            return self.tokenizer.decode(result[0, ids.shape[1]:].tolist())
-        return result
+                nxt = sample_next(logits, temperature, top_p, gen)
+                if choose is not None:
+                    nxt = choose(nxt)
+                steps += 1
+                yield nxt
+                if step + 1 < max_new_tokens:
+                    logits = self.model(nxt[:, None], cache)[:, -1]
+        finally:
+            total = time.perf_counter() - t0
+            decode_time = total - t_prefill
+            self._stats = {
+                "prompt_tokens": int(ids.shape[1]),
+                "batch": int(ids.shape[0]),
+                "new_tokens": steps,
+                "prefill_s": t_prefill,
+                "decode_s": decode_time,
+                "decode_tokens_per_s": ((steps - 1) * ids.shape[0] / decode_time
+                                        if steps > 1 and decode_time > 0 else None),
+                "tokens_per_s": steps * ids.shape[0] / total if total > 0 else None,
+                "device": str(self.device),
+            }
 
     def profile(self, prompts: Any, **kwargs: Any) -> Any:
         """Profile which experts ``prompts`` route to; see :func:`residency.profiling.profile.profile_model`.

@@ -1,7 +1,9 @@
 """Tiny Nemotron-H checkpoints in the real Hugging Face layout, for tests, demos and notebooks.
 
 ``write_tiny_checkpoint`` writes ``config.json``, safetensors weights with the real per-expert
-tensor names (optionally sharded with an index) and a byte-level tokenizer description. Weights are
+tensor names (optionally sharded with an index) and a byte-level tokenizer description, or with
+``tokenizer="bpe"`` a real BPE ``tokenizer.json`` with a Nemotron-style chat template
+(:mod:`residency.model.tiny_tokenizer`), for chat, streaming and the server. Weights are
 deterministic for a seed and scaled so activations neither vanish nor explode, the router spreads
 tokens over many experts, and the Mamba time step stays well above ``time_step_min`` (so the
 reference implementations' differing dt clamps do not matter).
@@ -101,24 +103,39 @@ def _init(name: str, shape: tuple[int, ...], c: NemotronHConfig, gen: torch.Gene
 
 
 def write_tiny_checkpoint(
-    path: str | Path, seed: int = 0, *, shards: int = 1, dtype: torch.dtype = torch.float32, **config_overrides: Any
+    path: str | Path, seed: int = 0, *, shards: int = 1, dtype: torch.dtype = torch.float32, tokenizer: str = "bytes",
+    **config_overrides: Any
 ) -> Path:
     """Write a small deterministic Nemotron-H checkpoint in the Hugging Face layout; returns the folder.
 
     ``shards > 1`` writes ``model-0000i-of-0000n.safetensors`` files and ``model.safetensors.index.json``.
+    ``tokenizer``: ``"bytes"`` (UTF-8 bytes, vocabulary 259) or ``"bpe"`` (``tokenizer.json``,
+    ``tokenizer_config.json`` with a chat template and ``generation_config.json``; the vocabulary is
+    the BPE's, needs the ``tokenizers`` package).
     Any :class:`~residency.config.NemotronHConfig` field can be overridden (for example
     ``n_routed_experts=64``, ``moe_latent_size=None`` for a Nano-style model, ``pattern="ME*E"``).
     """
     from safetensors.torch import save_file
 
+    if tokenizer not in ("bytes", "bpe"):
+        raise ValueError(f"tokenizer must be 'bytes' or 'bpe', got {tokenizer!r}")
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
+    if tokenizer == "bpe":
+        from .model.tiny_tokenizer import tiny_vocab_size
+
+        config_overrides.setdefault("vocab_size", tiny_vocab_size())
     config = tiny_config(**config_overrides)
     weights = random_weights(config, seed=seed, dtype=dtype)
     raw = config.to_dict()
     raw["torch_dtype"] = str(dtype).removeprefix("torch.")
     (folder / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
-    ByteTokenizer().save(folder)
+    if tokenizer == "bpe":
+        from .model.tiny_tokenizer import write_chat_tokenizer
+
+        write_chat_tokenizer(folder)
+    else:
+        ByteTokenizer().save(folder)
     names = list(weights)
     if shards <= 1:
         save_file(weights, str(folder / SINGLE_NAME), metadata={"format": "pt"})

@@ -11,7 +11,7 @@ import sys
 from ..errors import ResidencyError
 
 # Modules that each define ``register(subparsers)``; a sub-command stores its handler as ``func``.
-COMMAND_MODULES = ("residency.cli.model", "residency.cli.plan", "residency.cli.profile")
+COMMAND_MODULES = ("residency.cli.model", "residency.cli.plan", "residency.cli.profile", "residency.cli.serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,8 +1,17 @@
-"""``residency demo`` and ``residency generate``: run the model end to end."""
+"""``residency demo``, ``residency generate`` and ``residency chat``: run the model end to end.
+
+``generate --prompt TEXT`` sends the prompt through the folder's chat template as one user message
+(``--raw``: as plain text) and streams the reply to the terminal, the reasoning trace between
+``<think>`` and ``</think>`` lines (dimmed on a terminal) and then the answer; it ends with a
+timing line and the telemetry line. ``chat`` is the same as an interactive session that keeps the
+history (``/reset`` clears it, Ctrl-D ends it).
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import sys
 import tempfile
 from pathlib import Path
 
@@ -22,26 +31,51 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="share of the experts the offloaded run's budget leaves room for (default 0.25)")
     demo.set_defaults(func=run_demo)
 
-    gen = sub.add_parser("generate", help="generate from a checkpoint folder")
+    gen = sub.add_parser("generate", help="generate from a checkpoint folder (chat template applied; --raw for none)")
     gen.add_argument("--model", type=Path, required=True, help="Hugging Face Nemotron-H folder")
     group = gen.add_mutually_exclusive_group(required=True)
-    group.add_argument("--prompt", help="prompt text (needs a tokenizer in the folder)")
+    group.add_argument("--prompt", help="prompt text (needs a tokenizer in the folder); sent as a user message "
+                       "through the chat template unless --raw")
     group.add_argument("--ids", help="comma-separated prompt token ids")
-    gen.add_argument("--max-new-tokens", type=int, default=32)
-    gen.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    gen.add_argument("--top-p", type=float, default=0.95)
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--device", default=None,
-                     help="cpu, cuda, cuda:N or unified (default: cuda when available)")
-    gen.add_argument("--vram-budget", default=None,
-                     help="offload experts: device memory the library may use, e.g. 20GiB, 24GB or 0.8 (of free)")
-    gen.add_argument("--plan", type=Path, default=None, help="a plan file from `residency plan` (offloads experts)")
-    gen.add_argument("--profile", type=Path, default=None, help="a profile to plan the expert slots from")
-    gen.add_argument("--policy", default=None, help="eviction policy: static, lru, lfu or hybrid")
-    gen.add_argument("--no-prefetch", action="store_true", help="no look-ahead copies")
-    gen.add_argument("--cpu-experts", choices=("auto", "always", "never"), default="auto",
-                     help="compute missed experts on the CPU: where cheaper (auto), always or never")
+    gen.add_argument("--raw", action="store_true", help="use --prompt as plain text, without the chat template")
+    _add_text_options(gen, max_new_help="tokens to generate (default: 32 with --ids; with --prompt until an end "
+                      "token or the context is full)")
+    _add_load_options(gen)
     gen.set_defaults(func=run_generate)
+
+    chat = sub.add_parser("chat", help="interactive chat with a checkpoint folder (/reset clears, Ctrl-D ends)")
+    chat.add_argument("--model", type=Path, required=True, help="Hugging Face Nemotron-H folder with a chat template")
+    _add_text_options(chat, max_new_help="tokens per reply (default: until an end token or the context is full)")
+    _add_load_options(chat)
+    chat.set_defaults(func=run_chat)
+
+
+def _add_text_options(p: argparse.ArgumentParser, *, max_new_help: str) -> None:
+    p.add_argument("--system", default=None, help="a system message put first")
+    p.add_argument("--no-thinking", action="store_true",
+                   help="chat template with enable_thinking=False (no reasoning trace)")
+    p.add_argument("--low-effort", action="store_true", help="chat template with low_effort=True (shorter reasoning)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help=max_new_help)
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0 = greedy (default: the folder's generation_config.json, else 1.0)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling (default: the folder's generation_config.json, else 0.95)")
+    p.add_argument("--seed", type=int, default=None, help="the same seed gives the same text")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop when this text appears (repeatable; not printed)")
+
+
+def _add_load_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda, cuda:N or unified (default: cuda when available)")
+    p.add_argument("--vram-budget", default=None,
+                   help="offload experts: device memory the library may use, e.g. 20GiB, 24GB or 0.8 (of free)")
+    p.add_argument("--plan", type=Path, default=None, help="a plan file from `residency plan` (offloads experts)")
+    p.add_argument("--profile", type=Path, default=None, help="a profile to plan the expert slots from")
+    p.add_argument("--policy", default=None, help="eviction policy: static, lru, lfu or hybrid")
+    p.add_argument("--no-prefetch", action="store_true", help="no look-ahead copies")
+    p.add_argument("--cpu-experts", choices=("auto", "always", "never"), default="auto",
+                   help="compute missed experts on the CPU: where cheaper (auto), always or never")
 
 
 def _report(model, prompt_ids: torch.Tensor, out: torch.Tensor, *, tokens: bool = True) -> None:
@@ -70,7 +104,9 @@ def run_demo(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         target = args.dir or Path(tmp) / "tiny-nemotron-h"
         try:
-            folder = write_tiny_checkpoint(target)
+            # the chat tokenizer (BPE + chat template) when `tokenizers` is installed, else UTF-8 bytes
+            chat = importlib.util.find_spec("tokenizers") is not None
+            folder = write_tiny_checkpoint(target, tokenizer="bpe" if chat else "bytes")
         except OSError as exc:
             raise InputError(f"--dir {target}: cannot write the tiny checkpoint there ({exc.strerror or exc}); "
                              "pick a folder you can write to") from None
@@ -84,6 +120,9 @@ def run_demo(args: argparse.Namespace) -> int:
         print("== every expert resident")
         _report(model, ids, out)
         run_offloaded_demo(model, folder, ids, out, sampling, args.share)
+        if args.dir is not None and chat:
+            print(f"the tiny checkpoint stays in {folder}: try `residency chat --model {folder}` or "
+                  f"`residency serve --model {folder}`")
     return 0
 
 
@@ -158,24 +197,24 @@ def preflight(folder: Path, device: str | None) -> tuple[NemotronHConfig, bool, 
     return config, load_tokenizer(folder) is not None, dev
 
 
-def run_generate(args: argparse.Namespace) -> int:
+def _check_text_options(args: argparse.Namespace) -> None:
+    """Sampling and length flags checked before the (possibly minutes-long) load."""
+    from ..model.detokenize import check_stop
     from ..model.sampling import check_max_new_tokens, check_sampling, check_seed
-    from ..model.tokenizer import as_token_ids, missing_tokenizer_reason
-    from ..offloaded import OffloadedNemotron
 
-    prompt_ids = parse_ids(args.ids) if args.ids is not None else None
-    check_sampling(args.temperature, args.top_p)
-    check_max_new_tokens(args.max_new_tokens)
+    check_sampling(1.0 if args.temperature is None else args.temperature, 0.95 if args.top_p is None else args.top_p)
+    if args.max_new_tokens is not None:
+        check_max_new_tokens(args.max_new_tokens)
     check_seed(args.seed)
-    config, has_tokenizer, device = preflight(args.model, args.device)
-    if prompt_ids is not None:
-        try:
-            as_token_ids(prompt_ids, config.vocab_size)
-        except InputError as exc:
-            raise InputError(f"--ids: {exc}") from None
-    elif not has_tokenizer:
-        raise InputError(f"--prompt needs a tokenizer, but {args.model} {missing_tokenizer_reason(args.model)}: "
-                         "pass token ids with --ids, or add the model's tokenizer.json to the folder")
+    try:
+        check_stop(args.stop)
+    except InputError as exc:
+        raise InputError(f"--{exc}") from None
+
+
+def _load(args: argparse.Namespace, config: NemotronHConfig, device: torch.device):
+    """The model with the load flags (device, offload budget, plan, profile, policy, prefetch, CPU experts)."""
+    from ..offloaded import OffloadedNemotron
 
     plan = profile = None
     if args.plan is not None:
@@ -187,12 +226,144 @@ def run_generate(args: argparse.Namespace) -> int:
 
         profile = Profile.load(args.profile, fingerprint=config.fingerprint())
     cpu = {"auto": "auto", "always": True, "never": False}[args.cpu_experts]
-    model = OffloadedNemotron.from_pretrained(
+    return OffloadedNemotron.from_pretrained(
         args.model, device="unified" if args.device == "unified" else device, vram_budget=args.vram_budget,
         plan=plan, profile=profile, policy=args.policy, prefetch=not args.no_prefetch, cpu_experts=cpu,
     )
-    ids = model.encode(args.prompt if prompt_ids is None else prompt_ids)
-    out = model.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                         seed=args.seed)
-    _report(model, ids, out)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from ..model.tokenizer import as_token_ids, missing_tokenizer_reason
+
+    prompt_ids = parse_ids(args.ids) if args.ids is not None else None
+    _check_text_options(args)
+    config, has_tokenizer, device = preflight(args.model, args.device)
+    if prompt_ids is not None:
+        try:
+            as_token_ids(prompt_ids, config.vocab_size)
+        except InputError as exc:
+            raise InputError(f"--ids: {exc}") from None
+    elif not has_tokenizer:
+        raise InputError(f"--prompt needs a tokenizer, but {args.model} {missing_tokenizer_reason(args.model)}: "
+                         "pass token ids with --ids, or add the model's tokenizer.json to the folder")
+
+    model = _load(args, config, device)
+    sampling = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop=args.stop)
+    if prompt_ids is not None:
+        ids = model.encode(prompt_ids)
+        out = model.generate(ids, max_new_tokens=args.max_new_tokens or 32, **sampling)
+        _report(model, ids, out)
+        return 0
+    if args.raw or model.tokenizer.chat_template is None:
+        if not args.raw:
+            print(f"residency generate: note: {args.model} has no chat template; the prompt is used as plain text",
+                  file=sys.stderr)
+        ids = model.encode(args.prompt)
+        max_new = args.max_new_tokens or max(1, model.context_length - ids.shape[1])
+        stream = model.generate(args.prompt, max_new_tokens=max_new, stream=True, **sampling)
+        for piece in stream:
+            _write(piece)
+        result = stream.result
+    else:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages.append({"role": "user", "content": args.prompt})
+        result = _stream_reply(model, messages, args, sampling)
+    _write("\n")
+    _print_turn_stats(model, result)
+    print(model.telemetry_line())
     return 0
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    from ..model.tokenizer import missing_tokenizer_reason
+
+    _check_text_options(args)
+    config, has_tokenizer, device = preflight(args.model, args.device)
+    if not has_tokenizer:
+        raise InputError(f"chat needs a tokenizer, but {args.model} {missing_tokenizer_reason(args.model)}; "
+                         "add the model's tokenizer.json and chat template to the folder")
+    model = _load(args, config, device)
+    if model.tokenizer.chat_template is None:
+        raise InputError(f"{args.model} has no chat template (chat_template.jinja, or chat_template in "
+                         "tokenizer_config.json); add the model's template, or use `residency generate --raw`")
+    sampling = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop=args.stop)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = []
+    interactive = sys.stdin.isatty()
+    print(f"chat with {args.model} ({'thinking off' if args.no_thinking else 'thinking on'}): type a message; "
+          "/reset clears the history, Ctrl-D ends")
+    while True:
+        try:
+            line = input(">>> " if interactive else "")
+        except EOFError:
+            break
+        except KeyboardInterrupt:
+            print()
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/reset":
+            history.clear()
+            print("(history cleared)")
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        history.append({"role": "user", "content": line})
+        try:
+            result = _stream_reply(model, system + history, args, sampling)
+        except KeyboardInterrupt:
+            history.pop()
+            print("\n(stopped; the message was dropped)")
+            continue
+        except InputError as exc:
+            history.pop()
+            print(f"error: {exc}", file=sys.stderr)
+            continue
+        _write("\n")
+        history.append(result.message)
+        _print_turn_stats(model, result)
+    print()
+    print(model.telemetry_line())
+    return 0
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _stream_reply(model, messages: list[dict], args: argparse.Namespace, sampling: dict):
+    """Stream one chat reply to stdout: ``<think>`` reasoning ``</think>`` (dimmed on a terminal), then the answer."""
+    dim, plain = ("\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "")
+    stream = model.chat(messages, enable_thinking=not args.no_thinking, low_effort=args.low_effort,
+                        max_new_tokens=args.max_new_tokens, stream=True, **sampling)
+    state = "start"
+    try:
+        for delta in stream:
+            if delta.reasoning:
+                if state == "start":
+                    _write(f"{dim}<think>\n")
+                    state = "reasoning"
+                _write(delta.reasoning)
+            else:
+                if state == "reasoning":
+                    _write(f"\n</think>{plain}\n")
+                state = "content"
+                _write(delta.content)
+        if state == "reasoning":
+            _write("\n</think>")
+    finally:
+        stream.close()
+        if state in ("reasoning", "start"):
+            _write(plain)
+    return stream.result
+
+
+def _print_turn_stats(model, result) -> None:
+    stats = model.stats()
+    rate = stats.get("decode_tokens_per_s")
+    speed = f"decode {rate:.1f} tokens/s" if rate else "decode: too few tokens to time"
+    why = {"stop": "an end token or stop string", "length": "the token limit", "cancelled": "cancelled"}
+    print(f"{result.completion_tokens} new tokens on {stats['device']}: prefill {stats['prefill_s'] * 1e3:.1f} ms "
+          f"({result.prompt_tokens} tokens), {speed}; ended by {why.get(result.finish_reason, result.finish_reason)}")
