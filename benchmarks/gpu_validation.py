@@ -15,7 +15,10 @@ gives each step what is left of the budget, recording what ran, how long and how
    with the reason in the summary;
 5. ``benchmarks/autotune_moe.py --quick`` into ``OUT_DIR/configs``;
 6. ``bench_kernels.py`` again with the table step 5 wrote;
-7. ``benchmarks/bench_offload.py --device cuda``: per-expert fetch bandwidth against one large pinned
+7. ``benchmarks/bench_dense_decode.py``: the decode step of a Super-shaped stack, eager and replayed
+   from a CUDA graph, against the memory floor (``dense_decode.{json,md}``; every graph step is
+   checked against an eager step first);
+8. ``benchmarks/bench_offload.py --device cuda``: per-expert fetch bandwidth against one large pinned
    copy, and offloaded decode tokens/s at several budgets against resident, naive synchronous
    on-demand copying and all misses on the CPU (``offload.{json,md}``).
 
@@ -124,6 +127,8 @@ def validation_steps(out_dir: Path, commit: str | None) -> list[Step]:
         Step("autotune_quick", [py, "benchmarks/autotune_moe.py", "--quick", "--tokens", "1,2,4,8,16,32,64,512,2048",
                                 "--out-dir", str(out_dir / "configs")], 150),  # fmt: skip
         Step("bench_tuned_table", [*bench, "--out", str(out_dir / "kernels_tuned")], 180, env=tuned),
+        Step("bench_dense_decode", [py, "benchmarks/bench_dense_decode.py", "--out", str(out_dir / "dense_decode")],
+             240, env=env),
         Step("bench_offload", [py, "benchmarks/bench_offload.py", "--device", "cuda",
                                "--out", str(out_dir / "offload")], 240, env=env),
     ]

@@ -1,12 +1,33 @@
-"""Causal grouped-query attention with a KV cache and no positional encoding (Nemotron-H uses none)."""
+"""Causal grouped-query attention with a static KV cache and no positional encoding (Nemotron-H uses none).
+
+Attention runs through ``torch.nn.functional.scaled_dot_product_attention`` on views of the
+cache (see :mod:`residency.model.caches`): the KV heads are never repeated per query head. For
+one decoded token the ``H / H_kv`` query heads that share a KV head are folded into the query
+length, so a plain (non-GQA) SDPA call reads each KV head once, with any backend; several tokens
+use SDPA's own grouped-query support (``enable_gqa``, torch >= 2.5).
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import NemotronHConfig
 from .caches import InferenceCache
+
+_TORCH_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+
+def sdpa_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+             causal: bool = False) -> torch.Tensor:
+    """SDPA of ``q [B, H, T, D]`` over ``k, v [B, H_kv, S, D]``, query head i reading KV head ``i // (H / H_kv)``."""
+    if q.shape[1] != k.shape[1]:
+        if _TORCH_GQA:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
 
 
 class Attention(nn.Module):
@@ -24,36 +45,20 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: InferenceCache | None) -> torch.Tensor:
         bsz, seq, _ = x.shape
-        q = self.q_proj(x).view(bsz, seq, self.heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x)
         k = self.k_proj(x).view(bsz, seq, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(bsz, seq, self.kv_heads, self.head_dim).transpose(1, 2)
-        start = 0
-        if cache is not None:
-            start = cache.pos
-            k, v = self._append(cache, k, v, start)
-        rep = self.heads // self.kv_heads
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
-        scores = torch.matmul(q, k.transpose(2, 3)) * (self.head_dim**-0.5)  # [B, H, T, S]
-        q_pos = torch.arange(start, start + seq, device=x.device)[:, None]
-        k_pos = torch.arange(k.shape[2], device=x.device)[None, :]
-        scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        out = torch.matmul(probs, v).transpose(1, 2).reshape(bsz, seq, -1)
-        return self.o_proj(out)
-
-    def _append(self, cache: InferenceCache, k: torch.Tensor, v: torch.Tensor, start: int):
-        end = start + k.shape[2]
-        buf = cache.kv.get(self.layer_idx)
-        if buf is None or buf[0].shape[2] < end:
-            cap = max(end, 2 * (buf[0].shape[2] if buf is not None else 0), 16)
-            new_k = k.new_zeros(k.shape[0], k.shape[1], cap, k.shape[3])
-            new_v = torch.zeros_like(new_k)
-            if buf is not None:
-                new_k[:, :, :start] = buf[0][:, :, :start]
-                new_v[:, :, :start] = buf[1][:, :, :start]
-            buf = (new_k, new_v)
-            cache.kv[self.layer_idx] = buf
-        buf[0][:, :, start:end] = k
-        buf[1][:, :, start:end] = v
-        return buf[0][:, :, :end], buf[1][:, :, :end]
+        if cache is None:
+            q = q.view(bsz, seq, self.heads, self.head_dim).transpose(1, 2)
+            out = sdpa_gqa(q, k, v, causal=seq > 1).transpose(1, 2)
+            return self.o_proj(out.reshape(bsz, seq, -1))
+        k, v = cache.write_kv(self.layer_idx, k, v)  # views [B, H_kv, S, D] of the cache
+        step = cache.step
+        if seq == 1:
+            # the query heads of one KV head as query rows: [B, H_kv, H / H_kv, D]
+            qg = q.view(bsz, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
+            out = F.scaled_dot_product_attention(qg, k, v, attn_mask=step.mask)
+            return self.o_proj(out.reshape(bsz, 1, -1))
+        q = q.view(bsz, seq, self.heads, self.head_dim).transpose(1, 2)
+        out = sdpa_gqa(q, k, v, step.mask, step.causal).transpose(1, 2)
+        return self.o_proj(out.reshape(bsz, seq, -1))

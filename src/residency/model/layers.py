@@ -3,27 +3,30 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import gated_rms_norm, rms_norm
 from .caches import InferenceCache
 
 
 class RMSNorm(nn.Module):
+    """``weight · x / sqrt(mean(x²) + eps)`` in fp32, cast back to x's dtype (one kernel on GPU)."""
+
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * h).to(dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class GatedRMSNorm(nn.Module):
-    """``norm(y · silu(z))`` with the mean square taken per group of ``size / groups`` channels."""
+    """``norm(y · silu(z))`` with the mean square taken per group of ``size / groups`` channels.
+
+    Computed in fp32 in one pass (:func:`~residency.kernels.gated_rms_norm`); the result has
+    ``out_dtype``, by default the promotion of y's and the weight's dtypes.
+    """
 
     def __init__(self, size: int, groups: int, eps: float) -> None:
         super().__init__()
@@ -31,13 +34,9 @@ class GatedRMSNorm(nn.Module):
         self.groups = groups
         self.eps = eps
 
-    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        dtype = y.dtype
-        h = y.float() * F.silu(z.float())
-        shape = h.shape
-        h = h.view(*shape[:-1], self.groups, shape[-1] // self.groups)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.view(shape).to(dtype)
+    def forward(self, y: torch.Tensor, z: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        dtype = out_dtype or torch.promote_types(y.dtype, self.weight.dtype)
+        return gated_rms_norm(y, z, self.weight, self.groups, self.eps, out_dtype=dtype)
 
 
 def relu2(x: torch.Tensor) -> torch.Tensor:

@@ -14,17 +14,20 @@ so the offload runtime can swap in its own implementation without touching the r
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..config import NemotronHConfig
+from ..kernels._dispatch import next_power_of_2
 from .attention import Attention
-from .caches import InferenceCache
+from .caches import DEFAULT_KV_CAPACITY, InferenceCache
 from .layers import MLP, RMSNorm
 from .mamba import Mamba2Mixer
-from .moe import ExpertBackend, MoEMixer, MoEObserver, StepListener
+from .moe import ExpertBackend, MoEMixer, MoEObserver, ResidentExperts, StepListener
 
 
 class Block(nn.Module):
@@ -46,8 +49,9 @@ class Block(nn.Module):
             self.mixer = MLP(config.hidden_size, config.intermediate_size, config.mlp_bias)
 
     def forward(self, h: torch.Tensor, cache: InferenceCache | None) -> torch.Tensor:
-        out = self.mixer(self.norm(h.to(self.norm.weight.dtype)), cache)
-        residual = h.float() if self.residual_in_fp32 else h
+        x = h if h.dtype == self.norm.weight.dtype else h.to(self.norm.weight.dtype)
+        out = self.mixer(self.norm(x), cache)
+        residual = h.float() if self.residual_in_fp32 and h.dtype != torch.float32 else h
         return residual + out
 
 
@@ -69,6 +73,7 @@ class NemotronHForCausalLM(nn.Module):
         self.backbone = Backbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.step_listeners: list[StepListener] = []
+        self.cuda_graphs: bool | str = False  # the default of new_cache(cuda_graphs=...)
 
     @property
     def moe_mixers(self) -> list[MoEMixer]:
@@ -105,8 +110,44 @@ class NemotronHForCausalLM(nn.Module):
                 raise TypeError(f"set_experts: the factory returned {type(backend).__name__}, not an ExpertBackend")
             m.experts = backend
 
-    def new_cache(self, batch: int) -> InferenceCache:
-        return InferenceCache(batch=batch)
+    def new_cache(self, batch: int, *, max_len: int | None = None, kv_dtype: torch.dtype | None = None,
+                  cuda_graphs: bool | str | None = None) -> InferenceCache:
+        """Decode state for ``batch`` sequences, preallocated on the model's device (:mod:`.caches`).
+
+        Args:
+            batch: sequences decoded together.
+            max_len: KV capacity in tokens (prompt + generated); writing past it is an error.
+                Default: ``min(max_position_embeddings, 4096)``, doubled whenever a call needs more.
+            kv_dtype: KV cache dtype (default the attention weights'); ``torch.float8_e4m3fn``
+                halves the cache (values saturate at ±448, widened to the compute dtype when read).
+            cuda_graphs: capture decode steps in CUDA graphs (:class:`DecodeGraphs`): True or
+                ``"auto"`` (the whole step when every expert is resident, else the dense segments
+                between MoE layers), ``"full"``, ``"dense"``, False; None = ``self.cuda_graphs``.
+        """
+        if max_len is not None and max_len < 1:
+            raise ValueError(f"max_len must be a positive number of tokens, got {max_len}")
+        cache = InferenceCache(batch=batch, max_len=max_len, kv_dtype=kv_dtype)
+        device = self.lm_head.weight.device
+        if device.type == "meta":
+            return cache
+        cache.capacity = max_len or min(self.config.max_position_embeddings, DEFAULT_KV_CAPACITY)
+        for i, block in enumerate(self.backbone.layers):
+            mixer = block.mixer
+            act_dtype = block.norm.weight.dtype  # the mixer's input and projections' output dtype
+            if isinstance(mixer, Mamba2Mixer):
+                cache.conv[i], cache.ssm[i] = mixer.new_state(batch, act_dtype)
+            elif isinstance(mixer, Attention):
+                shape = (batch, mixer.kv_heads, cache.capacity, mixer.head_dim)
+                dtype = kv_dtype or act_dtype
+                cache.kv[i] = (torch.zeros(shape, dtype=dtype, device=device),
+                               torch.zeros(shape, dtype=dtype, device=device))  # fmt: skip
+        cache.device_pos(device)
+        graphs = self.cuda_graphs if cuda_graphs is None else cuda_graphs
+        if graphs:
+            if device.type != "cuda":
+                raise ValueError(f"cuda_graphs needs the model on a CUDA device; it is on {device}")
+            cache.graphs = DecodeGraphs(self, cache, mode="auto" if graphs is True else graphs)
+        return cache
 
     @torch.no_grad()
     def forward(
@@ -114,24 +155,250 @@ class NemotronHForCausalLM(nn.Module):
     ) -> torch.Tensor:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        if cache is not None and cache.graphs is not None and cache.graphs.handles(input_ids):
+            return cache.graphs.step(input_ids)
+        seq = input_ids.shape[1]
         is_decode = cache is not None and cache.pos > 0
-        for m in self.moe_mixers:
-            m.is_decode = is_decode
-        for listener in self.step_listeners:
-            listener.begin_step(input_ids, is_decode)
+        self._begin_step(input_ids, is_decode)
         try:
+            if cache is not None:
+                cache.begin_step(seq, input_ids.device)
             h = self.backbone.embeddings(input_ids)
             for block in self.backbone.layers:
                 h = block(h, cache)
         finally:
-            for listener in self.step_listeners:
-                listener.end_step()
+            self._end_step()
+            if cache is not None:
+                cache.step = None
         if cache is not None:
-            cache.pos += input_ids.shape[1]
+            cache.advance(seq)
         if last_only:
             h = h[:, -1:]
+        return self.logits(h)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of final hidden states (``norm_f``, then ``lm_head``)."""
         h = self.backbone.norm_f(h)
-        return self.lm_head(h.to(self.lm_head.weight.dtype)).float()
+        dtype = self.lm_head.weight.dtype
+        logits = self.lm_head(h if h.dtype == dtype else h.to(dtype))
+        return logits if logits.dtype == torch.float32 else logits.float()
+
+    def _begin_step(self, input_ids: torch.Tensor, is_decode: bool) -> None:
+        for m in self.moe_mixers:
+            m.is_decode = is_decode
+        for listener in self.step_listeners:
+            listener.begin_step(input_ids, is_decode)
+
+    def _end_step(self) -> None:
+        for listener in self.step_listeners:
+            listener.end_step()
+
+
+GRAPH_MODES = ("auto", "full", "dense")
+# records a function without running it; returns (replay, the function's static output)
+Capture = Callable[[Callable[[], torch.Tensor]], tuple[Callable[[], None], torch.Tensor]]
+
+
+@dataclass
+class GraphPiece:
+    """A run of blocks of the decode step: captured in one graph, or (MoE blocks) run eagerly between replays.
+
+    The first piece also sets up the step (positions, mask) and embeds the tokens; the last one
+    advances ``pos_t`` and computes the logits. ``inp``/``out`` are a captured piece's static
+    input and output; ``keep`` holds tensors later pieces read (the step's mask).
+    """
+
+    blocks: list[int]
+    graph: bool
+    first: bool = False
+    last: bool = False
+    inp: torch.Tensor | None = None
+    out: torch.Tensor | None = None
+    replay: Callable[[], None] | None = None
+    keep: Any = None
+
+
+def plan_pieces(kinds: Sequence[str], mode: str) -> list[GraphPiece]:
+    """Split a decode step over blocks of these kinds: ``"full"`` = one captured piece; ``"dense"`` =
+    each run of non-MoE blocks captured, each MoE block eager (an offloading backend syncs)."""
+    if mode == "full":
+        return [GraphPiece(list(range(len(kinds))), True, first=True, last=True)]
+    pieces = [GraphPiece([], True, first=True)]
+    for i, kind in enumerate(kinds):
+        if kind == "moe":
+            pieces.append(GraphPiece([i], False))
+            continue
+        if not pieces[-1].graph:
+            pieces.append(GraphPiece([], True))
+        pieces[-1].blocks.append(i)
+    if not pieces[-1].graph:
+        pieces.append(GraphPiece([], True))
+    pieces[-1].last = True
+    return pieces
+
+
+class DecodeGraphs:
+    """CUDA graphs of the one-token decode step of one cache (design: ``docs/decode.md``).
+
+    Modes: ``"full"`` captures the whole step (every expert resident: the MoE layers compute
+    through the identity slot table and never leave the device); ``"dense"`` captures the runs of
+    Mamba and attention blocks between MoE layers and runs each MoE block eagerly in between
+    (what an offloading backend needs: its lookups and copies are host-driven); ``"auto"`` picks
+    ``"full"`` when every MoE layer has :class:`ResidentExperts` and no observer, else ``"dense"``.
+
+    A step at position ``p`` reads the first ``bucket(p)`` KV entries (powers of two from
+    ``min_bucket`` up to the cache capacity) under a mask built on the device from ``pos_t``, so
+    one set of graphs serves every position of its bucket; a new bucket is captured when the
+    sequence reaches it. Its first ``warmup`` steps run the same code eagerly (real steps, on a
+    side stream; they compile every kernel), the next one captures, then replays. Graphs are
+    dropped when the cache reallocates (KV growth) or the experts' backends change.
+
+    ``capture(fn) -> (replay, out)`` records ``fn`` without running it; the default uses
+    ``torch.cuda.CUDAGraph``. Tests pass one that runs ``fn`` eagerly on CPU.
+    """
+
+    def __init__(self, model: NemotronHForCausalLM, cache: InferenceCache, *, mode: str = "auto",
+                 min_bucket: int = 256, warmup: int = 1, capture: Capture | None = None):
+        if mode not in GRAPH_MODES:
+            raise ValueError(f"cuda_graphs mode must be one of {GRAPH_MODES} (or True/False), got {mode!r}")
+        self.model, self.cache, self.mode = model, cache, mode
+        self.min_bucket, self.warmup = min_bucket, warmup
+        self.device = model.lm_head.weight.device
+        self._capture = capture or self._cuda_capture
+        self.input_ids = torch.zeros(cache.batch, 1, dtype=torch.int64, device=self.device)
+        self.buckets: dict[int, list[GraphPiece]] = {}
+        self._warm: dict[int, int] = {}
+        self._key: tuple | None = None
+        self._pool: Any = None
+        self._stream: Any = None
+        self.counts = {"eager": 0, "captured": 0, "replayed": 0}
+
+    def resolved_mode(self) -> str | None:
+        """The mode the model allows now: None when ``"full"`` was asked for but cannot be had."""
+        mixers = self.model.moe_mixers
+        resident = all(type(m.experts) is ResidentExperts and not m.observers for m in mixers)
+        if self.mode == "auto":
+            return "full" if resident else "dense"
+        return self.mode if resident or self.mode == "dense" else None
+
+    def handles(self, input_ids: torch.Tensor) -> bool:
+        """True for a one-token call this cache's graphs can run (else the model runs eagerly)."""
+        c = self.cache
+        return (tuple(input_ids.shape) == (c.batch, 1) and 0 < c.pos < c.capacity
+                and input_ids.device == self.device and self.resolved_mode() is not None)  # fmt: skip
+
+    def bucket(self, pos: int) -> int:
+        """KV entries a step at position ``pos`` attends to (masked past ``pos``)."""
+        return min(self.cache.capacity, max(self.min_bucket, next_power_of_2(pos + 1)))
+
+    def reset(self) -> None:
+        self.buckets.clear()
+        self._warm.clear()
+
+    @torch.no_grad()
+    def step(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """One decode step ``[B, 1]`` → fp32 logits ``[B, 1, V]``, replayed (or warmed up / captured)."""
+        model, cache = self.model, self.cache
+        mode = self.resolved_mode()
+        key = (cache.generation, mode, tuple(type(m.experts) for m in model.moe_mixers))
+        if key != self._key:
+            self.reset()
+            self._key = key
+        length = self.bucket(cache.pos)
+        cache.device_pos(self.device)  # any refresh of pos_t happens here, never inside a capture
+        model._begin_step(input_ids, True)
+        try:
+            self.input_ids.copy_(input_ids)
+            pieces = self.buckets.get(length)
+            if pieces is None and self._warm.get(length, 0) < self.warmup:
+                self._warm[length] = self._warm.get(length, 0) + 1
+                self.counts["eager"] += 1
+                with self._side_stream():
+                    out = self._run(plan_pieces(self._kinds(), mode), length)
+            else:
+                if pieces is None:
+                    pieces = self.buckets[length] = self._capture_pieces(mode, length)
+                    self.counts["captured"] += 1
+                out = self._replay(pieces)
+                self.counts["replayed"] += 1
+        finally:
+            model._end_step()
+            cache.step = None
+        cache.advanced_on_device(1)
+        return out.clone()
+
+    def _kinds(self) -> list[str]:
+        return [b.kind for b in self.model.backbone.layers]
+
+    def _run_piece(self, piece: GraphPiece, h: torch.Tensor | None, length: int) -> torch.Tensor:
+        model, cache = self.model, self.cache
+        if piece.first:
+            cache.begin_step(1, self.device, attend_len=length)
+            h = model.backbone.embeddings(self.input_ids)
+        for i in piece.blocks:
+            h = model.backbone.layers[i](h, cache)
+        if piece.last:
+            cache.pos_t.add_(1)
+            h = model.logits(h)
+        return h
+
+    def _run(self, pieces: list[GraphPiece], length: int) -> torch.Tensor:
+        h = None
+        for piece in pieces:
+            h = self._run_piece(piece, h, length)
+        return h
+
+    def _capture_pieces(self, mode: str, length: int) -> list[GraphPiece]:
+        pieces = plan_pieces(self._kinds(), mode)
+        prev = None
+        for piece in pieces:
+            if not piece.graph:
+                continue
+            if not piece.first:  # after an eager MoE block, whose output has its input's shape and dtype
+                piece.inp = torch.zeros_like(prev)
+            piece.replay, piece.out = self._capture(lambda p=piece: self._run_piece(p, p.inp, length))
+            if piece.first:
+                piece.keep = self.cache.step  # positions and mask, read by the later pieces
+            prev = piece.out
+        return pieces
+
+    def _replay(self, pieces: list[GraphPiece]) -> torch.Tensor:
+        layers, h = self.model.backbone.layers, None
+        for piece in pieces:
+            if piece.graph:
+                if piece.inp is not None:
+                    piece.inp.copy_(h)
+                piece.replay()
+                h = piece.out
+            else:
+                for i in piece.blocks:
+                    h = layers[i](h, self.cache)
+        return h
+
+    def _side(self) -> Any:
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        return self._stream
+
+    @contextlib.contextmanager
+    def _side_stream(self) -> Iterator[None]:
+        if self.device.type != "cuda":
+            yield
+            return
+        side, main = self._side(), torch.cuda.current_stream(self.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            yield
+        main.wait_stream(side)
+
+    def _cuda_capture(self, fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        # thread-local: an offloading backend's copy threads may keep working during a capture
+        with torch.cuda.graph(graph, pool=self._pool, stream=self._side(), capture_error_mode="thread_local"):
+            out = fn()
+        return graph.replay, out
 
 
 _INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "kaiming_uniform_",
