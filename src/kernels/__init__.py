@@ -12,7 +12,14 @@ from .mamba import (
     selective_state_update,
     selective_state_update_reference,
 )
-from .moe import MoeConfig, moe_gather_gemm, moe_gather_gemm_reference
+from .moe import (
+    MoeConfig,
+    moe_gather_gemm,
+    moe_gather_gemm_quant,
+    moe_gather_gemm_quant_reference,
+    moe_gather_gemm_reference,
+    quant_linear,
+)
 from .norms import gated_rms_norm, gated_rms_norm_reference, rms_norm, rms_norm_reference
 from .routing import route, route_reference
 
@@ -27,7 +34,10 @@ __all__ = [
     "get_backend",
     "kernel_backend",
     "moe_gather_gemm",
+    "moe_gather_gemm_quant",
+    "moe_gather_gemm_quant_reference",
     "moe_gather_gemm_reference",
+    "quant_linear",
     "rms_norm",
     "rms_norm_reference",
     "route",

@@ -1,4 +1,4 @@
-"""Compile every Triton kernel for CUDA architectures ahead of time, without a GPU.
+"""Compile every Triton kernel (float and quantized MoE, router) for CUDA architectures ahead of time, without a GPU.
 
     python -m residency.kernels.compile_check            # sm_90 and sm_80, prints JSON
 
@@ -94,6 +94,7 @@ def check(arch: int) -> list[dict]:
                  "BLOCK_M": config.BLOCK_M, "BLOCK_N": tile.BLOCK_N, "BLOCK_K": tile.BLOCK_K, "GROUP_M": tile.GROUP_M},
                 num_warps=tile.num_warps, num_stages=tile.num_stages,
             )  # fmt: skip
+    _quant_variants(record, table)
     record(
         "reduce", moe.moe_reduce_kernel,
         {"y": "*fp32", "out": "*bf16", "topk_ids": "*i64", "skip": "*u8", "slot_of_expert": "*i32", "L": "i32D",
@@ -101,6 +102,56 @@ def check(arch: int) -> list[dict]:
         {"stride_ol": 1, "TOP_K": TOP_K, "HAS_SKIP": True, "BLOCK_N": 128},
     )  # fmt: skip
     return results
+
+
+def _quant_variants(record, table) -> None:
+    """The quantized MoE kernels: decode per format (and W4A16 asymmetric), prefill per format in bf16, and
+    NVFP4 prefill in fp32 (8 decode + 8 prefill variants)."""
+    import triton.language as tl
+
+    from .moe import quant_gather_gemm_kernels as quant
+
+    formats = {  # name: (FORMAT, PACK, data, scale, scale2, zero, symmetric)
+        "nvfp4": (0, 2, "*u8", "*u8", "*fp32", "*u8", True),
+        "fp8": (1, 1, "*u8", "*u8", "*fp32", "*u8", True),
+        "w4a16": (2, 8, "*i32", "*bf16", "*i32", "*i32", True),
+        "w4a16-asym": (2, 8, "*i32", "*bf16", "*i32", "*i32", False),
+    }
+    strides = {"stride_ds": "i32D", "stride_dn": "i32D", "stride_ss": "i32D", "stride_sn": "i32",
+               "stride_s2": "i32", "stride_zs": "i32D", "stride_zn": "i32", "stride_cm": "i32D"}
+    pair = {"topk_ids": "*i64", "skip": "*u8", "slot_of_expert": "*i32", "topk_weights": "*fp32", "E": "i32D"}
+    decode = table.config("decode", 1)
+    for name, (fmt, pack, data, scale, scale2, zero, sym) in formats.items():
+        for proj, tile, a, row_div in (("up", decode.up, "*bf16", TOP_K), ("down", decode.down, "*fp32", 1)):
+            record(
+                f"quant.decode.{name}.{proj}", quant.moe_quant_gemv_decode_kernel,
+                {"a": a, "data": data, "scale": scale, "scale2": scale2, "zero": zero, "c": "*fp32", **pair,
+                 "N": "i32D", "K": "i32D", "KW": "i32D", "GROUP_W": "i32", "stride_am": "i32D", "stride_ak": "i32",
+                 **strides},
+                {"stride_ak": 1, "A_ROW_DIV": row_div, "HAS_SKIP": True, "RELU2": proj == "up",
+                 "MUL_WEIGHT": proj == "down", "FORMAT": fmt, "PACK": pack, "SYMMETRIC": sym,
+                 "BLOCK_N": tile.BLOCK_N, "BLOCK_W": max(1, tile.BLOCK_K // pack)},
+                num_warps=tile.num_warps, num_stages=tile.num_stages,
+            )  # fmt: skip
+    prefill = table.config("prefill", 256)
+    variants = [(name, "bf16") for name in ("nvfp4", "fp8", "w4a16-asym")] + [("nvfp4", "fp32")]
+    for name, dtype in variants:
+        fmt, pack, data, scale, scale2, zero, sym = formats[name]
+        compute = tl.bfloat16 if dtype == "bf16" else tl.float32
+        for proj, tile, a, c, row_div in (("up", prefill.up, f"*{dtype}", f"*{dtype}", TOP_K),
+                                          ("down", prefill.down, f"*{dtype}", "*fp32", 1)):  # fmt: skip
+            record(
+                f"quant.prefill.{name}.{dtype}.{proj}", quant.moe_quant_gemm_prefill_kernel,
+                {"a": a, "data": data, "scale": scale, "scale2": scale2, "zero": zero, "c": c,
+                 "sorted_pair_ids": "*i32", "block_slot": "*i32", "num_rows": "*i32", "topk_weights": "*fp32",
+                 "N": "i32D", "K": "i32D", "GROUP": "i32D", "P": "i32", "num_blocks": "i32", "stride_am": "i32D",
+                 "stride_ak": "i32", **strides},
+                {"stride_ak": 1, "A_ROW_DIV": row_div, "RELU2": proj == "up", "MUL_WEIGHT": proj == "down",
+                 "FORMAT": fmt, "PACK": pack, "SYMMETRIC": sym, "COMPUTE_DTYPE": compute,
+                 "DOT_PRECISION": "tf32" if dtype == "bf16" else "ieee", "BLOCK_M": prefill.BLOCK_M,
+                 "BLOCK_N": tile.BLOCK_N, "BLOCK_K": tile.BLOCK_K, "GROUP_M": tile.GROUP_M},
+                num_warps=tile.num_warps, num_stages=tile.num_stages,
+            )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

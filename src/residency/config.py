@@ -40,8 +40,13 @@ _LIST_TO_KIND = {
 }
 _KIND_TO_PATTERN = {v: k for k, v in _PATTERN_TO_KIND.items()}
 
-EXPERT_DTYPES = ("bf16", "fp8", "nvfp4")
-DENSE_DTYPES = ("bf16", "fp8")
+#: routed-expert formats the byte accounting knows (w4a16: compressed-tensors int4, group 128 by default)
+EXPERT_DTYPES = ("bf16", "fp8", "nvfp4", "w4a16")
+#: non-expert formats: all bf16, the generic FP8 estimate, or "mixed": each module's own format from a
+#: checkpoint's quantization config (needs one attached: NemotronHConfig.with_quantization)
+DENSE_DTYPES = ("bf16", "fp8", "mixed")
+#: bytes every section of an expert record is aligned to (residency.kernels.moe.quant_formats.RECORD_ALIGN)
+RECORD_ALIGN = 16
 
 # Keys Hugging Face writes into every config.json, or that NemotronH configs carry without
 # affecting the forward math (initialisation, training, generation or runtime hints).
@@ -167,6 +172,10 @@ class NemotronHConfig:
     # numerics: keep the residual stream in fp32 between blocks (read from the config; the model
     # must honour it, it is not a hint)
     residual_in_fp32: bool = False
+    # the checkpoint's quantization scheme (residency.model.quant.QuantScheme: spec_of(module) and
+    # describe()), attached by with_quantization for byte accounting; not part of the architecture,
+    # so it is left out of equality, the fingerprint and to_dict
+    quantization: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -196,7 +205,7 @@ class NemotronHConfig:
 
         pattern = _read_pattern(raw, source)
         mtp_pattern = _read_mtp_pattern(raw, source)
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = {f.name for f in dataclasses.fields(cls)} - {"quantization"}
         values: dict[str, Any] = {"pattern": pattern, "mtp_pattern": mtp_pattern}
         unknown = []
         for key, value in raw.items():
@@ -227,7 +236,8 @@ class NemotronHConfig:
         """A config.json-style dict that :meth:`from_dict` reads back to an equal config."""
         out: dict[str, Any] = {"model_type": "nemotron_h", "architectures": ["NemotronHForCausalLM"]}
         for f in dataclasses.fields(self):
-            out[f.name] = getattr(self, f.name)
+            if f.name != "quantization":
+                out[f.name] = getattr(self, f.name)
         out["hybrid_override_pattern"] = out.pop("pattern")
         mtp = out.pop("mtp_pattern")
         if mtp:
@@ -240,6 +250,12 @@ class NemotronHConfig:
 
     def replace(self, **changes: Any) -> NemotronHConfig:
         return dataclasses.replace(self, **changes)
+
+    def with_quantization(self, scheme: Any) -> NemotronHConfig:
+        """This config with a checkpoint's quantization scheme attached (None detaches it): byte
+        accounting then uses each module's own format (``expert_bytes(self.expert_format)``,
+        ``non_expert_bytes("mixed")``)."""
+        return dataclasses.replace(self, quantization=scheme)
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
@@ -336,22 +352,83 @@ class NemotronHConfig:
         """Weights in one routed expert: up [I, L] + down [L, I]."""
         return 2 * self.moe_intermediate_size * self.expert_input_size
 
-    def expert_bytes(self, dtype: str = "bf16") -> int:
-        """Bytes one routed expert occupies in ``dtype`` (weights plus quantisation scales)."""
+    def expert_bytes(self, dtype: str = "bf16", *, group_size: int | None = 128, symmetric: bool = True,
+                     scale_bytes: int = 2) -> int:
+        """Bytes of one routed expert in ``dtype``, as the runtime stores and copies it (one record).
+
+        Quantized formats count the checkpoint's weight and scale tensors, each record section
+        padded to :data:`RECORD_ALIGN` bytes (no padding for Super's shapes), plus four fp32
+        per-tensor scalars for ``nvfp4`` / ``fp8``. ``w4a16``: int4 codes packed in int32, one
+        scale of ``scale_bytes`` per ``group_size`` inputs (None: per row), int4 zero points when
+        not ``symmetric``. With a quantization scheme attached and ``dtype`` its expert format,
+        the scheme's parameters are used (the largest expert over the MoE layers).
+        """
+        spec = self._expert_spec() if self.quantization is not None else None
+        if spec is not None and dtype == spec.format:
+            if dtype == "w4a16":
+                group_size, symmetric, scale_bytes = spec.group_size, spec.symmetric, spec.scale_dtype.itemsize
         inner, width = self.moe_intermediate_size, self.expert_input_size
         if dtype == "bf16":
             return 2 * self.params_per_expert
-        if dtype == "fp8":
-            # E4M3 weights + fp32 weight_scale and input_scale per Linear (ModelOpt per-tensor FP8)
-            return self.params_per_expert + 2 * 2 * 4
-        if dtype == "nvfp4":
-            # per Linear [out, in]: E2M1 packed two per byte, one E4M3 scale per 16 inputs,
-            # fp32 weight_scale_2 and input_scale
-            def linear(out_f: int, in_f: int) -> int:
-                return out_f * _ceil_div(in_f, 2) + out_f * _ceil_div(in_f, 16) + 2 * 4
+        if dtype not in EXPERT_DTYPES:
+            raise ConfigError(f"unknown expert dtype {dtype!r}; use one of {EXPERT_DTYPES}")
+        total = 0
+        for n, k in ((inner, width), (width, inner)):
+            if dtype == "nvfp4":
+                total += _align(n * _ceil_div(k, 2)) + _align(n * _ceil_div(k, 16))
+            elif dtype == "fp8":
+                total += _align(n * k)
+            else:
+                groups = 1 if group_size is None else _ceil_div(k, group_size)
+                total += _align(4 * n * _ceil_div(k, 8)) + _align(n * groups * scale_bytes)
+                if not symmetric:
+                    total += _align(4 * _ceil_div(n, 8) * groups)
+        if dtype in ("nvfp4", "fp8"):
+            total += _align(4 * 4)  # weight scale (global) and input scale of up and down, fp32
+        return total
 
-            return linear(inner, width) + linear(width, inner)
-        raise ConfigError(f"unknown expert dtype {dtype!r}; use one of {EXPERT_DTYPES}")
+    @property
+    def expert_format(self) -> str:
+        """The routed experts' format in the attached quantization scheme (``"bf16"`` without one)."""
+        spec = self._expert_spec() if self.quantization is not None else None
+        return "bf16" if spec is None else spec.format
+
+    def _expert_spec(self) -> Any:
+        """The attached scheme's expert format (the first quantized expert projection found), or None."""
+        for layer in self.moe_layers:
+            for proj in ("up", "down"):
+                spec = self.quantization.spec_of(f"backbone.layers.{layer}.mixer.experts.0.{proj}_proj")
+                if spec is not None:
+                    return spec
+        return None
+
+    def dense_linears(self) -> list[tuple[str, str, int, int]]:
+        """Every non-expert Linear module: (name, byte group, out, in), lm_head included."""
+        d = self.hidden_size
+        out: list[tuple[str, str, int, int]] = []
+        q, kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        for i, kind in enumerate(self.layer_kinds):
+            m = f"backbone.layers.{i}.mixer."
+            if kind == "mamba":
+                out += [(m + "in_proj", "mamba", self.mamba_in_proj_size, d), (m + "out_proj", "mamba", d,
+                                                                                 self.mamba_inner)]
+            elif kind == "attention":
+                out += [(m + "q_proj", "attention", q, d), (m + "k_proj", "attention", kv, d),
+                        (m + "v_proj", "attention", kv, d), (m + "o_proj", "attention", d, q)]
+            elif kind == "moe":
+                if self.n_shared_experts:
+                    s = self.moe_shared_expert_intermediate_size
+                    out += [(m + "shared_experts.up_proj", "shared_experts", s, d),
+                            (m + "shared_experts.down_proj", "shared_experts", d, s)]
+                if self.moe_latent_size is not None:
+                    out += [(m + "fc1_latent_proj", "latent_proj", self.moe_latent_size, d),
+                            (m + "fc2_latent_proj", "latent_proj", d, self.moe_latent_size)]
+            else:
+                out += [(m + "up_proj", "mlp", self.intermediate_size, d),
+                        (m + "down_proj", "mlp", d, self.intermediate_size)]
+        if not self.tie_word_embeddings:
+            out.append(("lm_head", "lm_head", self.vocab_size, d))
+        return out
 
     @property
     def num_experts_total(self) -> int:
@@ -416,13 +493,27 @@ class NemotronHConfig:
         ``fp8`` quantises the large Linear layers (Mamba in/out projections, attention, latent
         projections, shared experts, dense MLPs) with per-tensor scales; embeddings, lm_head,
         router, convolution, norms and small vectors stay bf16, as in the published FP8/NVFP4 repos.
-        The fp32 ``e_score_correction_bias`` vectors are counted under ``router``.
+        The fp32 ``e_score_correction_bias`` vectors are counted under ``router``. ``mixed`` counts
+        each Linear in its own format from the attached quantization scheme (what the loader keeps
+        in memory: packed weights, block/group scales, zero points and the fp32 per-tensor scale);
+        a quantized ``lm_head`` counts in bf16 because the loader dequantizes it.
         """
         if dtype not in DENSE_DTYPES:
             raise ConfigError(f"unknown non-expert dtype {dtype!r}; use one of {DENSE_DTYPES}")
         groups = self.non_expert_param_groups()
         out = {k: 2 * v for k, v in groups.items()}
         out["router"] += 4 * self.num_moe_layers * self.n_routed_experts
+        if dtype == "mixed":
+            if self.quantization is None:
+                raise ConfigError(
+                    "non-expert dtype 'mixed' takes each module's format from a checkpoint's quantization config: "
+                    "plan with --model CHECKPOINT_DIR or a quantized --config preset"
+                )
+            for name, group, n, k in self.dense_linears():
+                spec = self.quantization.spec_of(name)
+                if spec is None or name == "lm_head":
+                    continue
+                out[group] += _linear_bytes(spec, n, k) - 2 * n * k
         if dtype == "fp8":
             d = self.hidden_size
             n_m, n_a = len(self.mamba_layers), len(self.attention_layers)
@@ -491,6 +582,21 @@ def _count(n: int) -> str:
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _align(n: int) -> int:
+    return _ceil_div(n, RECORD_ALIGN) * RECORD_ALIGN
+
+
+def _linear_bytes(spec: Any, n: int, k: int) -> int:
+    """Bytes a quantized Linear ``[n, k]`` occupies once loaded (weights, scales, zero points, fp32 scalar)."""
+    if spec.format == "nvfp4":
+        return n * _ceil_div(k, 2) + n * _ceil_div(k, 16) + 4
+    if spec.format == "fp8":
+        return n * k + 4
+    groups = 1 if spec.group_size is None else _ceil_div(k, spec.group_size)
+    zero = 0 if spec.symmetric else 4 * _ceil_div(n, 8) * groups
+    return 4 * n * _ceil_div(k, 8) + n * groups * spec.scale_dtype.itemsize + zero
 
 
 def _check_required(values: dict[str, Any], pattern: str, source: str) -> None:

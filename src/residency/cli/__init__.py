@@ -11,7 +11,8 @@ import sys
 from ..errors import ResidencyError
 
 # Modules that each define ``register(subparsers)``; a sub-command stores its handler as ``func``.
-COMMAND_MODULES = ("residency.cli.model", "residency.cli.plan", "residency.cli.profile", "residency.cli.serve")
+COMMAND_MODULES = ("residency.cli.model", "residency.cli.plan", "residency.cli.profile", "residency.cli.serve",
+                   "residency.cli.quantize")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,6 +31,17 @@ CONFIG_ALIASES = {
     "nemotron-3-super": "nemotron-3-super-120b-a12b.config.json",
     "nemotron-3-super-120b-a12b": "nemotron-3-super-120b-a12b.config.json",
 }
+#: The official Super releases: ``--config NAME`` plans with the release's per-module formats
+#: (package data ``*.quant.json``, each with a note of how its module list was derived).
+QUANT_PRESETS = {
+    "nemotron-3-super-bf16": "nemotron-3-super-120b-a12b-bf16.quant.json",
+    "nemotron-3-super-fp8": "nemotron-3-super-120b-a12b-fp8.quant.json",
+    "nemotron-3-super-nvfp4": "nemotron-3-super-120b-a12b-nvfp4.quant.json",
+}
+for _name, _preset in list(QUANT_PRESETS.items()):
+    CONFIG_ALIASES[_name] = CONFIG_ALIASES["nemotron-3-super"]
+    CONFIG_ALIASES[_name.replace("super", "super-120b-a12b")] = CONFIG_ALIASES["nemotron-3-super"]
+    QUANT_PRESETS[_name.replace("super", "super-120b-a12b")] = _preset
 
 
 def _positive(kind: type) -> Any:
@@ -51,16 +62,36 @@ def resolve_config(config: str | None, model: str | None) -> NemotronHConfig:
     if config and model:
         raise ResidencyError("give --config or --model, not both")
     if model:
-        return load_config(model)
+        return _with_quantization(model)
     if not config:
         raise ResidencyError(
             "no model given: pass --config config.json, --model CHECKPOINT_DIR, or --config nemotron-3-super "
-            "for the built-in Nemotron 3 Super config"
+            "for the built-in Nemotron 3 Super config (nemotron-3-super-fp8 / -nvfp4: the quantized releases)"
         )
     if config in CONFIG_ALIASES and not Path(config).exists():
-        with importlib.resources.as_file(importlib.resources.files("residency") / "data" / CONFIG_ALIASES[config]) as p:
-            return load_config(p)
-    return load_config(config)
+        data = importlib.resources.files("residency") / "data"
+        with importlib.resources.as_file(data / CONFIG_ALIASES[config]) as p:
+            loaded = load_config(p)
+        preset = QUANT_PRESETS.get(config)
+        if preset is None:
+            return loaded
+        from ..model.quant.scheme import load_preset
+
+        with importlib.resources.as_file(data / preset) as p:
+            return loaded.with_quantization(load_preset(p, loaded))
+    return _with_quantization(config)
+
+
+def _with_quantization(path: str) -> NemotronHConfig:
+    """The config at ``path`` (folder or config.json) with the checkpoint's quantization attached: its
+    config.json ``quantization_config`` and a ``hf_quant_config.json`` beside it (no weights are read)."""
+    from ..model.quant.scheme import read_scheme
+
+    config = load_config(path)
+    p = Path(path)
+    folder = p if p.is_dir() else p.parent
+    raw = json.loads((p / "config.json" if p.is_dir() else p).read_text())
+    return config.with_quantization(read_scheme(folder, raw))
 
 
 def _resolve_gpu(args: argparse.Namespace) -> tuple[GpuSpec, HostSpec | None, list[str], int | None]:
@@ -307,8 +338,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="config.json, a checkpoint folder, or 'nemotron-3-super' (built in)")
-    p.add_argument("--model", help="checkpoint folder (its config.json is read; weights are not)")
+    p.add_argument("--config", help="config.json, a checkpoint folder, or a built-in Super release: "
+                                    "'nemotron-3-super' (= -bf16), 'nemotron-3-super-fp8', 'nemotron-3-super-nvfp4'")
+    p.add_argument("--model", help="checkpoint folder (its config.json and quantization config are read; weights are "
+                                   "not)")
 
 
 def register(subparsers: Any) -> None:
@@ -327,8 +360,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--mem-bw", type=_positive(float), help="device memory bandwidth, GB/s")
     p.add_argument("--h2d", type=_positive(float), help="practical pinned host-to-device rate, GB/s")
     p.add_argument("--unified", action="store_true", help="with --gpu custom: CPU and GPU share one memory pool")
-    p.add_argument("--expert-dtype", choices=EXPERT_DTYPES, default="nvfp4")
-    p.add_argument("--dense-dtype", choices=DENSE_DTYPES, default="bf16", help="non-expert weights")
+    p.add_argument("--expert-dtype", choices=EXPERT_DTYPES, default=None,
+                   help="routed experts (default: the checkpoint's or preset's format, else nvfp4)")
+    p.add_argument("--dense-dtype", choices=DENSE_DTYPES, default=None,
+                   help="non-expert weights; 'mixed' = each module's format from the quantization config "
+                        "(default: mixed for a quantized checkpoint or preset, else bf16)")
     p.add_argument("--kv-dtype", choices=tuple(KV_DTYPE_BYTES), default="bf16")
     p.add_argument("--host-memory", help="host RAM, e.g. 64GiB or 64GB (default 128 GiB)")
     p.add_argument("--host-cpu-bw", type=_positive(float), help="DRAM bandwidth a CPU expert kernel reaches, GB/s")

@@ -10,6 +10,14 @@ refused. Tensors are then read one at a time, either from memory-mapped files (:
 or straight into their destination with plain file reads (:meth:`Checkpoint.read_into`), which
 keeps no file pages mapped into the process and goes through a bounded staging buffer when the
 destination has another dtype or lives on another device.
+
+Quantized checkpoints (ModelOpt NVFP4 / FP8 / MIXED_PRECISION, compressed-tensors W4A16; see
+:mod:`residency.model.quant.scheme`) are read with their quantization config: :meth:`Checkpoint.validate`
+checks every quantized module's tensor names, shapes and dtypes against its format from the headers,
+:meth:`Checkpoint.read_into` copies stored tensors byte for byte into destinations of their own dtype
+(packed codes, E4M3 scales), and a quantized module's logical weight name (``<module>.weight``) read
+into a floating destination of the logical ``[out, in]`` shape is dequantized on the way
+(:meth:`Checkpoint.read_dequantized`, row blocks through the staging bound).
 """
 
 from __future__ import annotations
@@ -28,6 +36,9 @@ from ..errors import CheckpointError
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 FLOAT_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+#: every dtype a tensor may be stored in: floats, and the packed/scale dtypes of quantized modules
+STORED_DTYPES = {**FLOAT_DTYPES, "F8_E4M3": torch.float8_e4m3fn, "U8": torch.uint8, "I8": torch.int8,
+                 "I32": torch.int32, "I64": torch.int64}
 _HEADER_LIMIT = 512 * 1024 * 1024
 STAGING_BYTES = 64 * 1024 * 1024  # bound on the temporary buffer of a converting read
 
@@ -94,6 +105,61 @@ def expected_tensors(config: NemotronHConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
+_LINEAR_LEAVES = ("in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj",
+                  "fc1_latent_proj", "fc2_latent_proj")
+
+
+def linear_modules(config: NemotronHConfig) -> dict[str, tuple[int, int]]:
+    """Every Linear module of the backbone (the ones a quantization config may quantize): name → (out, in).
+
+    Mamba in/out projections, attention q/k/v/o, routed and shared experts' up/down, the latent
+    projections, dense MLPs and ``lm_head``; not the router, convolutions, norms or embeddings.
+    """
+    out: dict[str, tuple[int, int]] = {}
+    for name, shape in expected_tensors(config).items():
+        module, _, leaf = name.rpartition(".")
+        if leaf != "weight" or len(shape) != 2:
+            continue
+        if module == "lm_head" or module.rpartition(".")[2] in _LINEAR_LEAVES:
+            out[module] = (shape[0], shape[1])
+    return out
+
+
+def expert_module(config: NemotronHConfig, layer: int, expert: int, proj: str) -> str:
+    """Name of a routed expert's projection module: ``backbone.layers.{layer}.mixer.experts.{expert}.{proj}_proj``."""
+    return f"backbone.layers.{layer}.mixer.experts.{expert}.{proj}_proj"
+
+
+_SCALAR = ((), (1,))
+
+
+def quantized_tensors(spec, out_f: int, in_f: int) -> dict[str, tuple[tuple[tuple[int, ...], ...], tuple[str, ...],
+                                                                    bool, str]]:
+    """Tensors one quantized Linear stores: leaf → (allowed shapes, allowed dtypes, required, meaning)."""
+    if spec.format == "nvfp4":
+        return {
+            "weight": (((out_f, -(-in_f // 2)),), ("U8",), True, "two E2M1 codes per byte"),
+            "weight_scale": (((out_f, -(-in_f // 16)),), ("F8_E4M3",), True, "E4M3 scale per 16 inputs"),
+            "weight_scale_2": (_SCALAR, ("F32",), True, "fp32 per-tensor scale"),
+            "input_scale": (_SCALAR, ("F32",), False, "activation scale, unused"),
+        }
+    if spec.format == "fp8":
+        return {
+            "weight": (((out_f, in_f),), ("F8_E4M3",), True, "E4M3 weights"),
+            "weight_scale": (_SCALAR, ("F32",), True, "fp32 per-tensor scale"),
+            "input_scale": (_SCALAR, ("F32",), False, "activation scale, unused"),
+        }
+    groups = spec.groups(in_f)
+    out = {
+        "weight_packed": (((out_f, -(-in_f // 8)),), ("I32",), True, "eight int4 codes per int32"),
+        "weight_scale": (((out_f, groups),), tuple(FLOAT_DTYPES), True, f"scale per group of {spec.group_of(in_f)}"),
+        "weight_shape": (((2,),), ("I32", "I64"), True, "the unpacked [out, in]"),
+    }
+    if not spec.symmetric:
+        out["weight_zero_point"] = (((-(-out_f // 8), groups),), ("I32",), True, "int4 zero points packed along out")
+    return out
+
+
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     """Names, dtypes and shapes of a safetensors file; refuses truncated or malformed files."""
     try:
@@ -150,6 +216,45 @@ class Checkpoint:
                 raise CheckpointError(f"{self.folder}: index says {name!r} is in {shard}, but it is in {info.shard}")
         self._handles: dict[str, object] = {}
         self._files: dict[str, object] = {}
+        from .quant.scheme import read_scheme
+
+        scheme = read_scheme(self.folder)
+        if scheme is not None and scheme.method == "compressed-tensors":
+            # the group-scale dtype is the checkpoint's float dtype, which only the headers tell
+            dtypes = {i.dtype for n, i in self.tensors.items() if n.endswith(".weight_scale")}
+            if len(dtypes) == 1 and next(iter(dtypes)) in FLOAT_DTYPES:
+                scheme = scheme.with_scale_dtype(FLOAT_DTYPES[next(iter(dtypes))])
+        #: the quantization scheme from config.json / hf_quant_config.json, None for a float checkpoint
+        self.quant = scheme
+        self._linears: dict[str, tuple[int, int]] | None = None
+
+    @property
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """The model's Linear modules: name → (out, in)."""
+        if self._linears is None:
+            self._linears = linear_modules(self.config)
+        return self._linears
+
+    def module_spec(self, module: str):
+        """The :class:`~residency.kernels.moe.quant_formats.QuantSpec` of Linear ``module``, None when unquantized."""
+        if self.quant is None or module not in self.linears:
+            return None
+        return self.quant.spec_of(module)
+
+    def expert_spec(self, layer: int):
+        """The one format of MoE layer ``layer``'s routed experts (up and down), None when unquantized.
+
+        Raises :class:`CheckpointError` when the layer's experts or projections mix formats.
+        """
+        specs = {self.module_spec(expert_module(self.config, layer, e, p))
+                 for e in range(self.config.n_routed_experts) for p in ("up", "down")}
+        if len(specs) > 1:
+            names = sorted("bf16" if s is None else s.describe() for s in specs)
+            raise CheckpointError(
+                f"{self.folder}: the routed experts of layer {layer} mix formats ({'; '.join(names)}); residency "
+                "needs one format for all experts of a layer: re-quantize them alike"
+            )
+        return next(iter(specs))
 
     def _shard_map(self) -> dict[str, str]:
         """tensor name → shard file name (from the index, or the single file's header)."""
@@ -187,31 +292,126 @@ class Checkpoint:
         return sum(i.nbytes for i in self.tensors.values())
 
     def validate(self) -> None:
-        """Compare the checkpoint with its config; raise one error listing every problem."""
+        """Compare the checkpoint with its config and quantization config; raise one error listing every problem.
+
+        From the safetensors headers alone: missing, unexpected (other than ``mtp.*``), wrong-shape
+        and wrong-dtype tensors, and for every quantized module the tensors its format needs
+        (names, shapes, dtypes), modules listed as quantized but stored in a float dtype, modules
+        stored quantized that the config does not list, and MoE layers whose experts mix formats.
+        """
         expected = expected_tensors(self.config)
+        quant_problems: list[str] = []
+        quant_names: set[str] = set()  # tensors accounted for by a quantized (or mis-stored) module
+        specs = {m: self.module_spec(m) for m in self.linears} if self.quant is not None else {}
+        for module, spec in specs.items():
+            if spec is None:
+                continue
+            out_f, in_f = self.linears[module]
+            problem, names = self._check_quantized(module, spec, out_f, in_f)
+            quant_names |= names
+            quant_names.add(f"{module}.weight")
+            if problem:
+                quant_problems.append(f"{module} ({spec.format}): {problem}")
+        for module in self.linears:
+            if specs.get(module) is not None:
+                continue
+            weight = self.tensors.get(f"{module}.weight")
+            packed = [leaf for leaf in ("weight_scale", "weight_packed", "weight_scale_2")
+                      if f"{module}.{leaf}" in self.tensors]
+            if packed or (weight is not None and weight.dtype not in FLOAT_DTYPES):
+                stored = f"weight {weight.dtype}" if weight is not None else "no weight"
+                why = (f"{self.quant.source} does not list it as quantized" if self.quant is not None else
+                       "the checkpoint has no quantization config (config.json quantization_config or "
+                       "hf_quant_config.json)")
+                quant_problems.append(f"{module}: stored quantized ({stored}, {', '.join(packed) or 'no scales'}) "
+                                      f"but {why}")
+                quant_names |= {f"{module}.{leaf}" for leaf in packed} | {f"{module}.weight"}
+        if self.quant is not None:
+            unknown = sorted(m for m in self.quant.listed_modules()
+                             if m not in self.linears and not m.startswith("mtp."))
+            if unknown:
+                shown = unknown[:5] + ([f"... and {len(unknown) - 5} more"] if len(unknown) > 5 else [])
+                quant_problems.append(
+                    f"{len(unknown)} module(s) listed as quantized in {self.quant.source} are not Linear modules of "
+                    f"this model: {', '.join(shown)}"
+                )
+            for layer in self.config.moe_layers:
+                try:
+                    self.expert_spec(layer)
+                except CheckpointError as exc:
+                    quant_problems.append(str(exc).split(": ", 1)[1])
+        allowed_extra = self._kv_scale_names() if self.quant is not None and self.quant.kv_cache else set()
+        plain = {n: s for n, s in expected.items() if n not in quant_names}
         problems: list[str] = []
-        missing = sorted(set(expected) - set(self.tensors))
-        unexpected = sorted(n for n in set(self.tensors) - set(expected) if not n.startswith("mtp."))
+        missing = sorted(set(plain) - set(self.tensors))
+        unexpected = sorted(n for n in set(self.tensors) - set(plain) - quant_names - allowed_extra
+                            if not n.startswith("mtp."))
         wrong_shape = [
             f"{n}: {list(self.tensors[n].shape)} != expected {list(s)}"
-            for n, s in expected.items() if n in self.tensors and self.tensors[n].shape != s
+            for n, s in plain.items() if n in self.tensors and self.tensors[n].shape != s
         ]
         wrong_dtype = [
             f"{n}: {i.dtype}" for n, i in self.tensors.items()
-            if n in expected and i.dtype not in FLOAT_DTYPES
+            if n in plain and i.dtype not in FLOAT_DTYPES
         ]
         for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape),
-                             ("unsupported dtype (BF16/F16/F32 expected)", wrong_dtype)):
+                             ("unsupported dtype (BF16/F16/F32 expected)", wrong_dtype),
+                             ("quantized module problem(s):", quant_problems)):
             if items:
                 shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
-                problems.append(f"{len(items)} {title} tensor(s):\n    " + "\n    ".join(shown))
+                head = f"{len(items)} {title}" if title.endswith(":") else f"{len(items)} {title} tensor(s):"
+                problems.append(head + "\n    " + "\n    ".join(shown))
         if problems:
+            quant = f", quantization {self.quant.describe()} from {self.quant.source}" if self.quant else ""
+            fix = ("make config.json, its quantization config (quantization_config / hf_quant_config.json) and the "
+                   "weights come from the same export" if self.quant is not None or quant_problems else
+                   "make config.json and the weights come from the same model")
             raise CheckpointError(
-                f"{self.folder}: checkpoint does not match its config.json ({self.config.describe()}).\n  "
+                f"{self.folder}: checkpoint does not match its config.json ({self.config.describe()}{quant}).\n  "
                 + "\n  ".join(problems)
-                + "\n  Fix: make config.json and the weights come from the same model (quantized FP8/NVFP4 "
-                "checkpoints are not supported by this loader)."
+                + f"\n  Fix: {fix}."
             )
+
+    def _check_quantized(self, module: str, spec, out_f: int, in_f: int) -> tuple[str, set[str]]:
+        """Problems of one quantized module's tensors (empty when fine) and the tensor names it owns."""
+        wanted = quantized_tensors(spec, out_f, in_f)
+        names = {f"{module}.{leaf}" for leaf in wanted}
+        weight = self.tensors.get(f"{module}.weight")
+        has_scales = any(f"{module}.{leaf}" in self.tensors for leaf in wanted if leaf not in ("weight",))
+        if weight is not None and weight.dtype in FLOAT_DTYPES and weight.shape == (out_f, in_f) and not has_scales:
+            return (f"listed as quantized in {self.quant.source} but stored in {weight.dtype} "
+                    f"([{out_f}, {in_f}], no scales)"), names
+        problems = []
+        try:
+            spec.check_shape(out_f, in_f)
+        except ValueError as exc:
+            problems.append(str(exc))
+        for leaf, (shapes, dtypes, required, meaning) in wanted.items():
+            info = self.tensors.get(f"{module}.{leaf}")
+            if info is None:
+                if required:
+                    problems.append(f"missing {leaf} ({meaning})")
+                continue
+            if info.shape not in shapes:
+                problems.append(f"{leaf} {list(info.shape)} != expected {' or '.join(str(list(x)) for x in shapes)}")
+            if info.dtype not in dtypes:
+                problems.append(f"{leaf} is {info.dtype}, expected {'/'.join(dtypes)} ({meaning})")
+        for leaf in ("weight_g_idx",):
+            if f"{module}.{leaf}" in self.tensors:
+                names.add(f"{module}.{leaf}")
+                problems.append(f"{leaf} present: activation reordering is not supported")
+        if spec.format == "w4a16" and spec.symmetric and f"{module}.weight_zero_point" in self.tensors:
+            names.add(f"{module}.weight_zero_point")
+            problems.append("weight_zero_point present but the config says symmetric")
+        return "; ".join(problems), names
+
+    def _kv_scale_names(self) -> set[str]:
+        """KV-cache scale tensors a checkpoint with a quantized KV cache may carry (unused here)."""
+        out = set()
+        for layer in self.config.attention_layers:
+            m = f"backbone.layers.{layer}.mixer."
+            out |= {m + "k_proj.k_scale", m + "v_proj.v_scale", m + "k_scale", m + "v_scale"}
+        return out & set(self.tensors)
 
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor (memory-mapped file, one tensor at a time)."""
@@ -230,19 +430,34 @@ class Checkpoint:
         return handle.get_tensor(name)
 
     def read_into(self, name: str, out: torch.Tensor) -> None:
-        """Read tensor ``name`` into ``out`` (same number of elements; any dtype and device).
+        """Read tensor ``name`` into ``out`` (same number of elements; any device).
 
         A CPU destination of the stored dtype is filled by ``readinto`` directly; otherwise the
         bytes pass through a staging buffer of at most :data:`STAGING_BYTES` and are converted
-        (dtype, device) chunk by chunk, so no full-size temporary copy is ever allocated.
+        (dtype, device) chunk by chunk, so no full-size temporary copy is ever allocated. Float
+        tensors (BF16/F16/F32) convert to any floating dtype; packed and scale tensors (U8, I32,
+        F8_E4M3 ...) are read only into their own dtype. ``<module>.weight`` of a quantized module
+        read into a floating ``[out, in]`` destination is dequantized (:meth:`read_dequantized`).
         """
+        module, _, leaf = name.rpartition(".")
+        if leaf == "weight" and out.is_floating_point() and self.module_spec(module) is not None:
+            info = self.tensors.get(name)
+            if info is None or STORED_DTYPES.get(info.dtype) != out.dtype:
+                self.read_dequantized(module, out)
+                return
         info = self.tensors.get(name)
         if info is None:
             raise CheckpointError(f"{self.folder}: no tensor {name!r}")
-        stored = FLOAT_DTYPES.get(info.dtype)
+        stored = STORED_DTYPES.get(info.dtype)
         if stored is None:
             raise CheckpointError(
                 f"{self.folder}: tensor {name!r} has dtype {info.dtype}, which this loader cannot read"
+            )
+        if stored != out.dtype and not (info.dtype in FLOAT_DTYPES and out.is_floating_point()):
+            raise CheckpointError(
+                f"{self.folder}: tensor {name!r} is stored as {info.dtype} (packed or scale data) and is read only "
+                f"into a {str(stored).removeprefix('torch.')} tensor, not {str(out.dtype).removeprefix('torch.')}; "
+                "quantized weights are dequantized through their module's weight name"
             )
         count = math.prod(info.shape)
         if out.numel() != count or not out.is_contiguous():
@@ -263,6 +478,62 @@ class Checkpoint:
             chunk = staging[: n * item]
             self._read_exact(fh, chunk.numpy(), info, name)
             flat[start:start + n].copy_(chunk.view(stored))
+
+    def read_tensor(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """A new CPU tensor of ``name`` in its stored dtype (rows ``[r0, r1)`` of the first dimension when given)."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise CheckpointError(f"{self.folder}: no tensor {name!r}")
+        stored = STORED_DTYPES.get(info.dtype)
+        if stored is None:
+            raise CheckpointError(
+                f"{self.folder}: tensor {name!r} has dtype {info.dtype}, which this loader cannot read"
+            )
+        shape = list(info.shape)
+        offset = info.offset
+        if rows is not None:
+            r0, r1 = rows
+            row_bytes = math.prod(shape[1:]) * stored.itemsize
+            offset += r0 * row_bytes
+            shape[0] = r1 - r0
+        out = torch.empty(math.prod(shape) * stored.itemsize, dtype=torch.uint8)
+        fh = self._file(info.shard)
+        fh.seek(offset)
+        self._read_exact(fh, out.numpy(), info, name)
+        return out.view(stored).reshape(shape)
+
+    def read_dequantized(self, module: str, out: torch.Tensor) -> None:
+        """Dequantize quantized Linear ``module``'s weight into floating ``out`` (``[out, in]`` elements).
+
+        Rows are dequantized in blocks (fp32, at most :data:`STAGING_BYTES` of them at a time) with
+        the reference dequantization of :mod:`residency.kernels.moe.quant_formats` and converted
+        into ``out``'s dtype and device, so the values are those every kernel computes with.
+        """
+        from ..kernels.moe.quant_formats import dequantize
+
+        spec = self.module_spec(module)
+        if spec is None:
+            raise CheckpointError(f"{self.folder}: {module} is not quantized; read {module}.weight directly")
+        n, k = self.linears[module]
+        if out.numel() != n * k or not out.is_contiguous() or not out.is_floating_point():
+            raise CheckpointError(f"{module}: destination {tuple(out.shape)} {out.dtype} is not a contiguous "
+                                  f"floating [{n}, {k}] tensor")
+        leaves = {"nvfp4": ("weight", "weight_scale", "weight_scale_2"), "fp8": ("weight", None, "weight_scale"),
+                  "w4a16": ("weight_packed", "weight_scale", None)}[spec.format]
+        data_name, scale_name, scalar_name = (None if leaf is None else f"{module}.{leaf}" for leaf in leaves)
+        scale = self.read_tensor(scale_name) if scale_name else None
+        scalar = self.read_tensor(scalar_name).float().reshape(()) if scalar_name else None
+        zero = self.read_tensor(f"{module}.weight_zero_point") if not spec.symmetric else None
+        flat = out.view(-1)
+        step = max(8, (STAGING_BYTES // (4 * k)) // 8 * 8)  # whole words of zero points per block
+        for r0 in range(0, n, step):
+            r1 = min(n, r0 + step)
+            data = self.read_tensor(data_name, (r0, r1))
+            block_scale = scale[r0:r1] if scale is not None else None
+            # a block starts at a multiple of 8 rows, so its zero points are whole words
+            block_zero = zero[r0 // 8:-(-r1 // 8)] if zero is not None else None
+            w = dequantize(spec, r1 - r0, k, data, block_scale, scalar, block_zero)
+            flat[r0 * k:r1 * k].copy_(w.reshape(-1))
 
     def _file(self, shard: str):
         handle = self._files.get(shard)

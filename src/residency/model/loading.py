@@ -10,11 +10,18 @@ filled straight from the checkpoint file (:meth:`Checkpoint.read_into`); nothing
 fp32 first and no full-size temporary copy is made. Per-expert tensors are read into their slice
 of each layer's stacked ``[E, I, L]`` / ``[E, L, I]`` banks. Router weights and the score
 correction bias are stored in fp32 (the router computes in fp32), converted once here.
+
+Quantized checkpoints (see :mod:`residency.model.quant`) keep their quantized bytes: a layer whose
+routed experts are NVFP4, FP8 or W4A16 gets a :class:`~residency.model.quant.QuantizedExperts`
+backend (one bank of expert records, read record by record), and each quantized dense Linear
+becomes a :class:`~residency.model.quant.QuantLinear` holding the checkpoint's tensors. Both
+compute exactly what the model with the weights dequantized at load computes (on CPU, bit for bit
+for the dense modules). ``lm_head`` is always dequantized at load, and ``dequantize=True``
+dequantizes everything into plain float modules.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -24,9 +31,9 @@ from torch import nn
 from ..errors import BudgetError
 from .checkpoint import FLOAT_DTYPES, Checkpoint
 from .modeling import NemotronHForCausalLM, meta_model
-from .moe import ResidentExperts, Router
+from .moe import ExpertBackend, ResidentExperts, Router
+from .quant.modules import QuantizedExperts, QuantLinear
 
-_EXPERT = re.compile(r"^(backbone\.layers\.\d+\.mixer\.experts)\.(\d+)\.(up_proj|down_proj)\.weight$")
 PROGRESS_MIN_BYTES = 1 << 30
 #: ``allocate(shape, dtype, what) -> tensor``: how build_model makes each device tensor
 Allocator = Callable[[Sequence[int], torch.dtype, str], torch.Tensor]
@@ -46,16 +53,75 @@ class LoadFootprint:
         return self.expert_bytes + self.other_bytes
 
 
-def target_dtype(module: nn.Module, meta: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
-    """The dtype a module's tensor is stored in: integer tables keep theirs, the router fp32, the rest ``dtype``."""
+def target_dtype(module: nn.Module, meta: torch.Tensor, dtype: torch.dtype, name: str = "") -> torch.dtype:
+    """The dtype a module's tensor is stored in: integer tables and quantized tensors keep theirs, the
+    router fp32, the rest ``dtype``."""
     if not meta.is_floating_point():
         return meta.dtype
+    if isinstance(module, QuantizedExperts) or (isinstance(module, QuantLinear) and name != "bias"):
+        return meta.dtype
     return torch.float32 if isinstance(module, Router) else dtype
+
+
+def quantized_expert_layout(ckpt: Checkpoint):
+    """The :class:`~residency.kernels.moe.quant_formats.ExpertRecordLayout` of ``ckpt``'s routed experts
+    (one format for every MoE layer), or None when they are float.
+
+    This is the record the offload runtime stores per expert and copies into a slot; fill one with
+    ``layout.fill(ckpt.read_into, f"{prefix}.{e}", record, has=ckpt.tensors.__contains__)``.
+    Raises :class:`CheckpointError` when the layers' experts have different formats.
+    """
+    from ..errors import CheckpointError
+    from ..kernels.moe.quant_formats import ExpertRecordLayout
+
+    config = ckpt.config
+    specs = {layer: ckpt.expert_spec(layer) for layer in config.moe_layers}
+    distinct = set(specs.values())
+    if len(distinct) > 1:
+        names = sorted("bf16" if s is None else s.describe() for s in distinct)
+        raise CheckpointError(f"{ckpt.folder}: the MoE layers' experts have different formats ({'; '.join(names)}); "
+                              "one host record layout needs one format: re-quantize the experts alike")
+    spec = next(iter(distinct), None)
+    if spec is None:
+        return None
+    return ExpertRecordLayout(spec, config.moe_intermediate_size, config.expert_input_size)
+
+
+def quantize_meta_model(model: NemotronHForCausalLM, ckpt: Checkpoint, dtype: torch.dtype, *,
+                        experts: bool = True, dequantize: bool = False) -> None:
+    """Swap in quantized modules where ``ckpt`` stores quantized weights (on the meta model, before allocation).
+
+    Quantized dense Linears (all but ``lm_head``) become :class:`QuantLinear`; layers of quantized
+    routed experts get a :class:`QuantizedExperts` backend (only when ``experts``). Nothing changes
+    for a float checkpoint or with ``dequantize=True``.
+    """
+    if ckpt.quant is None or dequantize:
+        return
+    from ..kernels.moe.quant_formats import ExpertRecordLayout
+
+    config = ckpt.config
+    with torch.device("meta"):
+        for name, (out_f, in_f) in ckpt.linears.items():
+            spec = ckpt.module_spec(name)
+            if spec is None or name == "lm_head" or ".mixer.experts." in name:
+                continue
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            old = getattr(parent, attr)
+            setattr(parent, attr, QuantLinear(in_f, out_f, spec, dtype, bias=old.bias is not None))
+        if not experts:
+            return
+        for layer, mixer in zip(config.moe_layers, model.moe_mixers):
+            spec = ckpt.expert_spec(layer)
+            if spec is not None:
+                layout = ExpertRecordLayout(spec, config.moe_intermediate_size, config.expert_input_size)
+                mixer.experts = QuantizedExperts(layout, config.n_routed_experts)
 
 
 def build_model(
     ckpt: Checkpoint, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
     progress: bool | None = None, experts: bool = True, allocate: Allocator | None = None,
+    dequantize: bool = False,
 ) -> NemotronHForCausalLM:
     """Validate ``ckpt`` and load it into a new model on ``device``.
 
@@ -64,61 +130,83 @@ def build_model(
     ``experts=False`` the routed-expert banks are neither allocated nor read (they stay on the
     ``meta`` device until the caller installs another expert backend, e.g. the offload runtime);
     ``allocate(shape, dtype, what)``, when given, makes every device tensor (the offload runtime's
-    budget ledger), and the fit check against free memory is left to it.
+    budget ledger), and the fit check against free memory is left to it. Quantized weights stay
+    quantized (see the module docstring) unless ``dequantize``.
     """
     ckpt.validate()
     device = torch.device(device)
     if dtype is None:
         dtype = checkpoint_dtype(ckpt)
     model = meta_model(ckpt.config)
+    quantize_meta_model(model, ckpt, dtype, experts=experts, dequantize=dequantize)
     if allocate is None:
         check_fits(model, dtype, device, ckpt, experts=experts)
 
         def allocate(shape, tensor_dtype, what):
             return torch.empty(shape, dtype=tensor_dtype, device=device)
 
-    params: dict[str, torch.Tensor] = {}
+    reads: list[tuple[str, Callable[[], None]]] = []  # (what, read) in model order
     for module_name, module, kind, name, meta in _tensors(model):
-        if not experts and isinstance(module, ResidentExperts):
-            continue
-        real = allocate(meta.shape, target_dtype(module, meta, dtype), "dense weights")
+        if isinstance(module, ExpertBackend):
+            if not experts:
+                continue
+            if name == "slot_of_expert":  # not in the checkpoint: the identity slot table
+                real = allocate(meta.shape, meta.dtype, "slot tables")
+                module._buffers[name] = real
+                continue
+        real = allocate(meta.shape, target_dtype(module, meta, dtype, name), "dense weights")
         if kind == "param":
             module._parameters[name] = nn.Parameter(real, requires_grad=False)
         else:
             module._buffers[name] = real
-        params[f"{module_name}.{name}" if module_name else name] = real
+        full = f"{module_name}.{name}" if module_name else name
+        reads += _reads(ckpt, module_name, module, name, full, real)
     for module in model.modules() if experts else ():
-        if isinstance(module, ResidentExperts):  # not in the checkpoint: the identity slot table
+        if isinstance(module, (ResidentExperts, QuantizedExperts)):
             module.reset_slot_table()
 
-    names = sorted((n for n in ckpt.tensors if not n.startswith("mtp.") and (experts or not _EXPERT.match(n))),
-                   key=_load_order)
     show = progress if progress is not None else ckpt.total_bytes >= PROGRESS_MIN_BYTES
-    iterator = names
+    iterator = reads
     if show:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(names, desc="loading weights", unit="tensor")
+        iterator = tqdm(reads, desc="loading weights", unit="tensor")
     try:
-        for name in iterator:
-            match = _EXPERT.match(name)
-            if match:
-                prefix, expert, proj = match.groups()
-                ckpt.read_into(name, params[f"{prefix}.{proj}"][int(expert)])
-            else:  # validate() guarantees every backbone tensor has a destination
-                ckpt.read_into(name, params[name])
+        for _, read in iterator:
+            read()
     finally:
         ckpt.close()
     model.eval()
     return model
 
 
+def _reads(ckpt: Checkpoint, module_name: str, module: nn.Module, name: str, full: str,
+           real: torch.Tensor) -> list[tuple[str, Callable[[], None]]]:
+    """How to fill one allocated tensor from the checkpoint (one read per stored tensor or expert record)."""
+    if isinstance(module, ResidentExperts):  # per-expert tensors into their slice of the stacked bank
+        proj = name  # up_proj / down_proj
+        return [(f"{module_name}.{e}.{proj}.weight",
+                 lambda e=e: ckpt.read_into(f"{module_name}.{e}.{proj}.weight", real[e]))
+                for e in range(real.shape[0])]
+    if isinstance(module, QuantizedExperts):  # one record per expert: up and down, data, scales, scalars
+        def has(tensor: str) -> bool:
+            return tensor in ckpt.tensors
+
+        return [(f"{module_name}.{e}", lambda e=e: module.layout.fill(ckpt.read_into, f"{module_name}.{e}", real[e],
+                                                                       has))
+                for e in range(real.shape[0])]
+    if real.dim() == 0 or (isinstance(module, QuantLinear) and real.numel() == 1 and name != "bias"):
+        # per-tensor scales may be stored as [] or [1]
+        return [(full, lambda: ckpt.read_into(full, real.view(-1) if real.dim() else real))]
+    return [(full, lambda: ckpt.read_into(full, real))]
+
+
 def footprint(model: nn.Module, dtype: torch.dtype) -> LoadFootprint:
     """Bytes of every parameter and buffer of ``model`` (a meta model is fine) once loaded in ``dtype``."""
     experts = other = 0
-    for _, module, _, _, meta in _tensors(model):
-        size = meta.numel() * target_dtype(module, meta, dtype).itemsize
-        if isinstance(module, ResidentExperts):
+    for _, module, _, name, meta in _tensors(model):
+        size = meta.numel() * target_dtype(module, meta, dtype, name).itemsize
+        if isinstance(module, ExpertBackend):
             experts += size
         else:
             other += size
@@ -156,10 +244,17 @@ def check_fits(model: nn.Module, dtype: torch.dtype, device: torch.device, ckpt:
 
 
 def checkpoint_dtype(ckpt: Checkpoint) -> torch.dtype:
-    """The floating dtype holding most of the checkpoint's bytes."""
+    """The floating dtype (BF16/F16/F32) holding most of the checkpoint's float bytes.
+
+    Packed and scale tensors of quantized modules (U8, I32, F8_E4M3) do not count: a quantized
+    checkpoint loads in the dtype of its unquantized tensors (embeddings, norms, lm_head ...).
+    """
     counts: dict[str, int] = {}
     for info in ckpt.tensors.values():
-        counts[info.dtype] = counts.get(info.dtype, 0) + info.nbytes
+        if info.dtype in FLOAT_DTYPES:
+            counts[info.dtype] = counts.get(info.dtype, 0) + info.nbytes
+    if not counts:
+        return torch.bfloat16
     main = max(counts, key=counts.get)
     return FLOAT_DTYPES[main]
 
@@ -173,8 +268,3 @@ def _tensors(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, str, torch
         for name, buf in module._buffers.items():
             if buf is not None:
                 yield module_name, module, "buffer", name, buf
-
-
-def _load_order(name: str) -> tuple[int, str]:
-    m = re.match(r"backbone\.layers\.(\d+)\.", name)
-    return (int(m.group(1)) if m else -1, name)

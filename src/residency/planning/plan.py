@@ -16,9 +16,12 @@ rest live on the host, how misses are served, and what that should achieve on a 
    (:mod:`residency.planning.cost`) says is faster for that layer's expected misses;
 6. predictions: hit rate, bytes per token over each link, tokens/s and its bounding resource.
 
-Defaults: NVFP4 experts (the smallest published checkpoint; GPUs without native FP4 dequantise in
-the kernel), BF16 non-expert weights, BF16 KV cache, 32768 tokens of context, batch 1, the
-profile-seeded hybrid eviction policy, CPU compute of misses allowed.
+Defaults: the formats of the config's attached quantization scheme (``residency plan --model DIR``
+reads a checkpoint's; the ``nemotron-3-super-fp8`` / ``-nvfp4`` presets carry the releases'): its
+expert format and every dense module in its own format (``mixed``); without one, NVFP4 experts (the
+smallest published checkpoint; GPUs without native FP4 dequantise in the kernel) and BF16
+non-expert weights. BF16 KV cache, 32768 tokens of context, batch 1, the profile-seeded hybrid
+eviction policy, CPU compute of misses allowed.
 
 A plan is a versioned JSON file (:class:`Plan`), validated on load and refused for another model.
 """
@@ -636,8 +639,8 @@ def plan_residency(
     trace: RoutingTrace | None = None,
     vram: int | str | float | Budget | None = None,
     host: HostSpec | None = None,
-    expert_dtype: str = "nvfp4",
-    dense_dtype: str = "bf16",
+    expert_dtype: str | None = None,
+    dense_dtype: str | None = None,
     kv_dtype: str = "bf16",
     context: int = 32768,
     batch: int = 1,
@@ -665,6 +668,7 @@ def plan_residency(
     """
     if isinstance(gpu, str):
         gpu = lookup_gpu(gpu)
+    expert_dtype, dense_dtype, weight_notes = _weight_formats(config, expert_dtype, dense_dtype)
     if expert_dtype not in EXPERT_DTYPES:
         raise ConfigError(f"unknown expert dtype {expert_dtype!r}; use one of {EXPERT_DTYPES}")
     if dense_dtype not in DENSE_DTYPES:
@@ -686,7 +690,7 @@ def plan_residency(
     L, E, k = config.num_moe_layers, config.n_routed_experts, config.num_experts_per_tok
     if L == 0:
         raise ConfigError("this config has no MoE layers; there is nothing to plan")
-    notes: list[str] = []
+    notes: list[str] = list(weight_notes)
     p, order, lam, prior_source, locality_source, profiled = _routing_inputs(
         config, profile, trace, locality, window, notes)
     p_sorted = np.take_along_axis(p, order, axis=1)
@@ -815,6 +819,34 @@ def plan_residency(
     )
     return Plan(fingerprint=fp, model=config.describe(), gpu=gpu, host=host, settings=settings, budget=budget,
                 layers=layers, predicted=predicted, notes=notes)
+
+
+def _weight_formats(config: NemotronHConfig, expert_dtype: str | None,
+                    dense_dtype: str | None) -> tuple[str, str, list[str]]:
+    """Expert and non-expert formats to plan with: the ones asked for, else the attached quantization
+    scheme's (a checkpoint's or a preset's: its expert format and ``mixed``), else NVFP4 experts and
+    BF16 dense weights; and notes saying where the per-module formats came from."""
+    scheme = config.quantization
+    if scheme is None:
+        return expert_dtype or "nvfp4", dense_dtype or "bf16", []
+    dense = [(name, group, n, k) for name, group, n, k in config.dense_linears() if name != "lm_head"]
+    quantized: dict[str, int] = {}
+    for name, _, _, _ in dense:
+        spec = scheme.spec_of(name)
+        if spec is not None:
+            quantized[spec.format] = quantized.get(spec.format, 0) + 1
+    expert_dtype = expert_dtype or config.expert_format
+    dense_dtype = dense_dtype or ("mixed" if quantized else "bf16")
+    formats = ", ".join(f"{n} {f}" for f, n in sorted(quantized.items())) or "none"
+    notes = [f"weights: {scheme.describe()} from {scheme.source}; experts {config.expert_format}, quantized dense "
+             f"modules: {formats} of {len(dense)}" + (" (counted in their formats: --dense-dtype mixed)"
+                                                       if dense_dtype == "mixed" else "")]
+    derivation = getattr(scheme, "derivation", "")
+    if derivation:
+        notes.append(f"module list: {derivation}")
+    if dense_dtype == "mixed" and scheme.spec_of("lm_head") is not None:
+        notes.append("lm_head is quantized in the checkpoint but dequantized at load: counted in bf16")
+    return expert_dtype, dense_dtype, notes
 
 
 def _routing_inputs(

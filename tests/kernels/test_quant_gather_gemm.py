@@ -1,0 +1,208 @@
+"""Quantized slot-bank MoE: the Triton decode and prefill kernels (interpreter, fp32 compute) against the torch
+reference that dequantizes fully, for NVFP4, FP8 and W4A16 banks of expert records, odd sizes and slot tables
+with unused slots; the quantized Linear; and the reference against the float reference on dequantized weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from residency.kernels.moe import GemmTile, MoeConfig
+from residency.kernels.moe.quant_formats import ExpertRecordLayout, QuantSpec, QuantWeights
+from residency.kernels.moe.quant_gather_gemm import moe_gather_gemm_quant, quant_linear
+from residency.kernels.moe.quant_reference import moe_gather_gemm_quant_reference, quant_linear_reference
+from residency.kernels.moe.reference import moe_gather_gemm_reference
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    # tiny tensors on a shared 2-core machine: intra-op threads only add barrier waits
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+SMALL = MoeConfig(up=GemmTile(16, 16, GROUP_M=2), down=GemmTile(16, 16), BLOCK_M=16)
+PATHS = ["decode", "prefill"]
+
+SPECS = {
+    "nvfp4": QuantSpec("nvfp4"),
+    "fp8": QuantSpec("fp8"),
+    "w4a16-g16": QuantSpec("w4a16", group_size=16, scale_dtype=torch.float32),
+    "w4a16-g8-asym": QuantSpec("w4a16", group_size=8, symmetric=False, scale_dtype=torch.float32),
+    "w4a16-channel-asym-bf16": QuantSpec("w4a16", group_size=None, symmetric=False, scale_dtype=torch.bfloat16),
+    "w4a16-g12": QuantSpec("w4a16", group_size=12, scale_dtype=torch.float32),  # decode falls back to prefill
+}
+# tokens, latent L, intermediate I, experts, slots, top_k (NVFP4 needs L and I divisible by 16)
+SHAPES = {
+    "nvfp4": [(1, 16, 48, 8, 10, 2), (5, 32, 80, 12, 16, 3), (17, 48, 16, 9, 9, 4)],
+    "fp8": [(1, 24, 40, 8, 8, 1), (5, 37, 19, 12, 16, 3), (18, 16, 33, 9, 13, 4)],
+    "w4a16": [(1, 32, 48, 8, 10, 2), (4, 20, 37, 12, 16, 3), (17, 40, 24, 9, 11, 4)],
+}
+
+
+def shapes_for(name):
+    return SHAPES[name.split("-")[0]]
+
+
+def random_bank(layout: ExpertRecordLayout, slots: int, gen: torch.Generator) -> torch.Tensor:
+    """Records with random codes and finite, moderate scales (every slot filled, used or not)."""
+    bank = torch.randint(0, 256, (slots, layout.record_bytes), generator=gen, dtype=torch.int32).to(torch.uint8)
+    spec = layout.spec
+    for proj in ("up", "down"):
+        w = layout.projection(bank, proj)
+        fan_in = w.k
+        if spec.format == "nvfp4":
+            # E4M3 bytes 0x20..0x3F: 2^-3 .. ~1.9, never NaN
+            w.scale.view(torch.uint8).copy_(torch.randint(0x20, 0x40, w.scale.shape, generator=gen,
+                                                          dtype=torch.int32).to(torch.uint8))
+            w.scale2.copy_(torch.rand(slots, generator=gen) * 0.4 / fan_in**0.5 + 0.05 / fan_in**0.5)
+        elif spec.format == "fp8":
+            data = w.data.view(torch.uint8)
+            data.copy_(torch.where((data & 0x7F) == 0x7F, torch.zeros_like(data), data))  # no NaN codes
+            # E4M3 magnitudes reach 448: scale so that weights are ~1/sqrt(fan_in)
+            w.scale2.copy_((torch.rand(slots, generator=gen) + 0.5) / (64 * fan_in**0.5))
+        else:
+            w.scale.copy_(((torch.rand(w.scale.shape, generator=gen) + 0.5) / (4 * fan_in**0.5)).to(w.scale.dtype))
+    return bank
+
+
+def make_problem(spec, tokens, latent, inter, experts, slots, top_k, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    layout = ExpertRecordLayout(spec, inter, latent)
+    bank = random_bank(layout, slots, gen).to(device)
+    x = torch.randn(tokens, latent, generator=gen).to(device)
+    slot_of_expert = torch.randperm(slots, generator=gen)[:experts].to(torch.int32).to(device)  # unused slots
+    ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)]) if tokens else \
+        torch.zeros(0, top_k)
+    ids = ids.long().to(device)
+    weights = torch.rand(tokens, top_k, generator=gen).to(device)
+    return x, layout.up(bank), layout.down(bank), slot_of_expert, ids, weights
+
+
+def assert_close(actual, expected, tol=1e-5):
+    assert actual.shape == expected.shape
+    assert not actual.isnan().any(), "output has unwritten (NaN) elements"
+    scale = expected.double().abs().max().clamp_min(1e-30)
+    err = float((actual.cpu().double() - expected.cpu().double()).abs().max() / scale)
+    assert err <= tol, f"relative error {err:.3g} > {tol}"
+
+
+def run(problem, path, skip=None, **kwargs):
+    x = problem[0]
+    out = torch.full_like(x, float("nan"))
+    result = moe_gather_gemm_quant(*problem, skip, out=out, path=path, backend="triton", config=SMALL, **kwargs)
+    assert result is out
+    return out
+
+
+# decode serves a few tokens (the interpreter is slow on many): its large-token cases run with 3 tokens
+CASES = [(name, shape if path == "prefill" or shape[0] <= 5 else (3, *shape[1:]), path)
+         for name in SPECS for shape in shapes_for(name) for path in PATHS]
+
+
+@pytest.mark.parametrize("name,shape,path", CASES, ids=[f"{n}-T{s[0]}-L{s[1]}-I{s[2]}-{p}" for n, s, p in CASES])
+def test_kernel_matches_reference(name, shape, path, device):
+    problem = make_problem(SPECS[name], *shape, device=device)
+    assert_close(run(problem, path), moe_gather_gemm_quant_reference(*problem))
+
+
+@pytest.mark.parametrize("name", ["nvfp4", "fp8", "w4a16-g8-asym"])
+def test_reference_equals_float_reference_on_dequantized_weights(name):
+    x, up, down, table, ids, weights = make_problem(SPECS[name], *shapes_for(name)[1])
+    dense_up, dense_down = up.dequantize(), down.dequantize()
+    got = moe_gather_gemm_quant_reference(x, up, down, table, ids, weights)
+    # the same fp32 products; BLAS may block the sums differently for differently aligned operands
+    assert_close(got, moe_gather_gemm_reference(x, dense_up, dense_down, table, ids, weights), tol=1e-6)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("name", ["nvfp4", "w4a16-g16"])
+def test_skip_mask_sentinels_and_pair_norms(name, path, device):
+    x, up, down, table, ids, weights = make_problem(SPECS[name], 7, 32, 48, 20, 24, 3, device=device)
+    skip = (torch.rand(ids.shape, generator=torch.Generator().manual_seed(1)) < 0.3).to(device)
+    skip[4] = True  # a token computed wholly elsewhere: its row must be zeros
+    ids[1, 2] = -1
+    ids[6, :] = -1
+    problem = (x, up, down, table, ids, weights)
+    out = run(problem, path, skip)
+    expected = moe_gather_gemm_quant_reference(*problem, skip)
+    assert_close(out, expected)
+    assert bool((out[4] == 0).all()) and bool((out[6] == 0).all())
+    norms = torch.full(ids.shape, -7.0, device=device)
+    ref_norms = torch.full(ids.shape, -7.0, device=device)
+    run(problem, path, skip, pair_norms=norms)
+    moe_gather_gemm_quant_reference(*problem, skip, pair_norms=ref_norms)
+    assert_close(norms, ref_norms)
+    assert float(norms[4, 0]) == -7.0
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_missing_expert_raises_when_checked_and_poisons_unchecked(path, device):
+    x, up, down, table, ids, weights = make_problem(SPECS["fp8"], 6, 24, 40, 8, 10, 2, device=device)
+    missing = int(ids[2, 1])
+    table[missing] = -1
+    problem = (x, up, down, table, ids, weights)
+    with pytest.raises(ValueError, match="no slot"):
+        moe_gather_gemm_quant(*problem, path=path, backend="triton", config=SMALL, check=True)
+    out = run(problem, path, check=False).cpu()
+    hit = (ids == missing).any(-1).cpu()
+    assert out[hit].isnan().all() and not out[~hit].isnan().any()
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_bf16_activations(path, device):
+    x, up, down, table, ids, weights = make_problem(SPECS["nvfp4"], 5, 32, 48, 10, 12, 3, device=device)
+    out = run((x.to(torch.bfloat16), up, down, table, ids, weights), path)
+    assert out.dtype == torch.bfloat16
+    exact = moe_gather_gemm_quant_reference(x.to(torch.bfloat16).float(), up, down, table, ids, weights)
+    assert_close(out.float(), exact, tol=2**-7 if device == "cpu" else 3e-2)
+
+
+def test_auto_path_zero_tokens_and_bad_arguments(device):
+    problem = make_problem(SPECS["nvfp4"], 2, 16, 48, 40, 40, 4, device=device)
+    out = moe_gather_gemm_quant(*problem, backend="triton")
+    assert_close(out, moe_gather_gemm_quant_reference(*problem))
+    empty = make_problem(SPECS["nvfp4"], 0, 16, 48, 8, 8, 2, device=device)
+    assert moe_gather_gemm_quant(*empty, backend="triton").shape == (0, 16)
+    x, up, down, *rest = problem
+    with pytest.raises(ValueError, match="up weights must be"):
+        moe_gather_gemm_quant(x, down, up, *rest, backend="triton")
+    with pytest.raises(TypeError, match="QuantWeights"):
+        moe_gather_gemm_quant(x, up.dequantize(), down, *rest, backend="triton")
+    fp8 = make_problem(SPECS["fp8"], 2, 16, 48, 40, 40, 4, device=device)
+    with pytest.raises(ValueError, match="different formats"):
+        moe_gather_gemm_quant(x, up, fp8[2], *rest, backend="triton")
+
+
+def test_torch_backend_is_the_reference(device):
+    problem = make_problem(SPECS["w4a16-g16"], 3, 32, 48, 8, 8, 2, device=device)
+    assert torch.equal(moe_gather_gemm_quant(*problem, backend="torch"), moe_gather_gemm_quant_reference(*problem))
+
+
+def test_weights_are_validated():
+    spec = QuantSpec("nvfp4")
+    data = torch.zeros(2, 4, 8, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="need scale"):
+        QuantWeights(spec, 4, 16, data)
+    with pytest.raises(ValueError, match="scale must be"):
+        QuantWeights(spec, 4, 16, data, torch.zeros(2, 4, 2, dtype=torch.uint8), torch.ones(2))
+    with pytest.raises(ValueError, match="divisible by 16"):
+        QuantWeights(spec, 4, 24, torch.zeros(2, 4, 12, dtype=torch.uint8),
+                     torch.zeros(2, 4, 2, dtype=torch.float8_e4m3fn), torch.ones(2))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 21])
+@pytest.mark.parametrize("name", ["nvfp4", "fp8", "w4a16-g8-asym", "w4a16-g12"])
+def test_quant_linear_matches_reference(name, rows, device):
+    gen = torch.Generator().manual_seed(rows)
+    spec = SPECS[name]
+    k = 48 if name == "nvfp4" else 40
+    layout = ExpertRecordLayout(spec, 32 if name == "nvfp4" else 19, k)
+    bank = random_bank(layout, 1, gen).to(device)
+    weight = layout.up(bank)
+    x = torch.randn(rows, k, generator=gen).to(device)
+    bias = torch.randn(weight.n, generator=gen).to(device)
+    got = quant_linear(x, weight, bias, backend="triton", config=SMALL)
+    assert_close(got, quant_linear_reference(x, weight, bias))
+    x3 = x.reshape(1, rows, k)
+    assert quant_linear(x3, weight, backend="triton", config=SMALL).shape == (1, rows, weight.n)
