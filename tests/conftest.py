@@ -30,6 +30,10 @@ if (
 
 from residency.testing import write_tiny_checkpoint
 
+# The suite's tensors are tiny: torch's intra-op threads only add overhead, and on a loaded 2-core
+# machine they slowed small ops 20-100x (the copy thread and numba's threads compete for the cores).
+torch.set_num_threads(1)
+
 
 @pytest.fixture
 def load_benchmark(monkeypatch: pytest.MonkeyPatch):
