@@ -114,16 +114,36 @@ class FixedBytes:
 
 
 def fixed_bytes(config: NemotronHConfig, dtype: torch.dtype, *, staging: int | None = None,
-                context: int = DEFAULT_CONTEXT, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> FixedBytes:
-    """What :func:`load_offloaded` charges to the budget before any expert slot."""
+                context: int = DEFAULT_CONTEXT, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                ckpt: Checkpoint | None = None) -> FixedBytes:
+    """What :func:`load_offloaded` charges to the budget before any expert slot.
+
+    With ``ckpt``, its quantized dense modules count at their stored size and the expert record
+    is the checkpoint's quantized record when its experts are quantized.
+    """
     meta = meta_model(config)
-    layout = ExpertLayout(config.moe_intermediate_size, config.expert_input_size, dtype)
+    layout = expert_layout(config, dtype, ckpt)
+    if ckpt is not None:
+        from .model.loading import quantize_meta_model
+
+        quantize_meta_model(meta, ckpt, dtype, experts=False)
     staging = staging if staging is not None else 2 * config.num_experts_per_tok
     return FixedBytes(
         dense=footprint(meta, dtype).other_bytes, staging=staging * layout.record_bytes, staging_slots=staging,
         tables=4 * config.n_routed_experts * (config.num_moe_layers + 1),
         reserve=reserve_bytes(config, context, prefill_chunk), context=context, layout=layout,
     )
+
+
+def expert_layout(config: NemotronHConfig, dtype: torch.dtype, ckpt: Checkpoint | None = None):
+    """The host/slot record of one expert: the checkpoint's quantized record, else ``up``+``down`` in ``dtype``."""
+    if ckpt is not None:
+        from .model.loading import quantized_expert_layout
+
+        quantized = quantized_expert_layout(ckpt)
+        if quantized is not None:
+            return quantized
+    return ExpertLayout(config.moe_intermediate_size, config.expert_input_size, dtype)
 
 
 def layout_from_plan(plan: Any, config: NemotronHConfig, policy: str | None = None) -> SlotLayout:
@@ -250,7 +270,7 @@ def load_offloaded(
     budget = parse_budget(vram_budget, total_bytes=total, free_bytes=free, device_name=name, what="vram_budget")
     ledger = DeviceLedger(device, budget.bytes)
     staging = staging_slots if staging_slots is not None else 2 * config.num_experts_per_tok
-    need = fixed_bytes(config, dtype, staging=staging, context=context, prefill_chunk=prefill_chunk)
+    need = fixed_bytes(config, dtype, staging=staging, context=context, prefill_chunk=prefill_chunk, ckpt=ckpt)
     if need.total > budget.bytes:
         raise BudgetError(
             f"vram_budget {budget.understood} cannot hold what runs besides expert slots: {need.describe()}. "

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..kernels import moe_gather_gemm
+from ..kernels import moe_gather_gemm, moe_gather_gemm_quant
 from .cache import SlotCache
 from .copies import DEMAND, PREFETCH, CopyEngine, CopyTicket, CudaCopyEngine, ThreadCopyEngine
 from .ledger import DeviceLedger
@@ -124,6 +124,8 @@ class OffloadRuntime:
         self.top_k = top_k
         self.device = ledger.device
         self.layout = store.layout
+        # quantized records (NVFP4 / FP8 / W4A16) are read by the quantized gather-GEMM
+        self._kernel = moe_gather_gemm_quant if store.layout.quantized else None
         self.telemetry = {"prefill": Telemetry.for_layers(store.num_layers),
                           "decode": Telemetry.for_layers(store.num_layers)}
         self._is_decode = False
@@ -219,6 +221,10 @@ class OffloadRuntime:
         for s, e, evicted in fills:
             cache.assign(s, e, ticket, evicted)
         return ticket
+
+    def _gemm(self, *args, **kwargs) -> torch.Tensor:
+        # looked up at call time so a benchmark can stub the module's moe_gather_gemm
+        return (self._kernel or moe_gather_gemm)(*args, **kwargs)
 
     # ------------------------------------------------------------------ CPU choice
     def _on_cpu(self, j: int, tokens: int) -> bool:
@@ -321,8 +327,8 @@ class OffloadRuntime:
         if parts:
             out = torch.empty(work.latent.shape, dtype=torch.float32, device=work.latent.device)
         if cache is None or gpu_slots:
-            out = moe_gather_gemm(work.latent, up, down, table, work.ids, work.weights, skip, out=out,
-                                  pair_norms=work.pair_norms)
+            out = self._gemm(work.latent, up, down, table, work.ids, work.weights, skip, out=out,
+                             pair_norms=work.pair_norms)
             marker = self.copies.release_marker() if cache is not None else None
             if marker is not None:
                 for s in gpu_slots:
@@ -352,8 +358,8 @@ class OffloadRuntime:
             self.staging_table[torch.tensor(chunk, dtype=torch.long)] = torch.arange(len(chunk), dtype=torch.int32
                                                                                    ).to(self.device)
             skip = torch.from_numpy(~np.isin(ids_h, chunk)).to(work.ids.device)
-            moe_gather_gemm(work.latent, self.staging_up, self.staging_down, self.staging_table, work.ids,
-                            work.weights, skip, out=part, pair_norms=work.pair_norms)
+            self._gemm(work.latent, self.staging_up, self.staging_down, self.staging_table, work.ids,
+                       work.weights, skip, out=part, pair_norms=work.pair_norms)
             acc += part
             marker = self.copies.release_marker()
             if marker is not None:
@@ -362,8 +368,6 @@ class OffloadRuntime:
 
     def _cpu_part(self, j: int, work, ids_h: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, ...]:
         """Weighted sum of the CPU pairs ``[T, L]`` fp32 (host), and their output norms."""
-        from .cpu_experts import cpu_moe
-
         tokens, picks = np.nonzero(mask)
         experts = ids_h[tokens, picks]
         x = work.latent.detach().float().cpu().contiguous()
@@ -373,8 +377,16 @@ class OffloadRuntime:
         rows = self.store.row_of_expert[j][experts]
         if (rows < 0).any():  # disk experts computed on the CPU: read them first
             raise NotImplementedError("computing disk-tier experts on the CPU is not supported; they are copied")
-        cpu_moe(x.numpy(), self.store.up(j), self.store.down(j), tokens.astype(np.int64), rows.astype(np.int64),
-                weights.astype(np.float32), out.numpy(), norms)
+        if self.layout.quantized:
+            from .cpu_quant import cpu_moe_quant
+
+            cpu_moe_quant(x.numpy(), self.layout, self.store.buffers[j], tokens.astype(np.int64),
+                          rows.astype(np.int64), weights.astype(np.float32), out.numpy(), norms)
+        else:
+            from .cpu_experts import cpu_moe
+
+            cpu_moe(x.numpy(), self.store.up(j), self.store.down(j), tokens.astype(np.int64), rows.astype(np.int64),
+                    weights.astype(np.float32), out.numpy(), norms)
         return out, (tokens, picks, norms)
 
     def _prefetch(self, j: int, hidden: torch.Tensor, counters: LayerCounters) -> None:

@@ -26,11 +26,23 @@ from ..errors import CheckpointError
 
 @dataclass(frozen=True)
 class ExpertLayout:
-    """Shape of one expert record: ``up [inner, width]`` then ``down [width, inner]``, in ``dtype``."""
+    """Shape of one float expert record: ``up [inner, width]`` then ``down [width, inner]``, in ``dtype``.
+
+    Quantized checkpoints use :class:`residency.kernels.moe.quant_formats.ExpertRecordLayout`
+    instead (uint8 records of packed weights and scales, ``quantized = True``), which has the same
+    interface; the store, the slot banks and the copies handle both alike.
+    """
 
     inner: int
     width: int
     dtype: torch.dtype
+    quantized = False
+
+    def fill(self, read_into, prefix: str, record: torch.Tensor, has=None) -> None:
+        """Fill one record from a checkpoint: ``read_into(name, out)`` (``Checkpoint.read_into``)."""
+        rec = record.view(1, -1)
+        read_into(f"{prefix}.up_proj.weight", self.up(rec)[0])
+        read_into(f"{prefix}.down_proj.weight", self.down(rec)[0])
 
     @property
     def up_numel(self) -> int:
@@ -146,7 +158,8 @@ class HostExpertStore:
         return self.buffers[layer][row]
 
     def up(self, layer: int) -> torch.Tensor:
-        """``[ram experts, I, L]`` view of a layer's up projections (rows by ``row_of_expert``)."""
+        """``[ram experts, I, L]`` view of a layer's up projections (rows by ``row_of_expert``; for
+        quantized records the layout's ``QuantWeights`` view)."""
         return self.layout.up(self.buffers[layer])
 
     def down(self, layer: int) -> torch.Tensor:
@@ -166,14 +179,12 @@ class HostExpertStore:
             from tqdm.auto import tqdm
 
             layers = tqdm(layers, desc="host expert store", unit="layer")
+        has = ckpt.tensors.__contains__
         for j in layers:
-            up, down = self.up(j), self.down(j)
             for e in range(self.num_experts):
                 row = int(self.row_of_expert[j][e])
-                if row < 0:
-                    continue
-                ckpt.read_into(f"{names[j]}.{e}.up_proj.weight", up[row])
-                ckpt.read_into(f"{names[j]}.{e}.down_proj.weight", down[row])
+                if row >= 0:
+                    self.layout.fill(ckpt.read_into, f"{names[j]}.{e}", self.buffers[j][row], has=has)
         self.source = (ckpt, list(names))
 
     def read_from_disk(self, layer: int, expert: int, out: torch.Tensor) -> None:
@@ -181,7 +192,4 @@ class HostExpertStore:
         if self.source is None:
             raise CheckpointError("the host store was not filled from a checkpoint; no disk tier to read from")
         ckpt, names = self.source
-        lay = self.layout
-        rec = out.view(1, -1)
-        ckpt.read_into(f"{names[layer]}.{expert}.up_proj.weight", lay.up(rec)[0])
-        ckpt.read_into(f"{names[layer]}.{expert}.down_proj.weight", lay.down(rec)[0])
+        self.layout.fill(ckpt.read_into, f"{names[layer]}.{expert}", out, has=ckpt.tensors.__contains__)

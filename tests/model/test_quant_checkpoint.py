@@ -92,10 +92,26 @@ def test_quantized_logits_equal_the_dequantized_model_resident_and_offloaded(cas
     assert experts_kind == {QuantizedExperts}
     got = resident(IDS)
     assert got.dtype == torch.float32 and rel(got, expected) <= 1e-5
-    offloaded = OffloadedNemotron.from_pretrained(folder, device="cpu", vram_budget="5MiB", quiet=True)
+    from residency.model.loading import checkpoint_dtype
+    from residency.offload import DEFAULT_CONTEXT, fixed_bytes
+
+    ckpt = Checkpoint(folder)
+    need = fixed_bytes(ckpt.config, checkpoint_dtype(ckpt), ckpt=ckpt, context=DEFAULT_CONTEXT)
+    budget = need.total + 4 * need.layout.record_bytes  # a few slots: most experts miss
+    offloaded = OffloadedNemotron.from_pretrained(folder, device="cpu", vram_budget=f"{budget}B", quiet=True)
     got_off = offloaded(IDS)
     assert offloaded.stats()["experts"]["misses"] > 0
     assert rel(got_off, expected) <= 1e-5
+    runtime = offloaded.runtime
+    assert runtime.layout.quantized  # every case has quantized experts: packed records move fewer bytes per miss
+    c = ckpt.config
+    assert runtime.layout.record_bytes < 2 * c.moe_intermediate_size * c.expert_input_size * 2
+    assert runtime.store.buffers[0].dtype == torch.uint8
+    cpu = OffloadedNemotron.from_pretrained(folder, device="cpu", vram_budget=f"{budget}B", quiet=True,
+                                            cpu_experts=True)
+    assert rel(cpu(IDS), expected) <= 1e-5 and cpu.stats()["experts"]["cpu_computed"] > 0
+    runtime.close()
+    cpu.runtime.close()
 
 
 def test_dense_modules_stay_quantized_and_compute_bit_for_bit(quantized, tmp_path):
