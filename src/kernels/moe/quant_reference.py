@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .quant_formats import QuantWeights
-from .reference import resolve_slots
+from .reference import check_routing_inputs, slot_loop
 
 __all__ = ["check_quant_inputs", "moe_gather_gemm_quant_reference", "quant_linear_reference"]
 
@@ -43,29 +43,8 @@ def check_quant_inputs(
                          f"[{down.num_slots}, {down.n}, {down.k}]")
     if up.spec != down.spec:
         raise ValueError(f"up and down weights have different formats ({up.spec} vs {down.spec})")
-    int_types = (torch.int32, torch.int64)
-    if slot_of_expert.dim() != 1 or slot_of_expert.numel() == 0 or slot_of_expert.dtype not in int_types:
-        got = f"{tuple(slot_of_expert.shape)} {slot_of_expert.dtype}"
-        raise ValueError(f"slot_of_expert must be a non-empty 1-D int32 tensor [experts], got {got}")
-    if topk_ids.dim() != 2 or topk_ids.shape[0] != num_tokens or topk_ids.dtype not in int_types:
-        got = f"{tuple(topk_ids.shape)} {topk_ids.dtype}"
-        raise ValueError(f"topk_ids must be an int [tokens={num_tokens}, k] tensor, got {got}")
-    top_k = topk_ids.shape[1]
-    if topk_weights.shape != topk_ids.shape or not topk_weights.is_floating_point():
-        raise ValueError(f"topk_weights must be a float tensor shaped like topk_ids {tuple(topk_ids.shape)}")
-    if skip is not None and (skip.shape != topk_ids.shape or skip.dtype != torch.bool):
-        raise ValueError(f"skip must be a bool tensor shaped like topk_ids {tuple(topk_ids.shape)}")
-    if out is not None and (out.shape != x.shape or out.dtype not in (x.dtype, torch.float32)):
-        raise ValueError(f"out must be shaped like x {tuple(x.shape)}, in x's dtype {x.dtype} or fp32; got "
-                         f"{tuple(out.shape)} {out.dtype}")
-    if pair_norms is not None and (pair_norms.shape != topk_ids.shape or pair_norms.dtype != torch.float32
-                                   or not pair_norms.is_contiguous()):
-        raise ValueError(f"pair_norms must be a contiguous fp32 tensor shaped like topk_ids {tuple(topk_ids.shape)}")
-    tensors = [*up.tensors(), *down.tensors(), slot_of_expert, topk_ids, topk_weights]
-    tensors += [t for t in (skip, out, pair_norms) if t is not None]
-    for t in tensors:
-        if t.device != x.device:
-            raise ValueError(f"all inputs must be on x's device {x.device}; found one on {t.device}")
+    top_k = check_routing_inputs(x, slot_of_expert, topk_ids, topk_weights, skip, out, pair_norms,
+                                 (*up.tensors(), *down.tensors()))
     return num_tokens, top_k, latent, inter
 
 
@@ -87,24 +66,9 @@ def moe_gather_gemm_quant_reference(
     ``[slots, I, L]`` and ``down`` ``[slots, L, I]`` quantized weights.
     """
     check_quant_inputs(x, up, down, slot_of_expert, topk_ids, topk_weights, skip, out, pair_norms)
-    slots = resolve_slots(slot_of_expert, topk_ids, skip)  # [T, k]
-    top_k = topk_ids.shape[1]
-    acc = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, L]
-    flat_slots = slots.flatten()
-    flat_weights = topk_weights.flatten().float()
-    for slot in flat_slots[flat_slots >= 0].unique().tolist():
-        pairs = (flat_slots == slot).nonzero().flatten()  # pair index t * k + j
-        tokens = pairs // top_k
-        w_up = up.slots(slice(slot, slot + 1)).dequantize()[0]  # [I, L] fp32
-        w_down = down.slots(slice(slot, slot + 1)).dequantize()[0]  # [L, I] fp32
-        h = torch.relu(x[tokens].float() @ w_up.T) ** 2  # [n, I]
-        y = h @ w_down.T  # [n, L]
-        if pair_norms is not None:
-            pair_norms.view(-1)[pairs] = y.norm(dim=-1)
-        acc.index_add_(0, tokens, y * flat_weights[pairs, None])
-    if out is None:
-        return acc.to(x.dtype)
-    return out.copy_(acc)
+    return slot_loop(x, slot_of_expert, topk_ids, topk_weights, skip, out, pair_norms,
+                     lambda slot: (up.slots(slice(slot, slot + 1)).dequantize()[0],  # [I, L] fp32
+                                   down.slots(slice(slot, slot + 1)).dequantize()[0]))  # [L, I] fp32
 
 
 def quant_linear_reference(x: torch.Tensor, weight: QuantWeights, bias: torch.Tensor | None = None,

@@ -13,6 +13,8 @@ result is cast to ``x.dtype`` (or written into ``out``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -36,6 +38,23 @@ def check_inputs(
     num_slots, inter, _ = up_bank.shape
     if tuple(down_bank.shape) != (num_slots, latent, inter):
         raise ValueError(f"down_bank must be [slots={num_slots}, L={latent}, I={inter}], got {tuple(down_bank.shape)}")
+    top_k = check_routing_inputs(x, slot_of_expert, topk_ids, topk_weights, skip, out, pair_norms,
+                                 (up_bank, down_bank))
+    return num_tokens, top_k, latent, inter
+
+
+def check_routing_inputs(
+    x: torch.Tensor,
+    slot_of_expert: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    skip: torch.Tensor | None,
+    out: torch.Tensor | None,
+    pair_norms: torch.Tensor | None,
+    bank_tensors: tuple[torch.Tensor, ...],
+) -> int:
+    """Checks of everything but the weight banks (shared by the float and quantized variants); returns top_k."""
+    num_tokens = x.shape[0]
     int_types = (torch.int32, torch.int64)
     if slot_of_expert.dim() != 1 or slot_of_expert.numel() == 0 or slot_of_expert.dtype not in int_types:
         got = f"{tuple(slot_of_expert.shape)} {slot_of_expert.dtype}"
@@ -43,7 +62,6 @@ def check_inputs(
     if topk_ids.dim() != 2 or topk_ids.shape[0] != num_tokens or topk_ids.dtype not in int_types:
         got = f"{tuple(topk_ids.shape)} {topk_ids.dtype}"
         raise ValueError(f"topk_ids must be an int [tokens={num_tokens}, k] tensor, got {got}")
-    top_k = topk_ids.shape[1]
     if topk_weights.shape != topk_ids.shape or not topk_weights.is_floating_point():
         raise ValueError(f"topk_weights must be a float tensor shaped like topk_ids {tuple(topk_ids.shape)}")
     if skip is not None and (skip.shape != topk_ids.shape or skip.dtype != torch.bool):
@@ -54,12 +72,12 @@ def check_inputs(
     if pair_norms is not None and (pair_norms.shape != topk_ids.shape or pair_norms.dtype != torch.float32
                                    or not pair_norms.is_contiguous()):
         raise ValueError(f"pair_norms must be a contiguous fp32 tensor shaped like topk_ids {tuple(topk_ids.shape)}")
-    tensors = [t for t in (up_bank, down_bank, slot_of_expert, topk_ids, topk_weights, skip, out, pair_norms)
-               if t is not None]
+    tensors = [*bank_tensors, slot_of_expert, topk_ids, topk_weights]
+    tensors += [t for t in (skip, out, pair_norms) if t is not None]
     for t in tensors:
         if t.device != x.device:
             raise ValueError(f"all inputs must be on x's device {x.device}; found one on {t.device}")
-    return num_tokens, top_k, latent, inter
+    return topk_ids.shape[1]
 
 
 def active_pairs(topk_ids: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
@@ -120,6 +138,21 @@ def moe_gather_gemm_reference(
         ``[T, L]`` in x's dtype (``out`` when given).
     """
     check_inputs(x, up_bank, down_bank, slot_of_expert, topk_ids, topk_weights, skip, out, pair_norms)
+    return slot_loop(x, slot_of_expert, topk_ids, topk_weights, skip, out, pair_norms,
+                     lambda slot: (up_bank[slot].float(), down_bank[slot].float()))
+
+
+def slot_loop(
+    x: torch.Tensor,
+    slot_of_expert: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    skip: torch.Tensor | None,
+    out: torch.Tensor | None,
+    pair_norms: torch.Tensor | None,
+    weights_of_slot: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+) -> torch.Tensor:
+    """The reference computation given each used slot's fp32 ``(up [I, L], down [L, I])``."""
     slots = resolve_slots(slot_of_expert, topk_ids, skip)  # [T, k]
     top_k = topk_ids.shape[1]
     acc = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, L]
@@ -128,8 +161,9 @@ def moe_gather_gemm_reference(
     for slot in flat_slots[flat_slots >= 0].unique().tolist():
         pairs = (flat_slots == slot).nonzero().flatten()  # pair index t * k + j
         tokens = pairs // top_k
-        h = torch.relu(x[tokens].float() @ up_bank[slot].float().T) ** 2  # [n, I]
-        y = h @ down_bank[slot].float().T  # [n, L]
+        w_up, w_down = weights_of_slot(slot)
+        h = torch.relu(x[tokens].float() @ w_up.T) ** 2  # [n, I]
+        y = h @ w_down.T  # [n, L]
         if pair_norms is not None:
             pair_norms.view(-1)[pairs] = y.norm(dim=-1)
         acc.index_add_(0, tokens, y * flat_weights[pairs, None])
