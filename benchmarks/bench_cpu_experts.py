@@ -201,8 +201,33 @@ def markdown(report: dict) -> str:
                      f"({r['read_numba_gbps']:.1f} / {r['read_numpy_gbps']:.1f}) | {r['torch_bf16_gbps']:.1f} | "
                      f"{100 * r['fraction_of_read']:.0f} % | {r['x_torch']:.2f} | {r['numba_ms']:.2f} | "
                      f"{r['torch_ms']:.2f} |")
+    if report.get("quantized"):
+        lines += ["", "Quantized records (`residency.runtime.cpu_quant.cpu_moe_quant`, same shape, packed bytes read "
+                  "in place; numba's default thread count):", "",
+                  "| format | k | MB per expert | GB/s of records | experts/s |", "|---|---:|---:|---:|---:|"]
+        for q in report["quantized"]:
+            lines.append(f"| {q['format']} | {q['k']} | {q['record_bytes'] / 1e6:.2f} | {q['gbps']:.2f} | "
+                         f"{q['experts_per_s']:.0f} |")
     lines += ["", "`" + report["summary"] + "`"]
     return "\n".join(lines) + "\n"
+
+
+def quantized_rows(formats: list[str], k: int, args: argparse.Namespace) -> list[dict]:
+    """GB/s of packed record bytes a k-expert step reads for each quantized format (``cpu_moe_quant``)."""
+    from residency.kernels.moe.quant_formats import ExpertRecordLayout, QuantSpec
+    from residency.runtime.cpu_quant import measure_quant_throughput
+
+    rows = []
+    for fmt in formats:
+        spec = QuantSpec(fmt)
+        layout = ExpertRecordLayout(spec, args.inter, args.latent)
+        gbps = measure_quant_throughput(spec, k, latent=args.latent, intermediate=args.inter,
+                                        bank_records=max(2 * k, args.experts), repeats=max(args.repeats // 3, 1),
+                                        seed=args.seed)
+        rows.append({"format": fmt, "k": k, "record_bytes": layout.record_bytes, "gbps": gbps,
+                     "experts_per_s": gbps * 1e9 / layout.record_bytes})
+        print(f"{fmt:>6} k={k}: {gbps:.2f} GB/s of packed records ({layout.record_bytes / 1e6:.2f} MB per expert)")
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", default=f"{logical_cores()},1" if logical_cores() > 1 else "1",
                     help="comma-separated numba/torch thread counts, one run each (the first is the summary's)")
     ap.add_argument("--note", default="", help="free text for the markdown (e.g. what else ran on the machine)")
+    ap.add_argument("--formats", default="nvfp4,fp8,w4a16",
+                    help="quantized record formats to time as well (runtime/cpu_quant.py; '' for none)")
     ap.add_argument("--out", type=Path, help="write OUT.json and OUT.md (a .json/.md suffix is replaced)")
     args = ap.parse_args(argv)
     ks = sorted(int(k) for k in args.ks.split(","))
@@ -258,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         "note": args.note,
         "results": rows,
     }
+    report["quantized"] = quantized_rows([f for f in args.formats.split(",") if f], ks[-1], args)
     report["summary"] = summary(next(r for r in rows if r["threads"] == threads[0] and r["k"] == ks[-1]))
 
     print(f"{report['machine']['cpu']}, {report['machine']['logical_cores']} logical cores; numba "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numba
 import numpy as np
 import pytest
@@ -209,3 +211,6 @@ def test_benchmark_runs_small_and_prints_the_summary_line(load_benchmark, tmp_pa
     assert last.startswith("cpu experts: ") and " of memory read " in last and last.endswith(" x torch")
     report = (tmp_path / "cpu_experts.json").read_text()
     assert '"rel_err"' in report and (tmp_path / "cpu_experts.md").read_text().rstrip().endswith("`" + last + "`")
+    quantized = json.loads(report)["quantized"]
+    assert [q["format"] for q in quantized] == ["nvfp4", "fp8", "w4a16"] and all(q["gbps"] > 0 for q in quantized)
+    assert "| nvfp4 | 3 |" in (tmp_path / "cpu_experts.md").read_text()
