@@ -46,7 +46,9 @@ from residency import __version__
 _READ_CHUNK = 1 << 14  # uint64 words per task of the parallel read (128 KiB)
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+# no on-disk cache: this file is also imported by the tests under another module name, and numba's
+# cache would then point a later direct run at a module that does not exist
+@numba.njit(parallel=True, nogil=True)
 def _parallel_read(banks: tuple[np.ndarray, np.ndarray], experts: np.ndarray) -> np.uint64:
     """Sum of every 64-bit word of the given experts in both banks ([E, words] uint64 views)."""
     total = np.uint64(0)
