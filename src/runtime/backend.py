@@ -248,7 +248,7 @@ class OffloadRuntime:
         ids_h = work.ids.detach().cpu().numpy()
         if ids_h.shape[0] == 1:  # one token (batch-1 decode): its top-k ids are distinct already
             order = ids_h[0].astype(np.int64)
-            tokens_of = dict.fromkeys(order.tolist(), 1)
+            tokens_of = None  # every expert serves the one token
         else:
             flat = ids_h.reshape(-1)
             uniq, first, counts = np.unique(flat, return_index=True, return_counts=True)
@@ -273,6 +273,8 @@ class OffloadRuntime:
             background: list[tuple[int, int, int | None]] = []
             if decode:
                 result = cache.policy.step(order, cache.inflight_experts()).tolist()
+            hits = 0
+            prefetched = cache.prefetched
             for idx, e in enumerate(order.tolist()):
                 if decode:
                     hit, s, evicted = result[idx]
@@ -280,15 +282,15 @@ class OffloadRuntime:
                     s = cache.slot_of(e)
                     hit, evicted = int(s >= 0), -1
                 if hit:
-                    counters.hits += 1
-                    if cache.prefetched[s]:
+                    hits += 1
+                    if prefetched[s]:
                         counters.prefetch_used += 1
-                        cache.prefetched[s] = False
+                        prefetched[s] = False
                     gpu_slots.append(s)
                     gpu_experts.append(e)
                     continue
                 counters.misses += 1
-                on_cpu = self._on_cpu(j, tokens_of[e])
+                on_cpu = self._on_cpu(j, 1 if tokens_of is None else tokens_of[e])
                 if s >= 0:  # admitted by the policy (decode only)
                     if evicted >= 0 and cache.prefetched[s]:
                         counters.prefetch_wasted += 1
@@ -301,6 +303,7 @@ class OffloadRuntime:
                     staged.append(e)
                 if on_cpu:
                     cpu.append(e)
+            counters.hits += hits
             if demand:
                 self._issue(j, cache, demand, DEMAND, counters)
             if background:
@@ -308,17 +311,17 @@ class OffloadRuntime:
         counters.cpu_computed += len(cpu)
 
         # the CPU part starts first and overlaps everything below
-        elsewhere = set(cpu) | set(staged)
         skip = None
-        if elsewhere:
-            skip = torch.from_numpy(np.isin(ids_h, list(elsewhere))).to(work.ids.device, non_blocking=True)
+        if cpu or staged:
+            skip = torch.from_numpy(np.isin(ids_h, cpu + staged)).to(work.ids.device, non_blocking=True)
         future = None
         if cpu:
             future = self._cpu_pool.submit(self._cpu_part, j, work, ids_h, np.isin(ids_h, cpu))
 
         if cache is not None:
             cache.flush_table()
-            counters.stall_s += cache.wait(gpu_slots)
+            if cache.inflight:
+                counters.stall_s += cache.wait(gpu_slots)
             if self.options.verify:
                 cache.check_resident(gpu_slots, gpu_experts)
         # with several parts (staged rounds, the CPU) they are summed in fp32 and rounded once
