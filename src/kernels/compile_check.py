@@ -154,12 +154,13 @@ def _quant_variants(record, table) -> None:
             )  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, checks=None, description: str | None = None) -> int:
+    """Compile the kernels of ``checks`` (default this module's :func:`check`) and print the JSON report."""
+    parser = argparse.ArgumentParser(description=description or __doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, action="append", help="CUDA compute capability x10 (default 90 and 80)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
-    results = [r for arch in args.arch or [90, 80] for r in check(arch)]
+    results = [r for arch in args.arch or [90, 80] for fn in (checks or [check]) for r in fn(arch)]
     over = [r for r in results if r["shared"] > SHARED_LIMIT.get(r["arch"], 0) or r["spills"]]
     print(json.dumps({"results": results, "problems": over}, indent=1))
     return 1 if over else 0

@@ -158,6 +158,25 @@ def _group_starts(keys: np.ndarray, order: np.ndarray) -> np.ndarray:
     return starts[:count + 1]
 
 
+@numba.njit(cache=True, nogil=True)
+def _add_pairs_by_token(tok: np.ndarray, wgt: np.ndarray, y: np.ndarray, out: np.ndarray) -> None:
+    """``out[t] += sum_p wgt[p] * y[p]`` over each token's pairs, in the pairs' given order (fp32)."""
+    latent = y.shape[1]
+    by_token = np.argsort(tok, kind="mergesort")
+    token_starts = _group_starts(tok, by_token)
+    acc = np.empty(latent, np.float32)
+    for g in range(token_starts.shape[0] - 1):
+        acc[:] = 0.0
+        for q in range(token_starts[g], token_starts[g + 1]):
+            p = by_token[q]
+            w = wgt[p]
+            for l in range(latent):
+                acc[l] += w * y[p, l]
+        t = tok[by_token[token_starts[g]]]
+        for l in range(latent):
+            out[t, l] += acc[l]
+
+
 @numba.njit(parallel=True, fastmath=False, cache=True, nogil=True)
 def _cpu_moe_kernel(x: np.ndarray, up: np.ndarray, up_e: int, up_i: int, down: np.ndarray, down_e: int, down_l: int,
                     inter: int, tok: np.ndarray, exp: np.ndarray, wgt: np.ndarray, out: np.ndarray,
@@ -205,19 +224,7 @@ def _cpu_moe_kernel(x: np.ndarray, up: np.ndarray, up_e: int, up_i: int, down: n
     if norms.shape[0] == num_pairs:
         for p in range(num_pairs):
             norms[p] = np.sqrt(_row_dot(y, p * latent, y, p * latent, latent))
-    by_token = np.argsort(tok, kind="mergesort")
-    token_starts = _group_starts(tok, by_token)
-    acc = np.empty(latent, np.float32)
-    for g in range(token_starts.shape[0] - 1):
-        acc[:] = 0.0
-        for q in range(token_starts[g], token_starts[g + 1]):
-            p = by_token[q]
-            w = wgt[p]
-            for l in range(latent):
-                acc[l] += w * y[p, l]
-        t = tok[by_token[token_starts[g]]]
-        for l in range(latent):
-            out[t, l] += acc[l]
+    _add_pairs_by_token(tok, wgt, y, out)
 
 
 def bank_view(bank: np.ndarray | torch.Tensor) -> np.ndarray:

@@ -34,7 +34,9 @@ import numpy as np
 import torch
 
 from ..kernels.moe.quant_formats import E2M1_VALUES, ExpertRecordLayout
-from .cpu_experts import _row_dot  # the fixed-order 16-lane fp32 dot product of the float CPU kernel
+
+# the float CPU kernel's fixed-order 16-lane fp32 dot product, run grouping, token sum and input reading
+from .cpu_experts import _add_pairs_by_token, _as_array, _group_starts, _row_dot
 
 __all__ = ["cpu_moe_quant", "cpu_moe_quant_reference", "code_tables", "measure_quant_throughput"]
 
@@ -54,19 +56,6 @@ def code_tables(scale_dtype: torch.dtype = torch.bfloat16) -> tuple[np.ndarray, 
     else:
         t16 = np.zeros(1, np.float32)
     return e2m1, e4m3, np.ascontiguousarray(t16, dtype=np.float32)
-
-
-@numba.njit(cache=True, nogil=True)
-def _group_starts(keys: np.ndarray, order: np.ndarray) -> np.ndarray:
-    n = order.shape[0]
-    starts = np.empty(n + 1, np.int64)
-    count = 0
-    for q in range(n):
-        if q == 0 or keys[order[q]] != keys[order[q - 1]]:
-            starts[count] = q
-            count += 1
-    starts[count] = n
-    return starts[:count + 1]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -171,29 +160,7 @@ def _cpu_moe_quant_kernel(x: np.ndarray, bank: np.ndarray, words: np.ndarray, fl
             for l in range(latent):
                 acc += y[p, l] * y[p, l]
             norms[p] = np.sqrt(acc)
-    by_token = np.argsort(tok, kind="mergesort")
-    token_starts = _group_starts(tok, by_token)
-    acc_row = np.empty(latent, np.float32)
-    for g in range(token_starts.shape[0] - 1):
-        acc_row[:] = 0.0
-        for q in range(token_starts[g], token_starts[g + 1]):
-            p = by_token[q]
-            w = wgt[p]
-            for l in range(latent):
-                acc_row[l] += w * y[p, l]
-        t = tok[by_token[token_starts[g]]]
-        for l in range(latent):
-            out[t, l] += acc_row[l]
-
-
-def _as_array(a: Any, name: str) -> np.ndarray:
-    if isinstance(a, torch.Tensor):
-        if a.device.type != "cpu":
-            raise ValueError(f"{name} must be in host memory, got a tensor on {a.device}")
-        return a.detach().numpy()
-    if isinstance(a, np.ndarray):
-        return a
-    raise ValueError(f"{name} must be a numpy array or a CPU torch tensor, got {type(a).__name__}")
+    _add_pairs_by_token(tok, wgt, y, out)
 
 
 def _check(x: Any, layout: ExpertRecordLayout, records: Any, pairs_token: Any, pairs_record: Any,

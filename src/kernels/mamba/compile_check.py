@@ -11,12 +11,10 @@ Reported per kernel: shared memory bytes and spill stores. Run it without ``TRIT
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import warnings
 
-from ..compile_check import SHARED_LIMIT, _compile
+from .. import compile_check
+from ..compile_check import _compile
 
 
 def check(arch: int) -> list[dict]:
@@ -67,14 +65,7 @@ def check(arch: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", type=int, action="append", help="CUDA compute capability x10 (default 90 and 80)")
-    args = parser.parse_args(argv)
-    warnings.filterwarnings("ignore")
-    results = [r for arch in args.arch or [90, 80] for r in check(arch)]
-    over = [r for r in results if r["shared"] > SHARED_LIMIT.get(r["arch"], 0) or r["spills"]]
-    print(json.dumps({"results": results, "problems": over}, indent=1))
-    return 1 if over else 0
+    return compile_check.main(argv, checks=[check], description=__doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":
