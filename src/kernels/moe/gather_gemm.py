@@ -112,7 +112,21 @@ def moe_gather_gemm(
     # taken, in the same fp32 multiply the kernel epilogue would do, so the result is unchanged
     weighted = pair_norms is None
     pair_out = pairs(x, up_bank, down_bank, slot_of_expert, topk_ids, topk_weights, skip, config, weighted)
-    if not weighted:
+    return finish_pairs(pair_out, slot_of_expert, topk_ids, topk_weights, skip, pair_norms, out)
+
+
+def finish_pairs(
+    pair_out: torch.Tensor,
+    slot_of_expert: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    skip: torch.Tensor | None,
+    pair_norms: torch.Tensor | None,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """From per-pair outputs to ``out``: with ``pair_norms`` the outputs came unweighted, so take their
+    norms, then apply the weights (the same fp32 multiply as the kernels' epilogue); reduce over k."""
+    if pair_norms is not None:
         active = active_pairs(topk_ids, skip) & (topk_ids < slot_of_expert.shape[0])
         pair_norms.copy_(torch.where(active, pair_out.norm(dim=-1).view(active.shape), pair_norms))
         pair_out.mul_(topk_weights.reshape(-1, 1).float())

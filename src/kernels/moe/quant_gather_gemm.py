@@ -25,10 +25,10 @@ import torch
 
 from .._dispatch import cdiv, interpret_mode, use_triton
 from .align import align_pairs
-from .gather_gemm import CHECK_ENV, MIN_DOT_BLOCK, PATHS, _tl_dtype, reduce_pairs
+from .gather_gemm import CHECK_ENV, MIN_DOT_BLOCK, PATHS, _tl_dtype, finish_pairs
 from .quant_formats import QuantWeights
 from .quant_reference import check_quant_inputs, moe_gather_gemm_quant_reference, quant_linear_reference
-from .reference import active_pairs, resolve_slots
+from .reference import resolve_slots
 from .tuning import MoeConfig, table_for
 
 __all__ = ["moe_gather_gemm_quant", "quant_linear", "quant_decode_pairs", "quant_prefill_pairs"]
@@ -95,12 +95,7 @@ def moe_gather_gemm_quant(
     pairs = quant_decode_pairs if path == "decode" else quant_prefill_pairs
     weighted = pair_norms is None
     pair_out = pairs(x, up, down, slot_of_expert, topk_ids, topk_weights, skip, config, weighted)
-    if not weighted:
-        active = active_pairs(topk_ids, skip) & (topk_ids < slot_of_expert.shape[0])
-        pair_norms.copy_(torch.where(active, pair_out.norm(dim=-1).view(active.shape), pair_norms))
-        pair_out.mul_(topk_weights.reshape(-1, 1).float())
-    reduce_pairs(pair_out, slot_of_expert, topk_ids, skip, out)
-    return out
+    return finish_pairs(pair_out, slot_of_expert, topk_ids, topk_weights, skip, pair_norms, out)
 
 
 def decode_supported(*weights: QuantWeights) -> bool:
