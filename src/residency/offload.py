@@ -30,6 +30,7 @@ from .model.modeling import NemotronHForCausalLM, meta_model
 from .model.moe import ExpertBackend, ExpertWork
 from .runtime.backend import LayerSlotPlan, OffloadRuntime, RuntimeOptions
 from .runtime.ledger import DeviceLedger
+from .runtime.policy import LRU, StaticOnly
 from .runtime.store import ExpertLayout, HostExpertStore
 from .sizes import format_bytes, parse_budget
 
@@ -168,7 +169,7 @@ def layout_from_plan(plan: Any, config: NemotronHConfig, policy: str | None = No
     return SlotLayout(tuple(layers), policy, predicted, "plan")
 
 
-def plan_layout(config: NemotronHConfig, expert_slots: int, *, profile: Any = None, policy: str = "lru",
+def plan_layout(config: NemotronHConfig, expert_slots: int, *, profile: Any = None, policy: str = LRU.name,
                 locality: float | None = None) -> SlotLayout:
     """Split ``expert_slots`` over the MoE layers with the planner's hit model (uniform prior without a profile)."""
     from .planning.allocate import (
@@ -192,7 +193,7 @@ def plan_layout(config: NemotronHConfig, expert_slots: int, *, profile: Any = No
     layers = []
     for j in range(L):
         n = int(per_layer[j])
-        r = n if policy == "static" else int(R[j, n])
+        r = n if policy == StaticOnly.name else int(R[j, n])
         layers.append(LayerSlotPlan(tuple(int(e) for e in order[j, :r]), n - r, "copy", p[j].copy()))
     predicted = float(sum(V[j, int(per_layer[j])] for j in range(L)) / (L * k))
     return SlotLayout(tuple(layers), policy, predicted, "planned here")
@@ -284,9 +285,9 @@ def load_offloaded(
         slots = layout_from_plan(plan, config, policy)
     elif mode == "unified":
         # one copy of each expert in the shared pool, the most used first; the rest stay on disk
-        slots = plan_layout(config, expert_slots, profile=profile, policy="static")
+        slots = plan_layout(config, expert_slots, profile=profile, policy=StaticOnly.name)
     else:
-        slots = plan_layout(config, expert_slots, profile=profile, policy=policy or "lru")
+        slots = plan_layout(config, expert_slots, profile=profile, policy=policy or LRU.name)
     ledger.charge(need.reserve, "KV cache, Mamba state, activations (reserved)")
     model = build_model(ckpt, device=device, dtype=dtype, progress=progress, experts=False,
                         allocate=lambda shape, dt, what: ledger.empty(shape, dt, what))
@@ -302,9 +303,10 @@ def load_offloaded(
     ckpt.close()
     routers = [m.route for m in model.moe_mixers]
     h2d, cpu_gbps = miss_rates(plan, mode, cpu_experts, device, layout)
-    options = RuntimeOptions(mode=mode, policy="static" if mode == "unified" else slots.policy, prefetch=prefetch,
-                             cpu_experts=cpu_experts, staging_slots=staging, h2d_gbps=h2d, cpu_expert_gbps=cpu_gbps,
-                             verify=verify, copy_delay=copy_delay)
+    policy_name = StaticOnly.name if mode == "unified" else slots.policy
+    options = RuntimeOptions(mode=mode, policy=policy_name, prefetch=prefetch, cpu_experts=cpu_experts,
+                             staging_slots=staging, h2d_gbps=h2d, cpu_expert_gbps=cpu_gbps, verify=verify,
+                             copy_delay=copy_delay)
     runtime = OffloadRuntime(store, slots.layers, ledger, options, routers, config.num_experts_per_tok)
     model.set_experts(lambda mixer: OffloadedExperts(runtime, mixer.moe_index))
     model.add_step_listener(runtime)

@@ -44,6 +44,7 @@ from ..kernels import moe_gather_gemm, moe_gather_gemm_quant
 from .cache import SlotCache
 from .copies import DEMAND, PREFETCH, CopyEngine, CopyTicket, CudaCopyEngine, ThreadCopyEngine
 from .ledger import DeviceLedger
+from .policy import LRU
 from .store import HostExpertStore
 from .telemetry import LayerCounters, Telemetry
 
@@ -72,7 +73,7 @@ class RuntimeOptions:
     """
 
     mode: str = "cpu"
-    policy: str = "lru"
+    policy: str = LRU.name
     prefetch: bool = True
     cpu_experts: str | bool = "auto"
     staging_slots: int = 8

@@ -29,7 +29,7 @@ import torch
 
 from .copies import CopyTicket
 from .ledger import DeviceLedger
-from .policy import ExpertCache, make_policy
+from .policy import LRU, ExpertCache, make_policy
 from .store import ExpertLayout
 
 
@@ -37,7 +37,7 @@ class SlotCache:
     """One MoE layer's device slots (see the module docstring)."""
 
     def __init__(self, moe_index: int, num_experts: int, static: Sequence[int], dynamic_slots: int,
-                 layout: ExpertLayout, ledger: DeviceLedger, *, policy: str = "lru",
+                 layout: ExpertLayout, ledger: DeviceLedger, *, policy: str = LRU.name,
                  prior: np.ndarray | None = None, prior_tokens: float = 64.0) -> None:
         self.moe_index = moe_index
         self.num_experts = num_experts
