@@ -31,6 +31,7 @@ import torch
 from _machine import cpu_model, git_commit
 from residency.runtime import backend as backend_module
 from residency.runtime.backend import LayerSlotPlan, OffloadRuntime, RuntimeOptions
+from residency.runtime.control import copy_rows
 from residency.runtime.copies import DEMAND, CopyEngine, CopyTicket
 from residency.runtime.ledger import DeviceLedger
 from residency.runtime.store import ExpertLayout, HostExpertStore
@@ -63,6 +64,21 @@ class InlineCopies(CopyEngine):
         for dst, src, _ in jobs:
             dst.copy_(src)
         return self.Done(sum(src.numel() * src.element_size() for _, src, _ in jobs))
+
+    def __init__(self) -> None:
+        # byte views of banks and buffers, kept as the engines keep them
+        self.views: dict[int, tuple[torch.Tensor, np.ndarray]] = {}
+
+    def _bytes(self, t: torch.Tensor) -> np.ndarray:
+        hit = self.views.get(id(t))
+        if hit is None or hit[0] is not t:
+            hit = self.views[id(t)] = (t, t.view(torch.uint8).numpy())
+        return hit[1]
+
+    def copy_records(self, dst, src, dst_rows, src_rows, priority=DEMAND, after=None):
+        d, s = self._bytes(dst), self._bytes(src)
+        copy_rows(d, s, dst_rows, src_rows)
+        return self.Done(dst_rows.size * s.shape[1])
 
     def synchronize(self) -> None:
         pass

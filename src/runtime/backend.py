@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from ..kernels import moe_gather_gemm, moe_gather_gemm_quant
+from . import control
 from .cache import SlotCache
 from .copies import DEMAND, PREFETCH, CopyEngine, CopyTicket, CudaCopyEngine, ThreadCopyEngine
 from .ledger import DeviceLedger
@@ -153,7 +154,25 @@ class OffloadRuntime:
         self.staging = ledger.empty((options.staging_slots, lay.record_numel), lay.dtype, "staging slots")
         self.staging_up, self.staging_down = lay.up(self.staging), lay.down(self.staging)
         self.staging_table = ledger.empty((store.num_experts,), torch.int32, "slot tables")
-        self.staging_release: list[object | None] = [None] * options.staging_slots
+        if self.staging_table.device.type == "cpu":
+            self.staging_table_host, self._staging_table_src = self.staging_table.numpy(), None
+        else:
+            self.staging_table_host = np.full(store.num_experts, -1, dtype=np.int32)
+            self._staging_table_src = torch.from_numpy(self.staging_table_host)
+        self._staging_rows = np.arange(options.staging_slots, dtype=np.int64)
+        self.staging_marker: object | None = None
+        # host workspaces of the compiled bookkeeping (runtime.control), reused by every call
+        E = store.num_experts
+        self._cpu_limits = [self._cpu_limit(j) for j in range(store.num_layers)]
+        self._out = np.empty((control.OUT_ROWS, E + 1), dtype=np.int64)
+        self._counts = np.zeros(control.N_COUNTS, dtype=np.int64)
+        self._out_pf = np.empty((control.OUT_ROWS, E + 1), dtype=np.int64)
+        self._counts_pf = np.zeros(control.N_COUNTS, dtype=np.int64)
+        self._order, self._tokens = np.empty(E, np.int64), np.empty(E, np.int64)
+        self._order_pf, self._tokens_pf = np.empty(E, np.int64), np.empty(E, np.int64)
+        self._ones = np.ones(E, dtype=np.int64)
+        self._scratch_slot = np.full(E, -1, dtype=np.int64)
+        self._scratch_pair = np.zeros(E, dtype=np.int8)
         self._load_static()
 
     # ------------------------------------------------------------------ set-up
@@ -162,7 +181,11 @@ class OffloadRuntime:
         for j, cache in enumerate(self.caches):
             if cache is None or not cache.static:
                 continue
-            tickets.append(self._issue(j, cache, [(s, e, None) for s, e in enumerate(cache.static)], DEMAND, None))
+            job = cache.new_job()
+            slots = cache.assign_static(job)
+            experts = np.asarray(cache.static, dtype=np.int64)
+            rows = self.store.row_of_expert[j][experts]
+            tickets.append(self._issue(j, cache, slots, experts, rows, int((rows < 0).sum()), job, DEMAND, None))
             cache.flush_table()
         for t in tickets:
             t.wait()
@@ -200,27 +223,32 @@ class OffloadRuntime:
             t.reset()
 
     # ------------------------------------------------------------------ copies
-    def _source(self, j: int, expert: int, counters: LayerCounters | None) -> torch.Tensor:
+    def _source(self, j: int, expert: int) -> torch.Tensor:
         """The host record of expert ``expert`` of layer ``j``: in the store, or read from disk now."""
         if self.store.on_disk(j, expert):
             src = torch.empty(self.layout.record_numel, dtype=self.layout.dtype,
                               pin_memory=self.options.mode == "cuda")
             self.store.read_from_disk(j, expert, src)
-            if counters is not None:
-                counters.disk_bytes += self.layout.record_bytes
-        else:
-            src = self.store.record(j, expert)
-        if counters is not None:
-            counters.h2d_bytes += self.layout.record_bytes
-        return src
+            return src
+        return self.store.record(j, expert)
 
-    def _issue(self, j: int, cache: SlotCache, fills: list[tuple[int, int, int | None]], priority: int,
-               counters: LayerCounters | None) -> CopyTicket:
-        """Copy ``(slot, expert, evicted)`` fills into ``cache`` as one job and record the slots' new state."""
-        jobs = [(cache.bank[s], self._source(j, e, counters), cache.release[s]) for s, e, _ in fills]
-        ticket = self.copies.copy_many(jobs, priority)
-        for s, e, evicted in fills:
-            cache.assign(s, e, ticket, evicted)
+    def _copy(self, j: int, dst: torch.Tensor, slots: np.ndarray, experts: np.ndarray, rows: np.ndarray,
+              from_disk: int, priority: int, after: object | None, counters: LayerCounters | None) -> CopyTicket:
+        """Copy layer ``j``'s ``experts`` (store ``rows``, -1 on disk) into rows ``slots`` of ``dst`` as one job."""
+        n = int(experts.shape[0])
+        if counters is not None:
+            counters.h2d_bytes += n * self.layout.record_bytes
+            counters.disk_bytes += from_disk * self.layout.record_bytes
+        if not from_disk:
+            return self.copies.copy_records(dst, self.store.buffers[j], slots, rows, priority, after)
+        return self.copies.copy_many([(dst[s], self._source(j, e), after)
+                                      for s, e in zip(slots.tolist(), experts.tolist())], priority)
+
+    def _issue(self, j: int, cache: SlotCache, slots: np.ndarray, experts: np.ndarray, rows: np.ndarray,
+               from_disk: int, job: int, priority: int, counters: LayerCounters | None) -> CopyTicket:
+        """Issue job ``job`` (its slots' state already says so): ``experts`` into ``slots`` of the layer's bank."""
+        ticket = self._copy(j, cache.bank, slots, experts, rows, from_disk, priority, cache.marker, counters)
+        cache.started(job, ticket)
         return ticket
 
     def _gemm(self, *args, **kwargs) -> torch.Tensor:
@@ -228,147 +256,138 @@ class OffloadRuntime:
         return (self._kernel or moe_gather_gemm)(*args, **kwargs)
 
     # ------------------------------------------------------------------ CPU choice
-    def _on_cpu(self, j: int, tokens: int) -> bool:
+    def _cpu_limit(self, j: int) -> float:
+        """A miss of layer ``j`` is computed on the CPU when its token count is below this (see the module docstring).
+
+        For ``copy`` layers under ``"auto"``: computing (tokens x record bytes / CPU expert
+        throughput) beats copying (record bytes / host link) when tokens < CPU GB/s / link GB/s.
+        """
         choice = self.options.cpu_experts
         if choice is True or choice is False:
-            return choice
+            return float("inf") if choice else 0.0
         path = self.plans[j].miss_path
         if path == "cpu":
-            return True
+            return float("inf")
         if path != "copy" or self.options.mode == "unified":
-            return False
-        nbytes = self.layout.record_bytes
-        copy_s = nbytes / (self.options.h2d_gbps * 1e9)
-        cpu_s = tokens * nbytes / (self.options.cpu_expert_gbps * 1e9)
-        return cpu_s < copy_s
+            return 0.0
+        return self.options.cpu_expert_gbps / self.options.h2d_gbps
+
+    def _ids_on_host(self, ids: torch.Tensor) -> np.ndarray:
+        ids_h = ids.detach().cpu().numpy()
+        return ids_h if ids_h.dtype == np.int64 and ids_h.flags.c_contiguous else np.ascontiguousarray(ids_h, np.int64)
+
+    def _distinct(self, ids_h: np.ndarray, order: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Distinct experts of ``ids_h`` in order of first appearance, and their token counts."""
+        if ids_h.shape[0] == 1:  # one token (batch-1 decode): its top-k ids are distinct already
+            return ids_h[0], self._ones[: ids_h.shape[1]]
+        n = control.distinct_in_order(ids_h, self._scratch_slot, order, tokens)
+        return order[:n], tokens[:n]
 
     # ------------------------------------------------------------------ one layer call
     def submit(self, j: int, work) -> _Pending:
         decode = work.is_decode
         counters = self.telemetry["decode" if decode else "prefill"].layers[j]  # counted in place
-        ids_h = work.ids.detach().cpu().numpy()
-        if ids_h.shape[0] == 1:  # one token (batch-1 decode): its top-k ids are distinct already
-            order = ids_h[0].astype(np.int64)
-            tokens_of = None  # every expert serves the one token
-        else:
-            flat = ids_h.reshape(-1)
-            uniq, first, counts = np.unique(flat, return_index=True, return_counts=True)
-            order = uniq[np.argsort(first, kind="stable")]
-            tokens_of = dict(zip(uniq.tolist(), counts.tolist()))
+        ids_h = self._ids_on_host(work.ids)
+        order, tokens = self._distinct(ids_h, self._order, self._tokens)
         cache = self.caches[j]
-        gpu_slots: list[int] = []
-        gpu_experts: list[int] = []
-        staged: list[int] = []
-        cpu: list[int] = []
+        n_gpu = 0
+        gpu_slots = gpu_experts = None
         if cache is None:  # unified memory: RAM experts are read in place, disk experts are staged
-            for e in order.tolist():
-                if self.store.on_disk(j, e):
-                    counters.misses += 1
-                    staged.append(e)
-                else:
-                    counters.hits += 1
+            staged = order[self.store.row_of_expert[j][order] < 0]
+            cpu = staged[:0]
+            counters.misses += int(staged.shape[0])
+            counters.hits += int(order.shape[0] - staged.shape[0])
             table, up, down = self.unified_tables[j], self.store.up(j), self.store.down(j)
         else:
             table, up, down = cache.table, cache.up, cache.down
-            demand: list[tuple[int, int, int | None]] = []
-            background: list[tuple[int, int, int | None]] = []
-            if decode:
-                result = cache.policy.step(order, cache.inflight_experts()).tolist()
-            hits = 0
-            prefetched = cache.prefetched
-            for idx, e in enumerate(order.tolist()):
-                if decode:
-                    hit, s, evicted = result[idx]
-                else:
-                    s = cache.slot_of(e)
-                    hit, evicted = int(s >= 0), -1
-                if hit:
-                    hits += 1
-                    if prefetched[s]:
-                        counters.prefetch_used += 1
-                        prefetched[s] = False
-                    gpu_slots.append(s)
-                    gpu_experts.append(e)
-                    continue
-                counters.misses += 1
-                on_cpu = self._on_cpu(j, 1 if tokens_of is None else tokens_of[e])
-                if s >= 0:  # admitted by the policy (decode only)
-                    if evicted >= 0 and cache.prefetched[s]:
-                        counters.prefetch_wasted += 1
-                    (background if on_cpu else demand).append((s, e, evicted if evicted >= 0 else None))
-                    if not on_cpu:
-                        counters.demand_copies += 1
-                        gpu_slots.append(s)
-                        gpu_experts.append(e)
-                elif not on_cpu:
-                    staged.append(e)
-                if on_cpu:
-                    cpu.append(e)
+            out, counts = self._out, self._counts
+            demand_job, back_job = cache.new_job(), cache.new_job()
+            policy = cache.policy
+            control.classify(policy.kind, decode, order, tokens, self._cpu_limits[j], policy._I, policy._F,
+                             cache.state, self.store.row_of_expert[j], cache.table_host, demand_job, back_job,
+                             out, counts)
+            (n_gpu, n_demand, n_back, n_staged, n_cpu, n_wait, hits, misses, demand_copies, prefetch_used,
+             prefetch_wasted, from_disk) = counts.tolist()
             counters.hits += hits
-            if demand:
-                self._issue(j, cache, demand, DEMAND, counters)
-            if background:
-                self._issue(j, cache, background, PREFETCH, counters)
-        counters.cpu_computed += len(cpu)
+            counters.misses += misses
+            counters.demand_copies += demand_copies
+            counters.prefetch_used += prefetch_used
+            counters.prefetch_wasted += prefetch_wasted
+            if n_demand or n_back:
+                cache.mark_table_changed()
+            if n_demand:  # (disk reads are counted with the demand job)
+                self._issue(j, cache, out[control.DEMAND_SLOT, :n_demand].copy(), out[control.DEMAND_EXPERT, :n_demand],
+                            out[control.DEMAND_ROW, :n_demand].copy(), from_disk, demand_job, DEMAND, counters)
+            if n_back:  # host records only: the CPU computes no disk expert
+                self._issue(j, cache, out[control.BACK_SLOT, :n_back].copy(), out[control.BACK_EXPERT, :n_back],
+                            out[control.BACK_ROW, :n_back].copy(), 0, back_job, PREFETCH, counters)
+            staged = out[control.STAGED, :n_staged].copy()
+            cpu = out[control.CPU, :n_cpu].copy()
+            gpu_slots = out[control.GPU_SLOT, :n_gpu].copy()
+            gpu_experts = out[control.GPU_EXPERT, :n_gpu]
+            wait_jobs = out[control.WAIT_JOB, :n_wait].tolist() if n_wait else None
+        counters.cpu_computed += int(cpu.shape[0])
 
         # the CPU part starts first and overlaps everything below
-        skip = None
-        if cpu or staged:
-            skip = torch.from_numpy(np.isin(ids_h, cpu + staged)).to(work.ids.device, non_blocking=True)
+        skip = codes = None
+        if cpu.shape[0] or staged.shape[0]:
+            codes = np.empty(ids_h.shape, dtype=np.int8)
+            control.mark_pairs(ids_h, cpu, staged, self._scratch_pair, codes)
+            skip = torch.from_numpy(codes != control.PAIR_GPU).to(work.ids.device, non_blocking=True)
         future = None
-        if cpu:
-            future = self._cpu_pool.submit(self._cpu_part, j, work, ids_h, np.isin(ids_h, cpu))
+        if cpu.shape[0]:
+            future = self._cpu_pool.submit(self._cpu_part, j, work, ids_h, codes == control.PAIR_CPU)
 
         if cache is not None:
             cache.flush_table()
-            if cache.inflight:
-                counters.stall_s += cache.wait(gpu_slots)
+            if wait_jobs is not None:
+                counters.stall_s += cache.wait(wait_jobs)
             if self.options.verify:
                 cache.check_resident(gpu_slots, gpu_experts)
         # with several parts (staged rounds, the CPU) they are summed in fp32 and rounded once
-        parts = bool(staged or cpu)
-        out = None
+        parts = bool(staged.shape[0] or cpu.shape[0])
+        acc = None
         if parts:
-            out = torch.empty(work.latent.shape, dtype=torch.float32, device=work.latent.device)
-        if cache is None or gpu_slots:
-            out = self._gemm(work.latent, up, down, table, work.ids, work.weights, skip, out=out,
+            acc = torch.empty(work.latent.shape, dtype=torch.float32, device=work.latent.device)
+        if cache is None or n_gpu:
+            acc = self._gemm(work.latent, up, down, table, work.ids, work.weights, skip, out=acc,
                              pair_norms=work.pair_norms)
-            marker = self.copies.release_marker() if cache is not None else None
-            if marker is not None:
-                for s in gpu_slots:
-                    cache.release[s] = marker
-        elif out is None:
-            out = torch.zeros_like(work.latent)
+            if cache is not None:
+                cache.marker = self.copies.release_marker()
+        elif acc is None:
+            acc = torch.zeros_like(work.latent)
         else:
-            out.zero_()
-        if staged:
-            self._staged(j, work, ids_h, staged, out, counters)
+            acc.zero_()
+        if staged.shape[0]:
+            self._staged(j, work, ids_h, staged, acc, counters)
         if decode and self.options.prefetch and self.routers is not None and j + 1 < len(self.caches):
             self._prefetch(j + 1, work.hidden, self.telemetry["decode"].layers[j + 1])
-        return _Pending(out, future, counters)
+        return _Pending(acc, future, counters)
 
-    def _staged(self, j: int, work, ids_h: np.ndarray, staged: list[int], acc: torch.Tensor,
+    def _staged(self, j: int, work, ids_h: np.ndarray, staged: np.ndarray, acc: torch.Tensor,
                 counters: LayerCounters) -> None:
         """Add ``staged`` experts into the fp32 ``acc``, through the staging slots, as many per round as there are."""
         n = self.options.staging_slots
         part = torch.empty_like(acc)
-        for start in range(0, len(staged), n):
+        codes = np.empty(ids_h.shape, dtype=np.int8)
+        none = staged[:0]
+        for start in range(0, staged.shape[0], n):
             chunk = staged[start:start + n]
-            jobs = [(self.staging[i], self._source(j, e, counters), self.staging_release[i])
-                    for i, e in enumerate(chunk)]
-            counters.demand_copies += len(chunk)
-            counters.stall_s += self.copies.copy_many(jobs, DEMAND).order_before_compute()
-            self.staging_table.fill_(-1)
-            self.staging_table[torch.tensor(chunk, dtype=torch.long)] = torch.arange(len(chunk), dtype=torch.int32
-                                                                                   ).to(self.device)
-            skip = torch.from_numpy(~np.isin(ids_h, chunk)).to(work.ids.device)
+            rows = self.store.row_of_expert[j][chunk]
+            ticket = self._copy(j, self.staging, self._staging_rows[:chunk.shape[0]], chunk, rows,
+                                int((rows < 0).sum()), DEMAND, self.staging_marker, counters)
+            counters.demand_copies += int(chunk.shape[0])
+            counters.stall_s += ticket.order_before_compute()
+            self.staging_table_host.fill(-1)
+            self.staging_table_host[chunk] = self._staging_rows[:chunk.shape[0]]
+            if self._staging_table_src is not None:
+                self.staging_table.copy_(self._staging_table_src, non_blocking=True)
+            control.mark_pairs(ids_h, chunk, none, self._scratch_pair, codes)  # this round's pairs: PAIR_CPU
+            skip = torch.from_numpy(codes == control.PAIR_GPU).to(work.ids.device, non_blocking=True)
             self._gemm(work.latent, self.staging_up, self.staging_down, self.staging_table, work.ids,
                        work.weights, skip, out=part, pair_norms=work.pair_norms)
             acc += part
-            marker = self.copies.release_marker()
-            if marker is not None:
-                for i in range(len(chunk)):
-                    self.staging_release[i] = marker
+            self.staging_marker = self.copies.release_marker()
 
     def _cpu_part(self, j: int, work, ids_h: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, ...]:
         """Weighted sum of the CPU pairs ``[T, L]`` fp32 (host), and their output norms."""
@@ -378,9 +397,7 @@ class OffloadRuntime:
         weights = work.weights.detach().float().cpu().numpy()[tokens, picks]
         out = torch.zeros(x.shape, dtype=torch.float32)
         norms = None if work.pair_norms is None else np.full(tokens.size, np.nan, dtype=np.float32)
-        rows = self.store.row_of_expert[j][experts]
-        if (rows < 0).any():  # disk experts computed on the CPU: read them first
-            raise NotImplementedError("computing disk-tier experts on the CPU is not supported; they are copied")
+        rows = self.store.row_of_expert[j][experts]  # host records only: classify copies disk experts
         if self.layout.quantized:
             from .cpu_quant import cpu_moe_quant
 
@@ -397,27 +414,21 @@ class OffloadRuntime:
         cache = self.caches[j]
         if cache is None or cache.num_slots == len(cache.static):
             return
-        ids = self.routers[j](hidden)[0]
-        predicted = np.unique(ids.detach().cpu().numpy().reshape(-1))
-        pinned = cache.inflight_experts()
-        fills = []
-        for e in predicted.tolist():
-            if cache.slot_of(e) >= 0:
-                continue
-            s, evicted = cache.policy.admit(e, pinned)
-            if s is None:
-                continue
-            if evicted is not None and cache.prefetched[s]:
-                counters.prefetch_wasted += 1
-            cache.policy.settle(e)
-            fills.append((s, e, evicted))
-            pinned = np.append(pinned, e)
-        if fills:
-            self._issue(j, cache, fills, PREFETCH, counters)
-            for s, _, _ in fills:
-                cache.prefetched[s] = True
-            counters.prefetch_issued += len(fills)
-        cache.flush_table()
+        ids_h = self._ids_on_host(self.routers[j](hidden)[0])
+        predicted, _ = self._distinct(ids_h, self._order_pf, self._tokens_pf)
+        job = cache.new_job()
+        out, counts = self._out_pf, self._counts_pf
+        policy = cache.policy
+        control.admit_predicted(policy.kind, predicted, policy._I, policy._F, cache.state, self.store.row_of_expert[j],
+                                cache.table_host, job, out, counts)
+        counters.prefetch_wasted += int(counts[control.PREFETCH_WASTED])
+        n = int(counts[control.N_DEMAND])
+        if n:
+            cache.mark_table_changed()
+            self._issue(j, cache, out[control.DEMAND_SLOT, :n].copy(), out[control.DEMAND_EXPERT, :n],
+                        out[control.DEMAND_ROW, :n].copy(), int(counts[control.N_FROM_DISK]), job, PREFETCH, counters)
+            counters.prefetch_issued += n
+            cache.flush_table()
 
     def collect(self, j: int, pending: _Pending, work) -> torch.Tensor:
         out = pending.out

@@ -6,18 +6,23 @@ The bank ``[slots, record]`` has the host store's record layout, so one copy fil
 plan's static experts for the whole run; the rest are managed by the eviction policy of
 :mod:`residency.runtime.policy`, the same code the simulator replays.
 
-State per slot, the source of the residency promises:
+Slot state (``state``, rows defined in :mod:`residency.runtime.control`), the source of the
+residency promises:
 
-- ``expert[s]``: whose data is in (or on its way to) the slot;
-- ``ticket[s]``: the copy in flight into it, or None once landed;
-- ``landed[s]``: the copy has completed; only then is the slot *resident* (the kernel of a call
-  that needs it is ordered after the copy, never before);
-- ``release[s]``: marks the last compute that read the slot; a copy into the slot starts only
-  after it (on CUDA an event; on the CPU device compute is synchronous and it stays None);
-- ``prefetched[s]``: filled by a look-ahead copy not yet used.
+- ``EXPERT``: whose record is in (or on its way to) the slot;
+- ``JOB``: the copy job in flight into it, or -1 once landed; only then is the slot *resident*
+  (the kernel of a call that needs it is ordered after the job, never before);
+- ``PREFETCHED``: filled by a look-ahead copy not yet used.
+
+``jobs`` maps each job in flight to its :class:`~residency.runtime.copies.CopyTicket`;
+``marker`` marks the last kernel that read the bank (a copy into the bank starts only after it:
+on CUDA an event, on the CPU device compute is synchronous and it stays None). One marker per
+layer is enough: between two calls of a layer no other kernel reads its bank.
 
 The policy is told which experts are in flight, and the current call pins its own experts, so a
-slot in use by the current call or in flight is never chosen as a victim.
+slot in use by the current call or in flight is never chosen as a victim. The table has a host
+copy (``table_host``) that the compiled bookkeeping writes; on the CPU device it is the table
+itself, on CUDA :meth:`flush_table` copies it to the device (2 KiB for 512 experts) after changes.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from . import control
 from .copies import CopyTicket
 from .ledger import DeviceLedger
 from .policy import LRU, ExpertCache, make_policy
@@ -48,83 +54,99 @@ class SlotCache:
         self.down = layout.down(self.bank)
         self.table = ledger.empty((num_experts,), torch.int32, "slot tables")
         self.table.fill_(-1)
-        self._table_updates: dict[int, int] = {}  # expert -> slot (-1 = none), written by flush_table
+        if self.table.device.type == "cpu":
+            self.table_host = self.table.numpy()  # written in place by the bookkeeping
+            self._table_src = None
+        else:
+            self.table_host = np.full(num_experts, -1, dtype=np.int32)
+            self._table_src = torch.from_numpy(self.table_host)
+        self._table_dirty = False
         kwargs = {} if prior is None else {"prior": prior, "prior_tokens": prior_tokens}
         self.policy: ExpertCache = make_policy(policy, num_experts, self.num_slots, list(static), **kwargs)
-        self.expert = np.full(self.num_slots, -1, dtype=np.int64)
-        self.landed = np.zeros(self.num_slots, dtype=bool)
-        self.ticket: list[CopyTicket | None] = [None] * self.num_slots
-        self.inflight: set[int] = set()  # slots whose ticket is not None
-        self.release: list[object | None] = [None] * self.num_slots
-        self.prefetched = np.zeros(self.num_slots, dtype=bool)
+        self.state = control.new_state(self.num_slots)
+        self.jobs: dict[int, CopyTicket] = {}
+        self.marker: object | None = None
         self.static = list(static)
+        self._next_job = 0
 
-    # ------------------------------------------------------------------ state
+    # ------------------------------------------------------------------ jobs
+    def new_job(self) -> int:
+        """A fresh job id for slots about to be filled (registered with :meth:`started` once issued)."""
+        self._next_job += 1
+        return self._next_job
+
+    def started(self, job: int, ticket: CopyTicket) -> None:
+        """Job ``job`` (already written into its slots' state) was issued as ``ticket``."""
+        self.jobs[job] = ticket
+
+    def assign_static(self, job: int) -> np.ndarray:
+        """State and table for the static experts in slots ``0 .. len(static)-1`` (job ``job``); returns the slots."""
+        n = len(self.static)
+        slots = np.arange(n, dtype=np.int64)
+        self.state[control.EXPERT, :n] = self.static
+        self.state[control.JOB, :n] = job
+        self.state[control.PREFETCHED, :n] = 0
+        self.table_host[self.static] = slots
+        self._table_dirty = True
+        return slots
+
     def poll(self) -> None:
         """Mark slots whose copies have completed as resident."""
-        for s in [s for s in self.inflight if self.ticket[s].done()]:
-            self._landed(s)
+        if self.jobs:
+            for job, ticket in list(self.jobs.items()):
+                if ticket.done():
+                    self._landed(job)
 
-    def _landed(self, s: int) -> None:
-        self.landed[s] = True
-        self.ticket[s] = None
-        self.inflight.discard(s)
+    def _landed(self, job: int) -> None:
+        del self.jobs[job]
+        control.job_landed(self.state, job)
 
-    def inflight_experts(self) -> np.ndarray:
-        return self.expert[sorted(self.inflight)] if self.inflight else np.empty(0, dtype=np.int64)
+    def wait(self, jobs: Sequence[int]) -> float:
+        """Order compute after the copy jobs ``jobs`` (host wait on the CPU device); returns seconds stalled."""
+        stalled = 0.0
+        for job in jobs:
+            ticket = self.jobs.get(job)
+            if ticket is None:  # landed already
+                continue
+            stalled += ticket.order_before_compute()
+            if ticket.done():
+                self._landed(job)
+        return stalled
+
+    # ------------------------------------------------------------------ table
+    def mark_table_changed(self) -> None:
+        self._table_dirty = True
+
+    def flush_table(self) -> None:
+        """Bring the device table up to date with ``table_host`` (a no-op on the CPU device)."""
+        if not self._table_dirty:
+            return
+        self._table_dirty = False
+        if self._table_src is not None:
+            # from pageable memory: the source is staged before the call returns, so it may change after
+            self.table.copy_(self._table_src, non_blocking=True)
 
     def slot_of(self, expert: int) -> int:
         s = self.policy.lookup(expert)
         return -1 if s is None else s
 
-    def assign(self, slot: int, expert: int, ticket: CopyTicket | None, evicted: int | None) -> None:
-        """Record that ``slot`` now receives ``expert`` (its copy ``ticket``), displacing ``evicted``."""
-        if evicted is not None:
-            self._table_updates[evicted] = -1
-        self.expert[slot] = expert
-        self.landed[slot] = ticket is None
-        self.ticket[slot] = ticket
-        if ticket is None:
-            self.inflight.discard(slot)
-        else:
-            self.inflight.add(slot)
-        self.prefetched[slot] = False
-        self._table_updates[expert] = slot
-
-    def flush_table(self) -> None:
-        """Write the slot-table changes since the last flush to the device table (one indexed write)."""
-        if not self._table_updates:
-            return
-        experts = np.fromiter(self._table_updates, dtype=np.int64, count=len(self._table_updates))
-        slots = np.fromiter(self._table_updates.values(), dtype=np.int32, count=len(self._table_updates))
-        self._table_updates.clear()
-        if self.table.device.type == "cpu":
-            self.table.numpy()[experts] = slots
-        else:
-            self.table[torch.from_numpy(experts).to(self.table.device)] = torch.from_numpy(slots).to(self.table.device)
-
-    def wait(self, slots: Sequence[int]) -> float:
-        """Order compute after the copies into ``slots`` (host wait on the CPU device); returns seconds stalled."""
-        pending = [s for s in slots if s in self.inflight]
-        if not pending:
-            return 0.0
-        stalled = 0.0
-        for ticket in {id(self.ticket[s]): self.ticket[s] for s in pending}.values():
-            stalled += ticket.order_before_compute()
-        for s in pending:
-            if self.ticket[s].done():
-                self._landed(s)
-        return stalled
+    # ------------------------------------------------------------------ checks
+    def inflight_experts(self) -> np.ndarray:
+        return self.state[control.EXPERT, self.state[control.JOB] >= 0]
 
     def check_resident(self, slots: Sequence[int], experts: Sequence[int]) -> None:
         """Raise if a slot about to be computed has not landed or holds another expert (a broken promise).
 
         A host-side check, meaningful where compute is ordered on the host (the CPU device); the
-        runtime runs it when built with ``verify=True``.
+        runtime runs it when built with ``verify=True``. It also checks the table the kernel reads.
         """
-        for s, e in zip(slots, experts):
-            if int(self.expert[s]) != int(e) or (self.ticket[s] is not None and not self.ticket[s].done()):
+        for s, e in zip(np.asarray(slots).tolist(), np.asarray(experts).tolist()):
+            job = int(self.state[control.JOB, s])
+            ticket = self.jobs.get(job) if job >= 0 else None
+            in_flight = ticket is not None and not ticket.done()
+            if int(self.state[control.EXPERT, s]) != e or in_flight or int(self.table_host[e]) != s:
                 raise AssertionError(
-                    f"MoE layer {self.moe_index}: slot {s} computed for expert {e} holds {int(self.expert[s])} "
-                    f"(landed={bool(self.landed[s])}, in flight={self.ticket[s] is not None})"
+                    f"MoE layer {self.moe_index}: slot {s} computed for expert {e} holds "
+                    f"{int(self.state[control.EXPERT, s])} (in flight={in_flight}, table says "
+                    f"{int(self.table_host[e])})"
                 )

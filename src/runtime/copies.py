@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 DEMAND, PREFETCH = 0, 1
@@ -64,6 +65,12 @@ class CopyEngine:
     def copy(self, dst: torch.Tensor, src: torch.Tensor, priority: int = DEMAND,
              after: object | None = None) -> CopyTicket:
         return self.copy_many([(dst, src, after)], priority)
+
+    def copy_records(self, dst: torch.Tensor, src: torch.Tensor, dst_rows: np.ndarray, src_rows: np.ndarray,
+                     priority: int = DEMAND, after: object | None = None) -> CopyTicket:
+        """``dst[dst_rows[i]] = src[src_rows[i]]`` for record matrices (slot bank <- store buffer) as one job."""
+        return self.copy_many([(dst[d], src[s], after) for d, s in zip(dst_rows.tolist(), src_rows.tolist())],
+                              priority)
 
     def release_marker(self) -> object | None:
         """A marker of "compute queued so far"; a copy given it as ``after`` starts only after that work."""
@@ -166,32 +173,61 @@ class _ThreadTicket(CopyTicket):
 class ThreadCopyEngine(CopyEngine):
     """Copies between CPU tensors on a background thread, demand before prefetch.
 
-    ``delay``: optional callable returning seconds to sleep before each copy (test hook for
-    random copy latency).
+    ``delay``: optional callable returning seconds to sleep before each copy job (test hook for
+    random copy latency). Record copies (:meth:`copy_records`) run as one compiled loop that
+    releases the GIL, so the calling thread keeps running while the copy thread works.
     """
 
     def __init__(self, delay: Callable[[], float] | None = None) -> None:
         self.delay = delay
-        self._queue: list[tuple[int, int, list[tuple[torch.Tensor, torch.Tensor]], _ThreadTicket]] = []
+        self._queue: list[tuple[int, int, Callable[[], None], _ThreadTicket]] = []
         self._order = itertools.count()
         self._cond = threading.Condition()
         self._pending = 0
         self._closed = False
+        self._bytes_views: dict[int, tuple[torch.Tensor, np.ndarray]] = {}
         self._thread = threading.Thread(target=self._run, name="residency-copies", daemon=True)
         self._thread.start()
+
+    def _push(self, run: Callable[[], None], nbytes: int, priority: int) -> CopyTicket:
+        ticket = _ThreadTicket(nbytes, self)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the copy engine is closed")
+            heapq.heappush(self._queue, (priority, next(self._order), run, ticket))
+            self._pending += 1
+            self._cond.notify_all()
+        return ticket
 
     def copy_many(self, jobs: list[tuple[torch.Tensor, torch.Tensor, object | None]],
                   priority: int = DEMAND) -> CopyTicket:
         # compute on the cpu device is synchronous: every release marker has passed already
         pairs = [(dst, src) for dst, src, _ in jobs]
-        ticket = _ThreadTicket(sum(src.numel() * src.element_size() for _, src in pairs), self)
-        with self._cond:
-            if self._closed:
-                raise RuntimeError("the copy engine is closed")
-            heapq.heappush(self._queue, (priority, next(self._order), pairs, ticket))
-            self._pending += 1
-            self._cond.notify_all()
-        return ticket
+
+        def run() -> None:
+            for dst, src in pairs:
+                dst.copy_(src)
+
+        return self._push(run, sum(src.numel() * src.element_size() for _, src in pairs), priority)
+
+    def _bytes(self, t: torch.Tensor) -> np.ndarray:
+        """``[rows, record bytes]`` uint8 view of a record matrix (kept per tensor: banks and buffers live long)."""
+        hit = self._bytes_views.get(id(t))
+        if hit is None or hit[0] is not t:
+            hit = (t, t.view(torch.uint8).numpy())
+            self._bytes_views[id(t)] = hit
+        return hit[1]
+
+    def copy_records(self, dst: torch.Tensor, src: torch.Tensor, dst_rows: np.ndarray, src_rows: np.ndarray,
+                     priority: int = DEMAND, after: object | None = None) -> CopyTicket:
+        from .control import copy_rows
+
+        d, s = self._bytes(dst), self._bytes(src)
+        if d.shape[1] != s.shape[1]:
+            raise ValueError(f"records of {s.shape[1]} bytes cannot be copied into slots of {d.shape[1]} bytes")
+        dst_rows = np.ascontiguousarray(dst_rows, dtype=np.int64)
+        src_rows = np.ascontiguousarray(src_rows, dtype=np.int64)
+        return self._push(lambda: copy_rows(d, s, dst_rows, src_rows), dst_rows.size * s.shape[1], priority)
 
     def _run(self) -> None:
         while True:
@@ -200,12 +236,11 @@ class ThreadCopyEngine(CopyEngine):
                     self._cond.wait()
                 if not self._queue:
                     return
-                _, _, pairs, ticket = heapq.heappop(self._queue)
+                _, _, run, ticket = heapq.heappop(self._queue)
             try:
                 if self.delay is not None:
                     time.sleep(self.delay())
-                for dst, src in pairs:
-                    dst.copy_(src)
+                run()
             except BaseException as exc:  # reported to whoever waits on the ticket
                 ticket.error = exc
             with self._cond:

@@ -1,0 +1,167 @@
+"""The compiled per-call bookkeeping (runtime/control.py) against the policy's own step and plain references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from residency.runtime import control
+from residency.runtime.copies import DEMAND, ThreadCopyEngine
+from residency.runtime.policy import POLICY_NAMES, make_policy
+
+E, K = 40, 5
+
+
+def fresh(policy: str, slots: int, static=(1, 2)):
+    cache = make_policy(policy, E, slots, list(static))
+    state = control.new_state(slots)
+    table = np.full(E, -1, dtype=np.int32)
+    for s, e in enumerate(static):
+        state[control.EXPERT, s] = e
+        table[e] = s
+    return cache, state, table
+
+
+def run_classify(cache, state, table, order, tokens, cpu_limit, disk_row, decode=True, jobs=(100, 101)):
+    out = np.full((control.OUT_ROWS, E + 1), -7, dtype=np.int64)
+    counts = np.zeros(control.N_COUNTS, dtype=np.int64)
+    control.classify(cache.kind, decode, np.asarray(order, np.int64), np.asarray(tokens, np.int64), cpu_limit,
+                     cache._I, cache._F, state, disk_row, table, jobs[0], jobs[1], out, counts)
+    c = counts.tolist()
+
+    def row(r, n):
+        return out[r, :c[n]].tolist()
+
+    names = {"gpu": (control.GPU_SLOT, control.N_GPU), "gpu_e": (control.GPU_EXPERT, control.N_GPU),
+             "demand": (control.DEMAND_EXPERT, control.N_DEMAND), "demand_s": (control.DEMAND_SLOT, control.N_DEMAND),
+             "demand_row": (control.DEMAND_ROW, control.N_DEMAND), "back": (control.BACK_EXPERT, control.N_BACK),
+             "back_s": (control.BACK_SLOT, control.N_BACK), "staged": (control.STAGED, control.N_STAGED),
+             "cpu": (control.CPU, control.N_CPU), "wait": (control.WAIT_JOB, control.N_WAIT)}
+    return c, {name: row(r, n) for name, (r, n) in names.items()}
+
+
+@pytest.mark.parametrize("policy", POLICY_NAMES)
+@pytest.mark.parametrize("cpu_limit", [0.0, 1.5, np.inf])
+def test_decode_classification_matches_the_policy_step_and_the_rules(policy, cpu_limit):
+    """Per call: the same (hit, slot, evicted) as ExpertCache.step with the in-flight experts pinned, and
+    every miss served exactly once by the rules (CPU when tokens < limit and in host memory, else slot or staging)."""
+    rng = np.random.default_rng(3)
+    cache, state, table = fresh(policy, 9)
+    twin = make_policy(policy, E, 9, [1, 2])
+    disk_row = np.arange(E, dtype=np.int64)
+    disk_row[[7, 8, 30]] = -1  # on disk: never computed on the CPU
+    job = 100
+    for _ in range(60):
+        order = rng.choice(E, K, replace=False)
+        tokens = rng.integers(1, 4, K)
+        inflight = state[control.EXPERT, state[control.JOB] >= 0].copy()
+        expect = twin.step(order, inflight)
+        c, lists = run_classify(cache, state, table, order, tokens, cpu_limit, disk_row, jobs=(job, job + 1))
+        assert c[control.HITS] == int(expect[:, 0].sum()) and c[control.MISSES] == K - c[control.HITS]
+        gpu, cpu, staged, demand, back = [], [], [], [], []
+        for e, (hit, s, _), t in zip(order.tolist(), expect.tolist(), tokens.tolist()):
+            if hit:
+                gpu.append(e)
+                continue
+            on_cpu = disk_row[e] >= 0 and t < cpu_limit
+            if on_cpu:
+                cpu.append(e)
+                if s >= 0:
+                    back.append(e)
+            elif s >= 0:
+                demand.append(e)
+                gpu.append(e)
+            else:
+                staged.append(e)
+        assert sorted(lists["gpu_e"]) == sorted(gpu) and lists["cpu"] == cpu and lists["staged"] == staged
+        assert lists["demand"] == demand and lists["back"] == back
+        assert lists["demand_row"] == [int(disk_row[e]) for e in demand]
+        assert c[control.N_FROM_DISK] == sum(disk_row[e] < 0 for e in demand + back)
+        # the table and the slot state say what the policy says
+        resident = cache.resident()
+        assert resident == twin.resident()
+        assert {e: s for e, s in enumerate(table.tolist()) if s >= 0} == resident
+        for e, s in resident.items():
+            assert state[control.EXPERT, s] == e
+        for s, e in zip(lists["gpu"], lists["gpu_e"]):
+            assert table[e] == s
+        assert all(state[control.JOB, s] == job for s in lists["demand_s"])
+        assert all(state[control.JOB, s] == job + 1 for s in lists["back_s"])
+        if demand:
+            assert job in lists["wait"]
+        # some copies land before the next call, some stay in flight (pinned)
+        if rng.random() < 0.6:
+            control.job_landed(state, job)
+        if rng.random() < 0.6:
+            control.job_landed(state, job + 1)
+        job += 2
+
+
+def test_prefill_classification_only_looks_up():
+    cache, state, table = fresh("lru", 6)
+    before_I, before_F, before_table = cache._I.copy(), cache._F.copy(), table.copy()
+    c, lists = run_classify(cache, state, table, [1, 5, 2, 9], [3, 1, 2, 1], 0.0, np.arange(E), decode=False)
+    assert lists["gpu_e"] == [1, 2] and lists["staged"] == [5, 9] and lists["demand"] == []
+    assert np.array_equal(cache._I, before_I) and np.array_equal(cache._F, before_F)
+    assert np.array_equal(table, before_table)
+
+
+def test_in_flight_experts_are_never_evicted_and_prefetched_slots_count_use_and_waste():
+    cache, state, table = fresh("lru", 4, static=())
+    out = np.zeros((control.OUT_ROWS, E + 1), np.int64)
+    counts = np.zeros(control.N_COUNTS, np.int64)
+    disk_row = np.arange(E, dtype=np.int64)
+    control.admit_predicted(cache.kind, np.array([3, 4, 5, 6], np.int64), cache._I, cache._F, state, disk_row,
+                            table, 7, out, counts)
+    assert counts[control.N_DEMAND] == 4 and (state[control.PREFETCHED] == 1).all()
+    # all four in flight (job 7): a new prediction finds no victim
+    control.admit_predicted(cache.kind, np.array([9], np.int64), cache._I, cache._F, state, disk_row, table, 8,
+                            out, counts)
+    assert counts[control.N_DEMAND] == 0 and cache.lookup(9) is None
+    control.job_landed(state, 7)
+    # landed and unused: a guess can now be replaced, and the replaced guess is counted as wasted
+    control.admit_predicted(cache.kind, np.array([9], np.int64), cache._I, cache._F, state, disk_row, table, 8,
+                            out, counts)
+    assert counts[control.N_DEMAND] == 1 and counts[control.PREFETCH_WASTED] == 1
+    evicted = {3, 4, 5, 6} - set(cache.resident())
+    assert len(evicted) == 1 and table[evicted.pop()] == -1 and table[9] >= 0
+    # a hit on a prefetched slot counts it used, once
+    c, _ = run_classify(cache, state, table, [4], [1], 0.0, disk_row)
+    c2, _ = run_classify(cache, state, table, [4], [1], 0.0, disk_row)
+    assert c[control.PREFETCH_USED] == 1 and c2[control.PREFETCH_USED] == 0
+
+
+def test_mark_pairs_and_distinct_in_order_match_numpy():
+    rng = np.random.default_rng(0)
+    scratch8, scratch64 = np.zeros(E, np.int8), np.full(E, -1, np.int64)
+    for T in (1, 3, 17):
+        ids = rng.integers(0, E, (T, K)).astype(np.int64)
+        cpu = rng.choice(E, 4, replace=False).astype(np.int64)
+        staged = np.setdiff1d(rng.choice(E, 4, replace=False), cpu).astype(np.int64)
+        codes = np.full(ids.shape, 9, np.int8)
+        control.mark_pairs(ids, cpu, staged, scratch8, codes)
+        expect = np.where(np.isin(ids, cpu), control.PAIR_CPU, np.where(np.isin(ids, staged), control.PAIR_STAGED, 0))
+        assert np.array_equal(codes, expect) and not scratch8.any()
+        order, tokens = np.empty(E, np.int64), np.empty(E, np.int64)
+        n = control.distinct_in_order(ids, scratch64, order, tokens)
+        uniq, first, cnt = np.unique(ids.reshape(-1), return_index=True, return_counts=True)
+        by_first = np.argsort(first, kind="stable")
+        assert order[:n].tolist() == uniq[by_first].tolist() and tokens[:n].tolist() == cnt[by_first].tolist()
+        assert (scratch64 == -1).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.uint8])
+def test_record_copies_on_the_copy_thread_move_exactly_the_named_rows(dtype):
+    src = torch.randint(0, 100, (12, 33), dtype=torch.int32).to(dtype)
+    dst = torch.full((5, 33), 7, dtype=torch.int32).to(dtype)
+    engine = ThreadCopyEngine(delay=lambda: 0.002)
+    try:
+        ticket = engine.copy_records(dst, src, np.array([4, 0, 2]), np.array([11, 3, 3]), DEMAND)
+        ticket.wait()
+        assert ticket.done() and ticket.nbytes == 3 * 33 * dst.element_size()
+        assert torch.equal(dst[4], src[11]) and torch.equal(dst[0], src[3]) and torch.equal(dst[2], src[3])
+        assert (dst[[1, 3]] == 7).all()
+        with pytest.raises(ValueError, match="bytes"):
+            engine.copy_records(dst[:, :32].contiguous(), src, np.array([0]), np.array([0]))
+    finally:
+        engine.close()
