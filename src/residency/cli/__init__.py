@@ -7,6 +7,7 @@ import argparse
 import importlib
 import os
 import sys
+from typing import NoReturn
 
 from ..errors import ResidencyError
 
@@ -15,8 +16,19 @@ COMMAND_MODULES = ("residency.cli.model", "residency.cli.plan", "residency.cli.p
                    "residency.cli.quantize")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with usage errors on one line (``residency plan: error: ... (see residency plan --help)``), exit 2.
+
+    The stock parser prints the whole usage block before the error, so the line that names the
+    problem is buried under a screen of options.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="residency",
         description="Expert residency and offload for Nemotron 3 Super: profile, plan, simulate, generate.",
     )
@@ -35,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         message = getattr(exc, "cli_message", None) or str(exc)
         print(f"residency {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C: one line instead of a traceback; 130 is the shell's status for SIGINT
+        print(f"residency {args.command}: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         # output piped into a reader that stopped early (`| head`): end quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
