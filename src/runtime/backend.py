@@ -173,6 +173,7 @@ class OffloadRuntime:
         self._ones = np.ones(E, dtype=np.int64)
         self._scratch_slot = np.full(E, -1, dtype=np.int64)
         self._scratch_pair = np.zeros(E, dtype=np.int8)
+        control.warm_up()  # compile the bookkeeping now, not in the first decode step
         self._load_static()
 
     # ------------------------------------------------------------------ set-up

@@ -260,3 +260,29 @@ def job_landed(state: np.ndarray, job: int) -> None:
     for s in range(state.shape[1]):
         if state[JOB, s] == job:
             state[JOB, s] = -1
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) every function here for the argument types the runtime passes.
+
+    The runtime calls this at construction, so the first decode step is not the one that pays for
+    compilation.
+    """
+    from .policy import K_LRU, _init_state
+
+    experts, slots = 4, 2
+    I, F = _init_state(K_LRU, slots, experts, np.zeros(0, np.int64), np.zeros(experts), 1.0)
+    state = new_state(slots)
+    table = np.full(experts, -1, dtype=np.int32)
+    out = np.zeros((OUT_ROWS, experts + 1), dtype=np.int64)
+    counts = np.zeros(N_COUNTS, dtype=np.int64)
+    ids = np.array([[0, 1]], dtype=np.int64)
+    rows = np.arange(experts, dtype=np.int64)
+    classify(K_LRU, True, ids[0], np.ones(2, np.int64), 0.0, I, F, state, rows, table, 1, 2, out, counts)
+    admit_predicted(K_LRU, ids[0], I, F, state, rows, table, 3, out, counts)
+    job_landed(state, 1)
+    codes = np.empty(ids.shape, dtype=np.int8)
+    mark_pairs(ids, ids[0, :1], ids[0, 1:], np.zeros(experts, np.int8), codes)
+    distinct_in_order(ids, np.full(experts, -1, np.int64), np.empty(experts, np.int64), np.empty(experts, np.int64))
+    buf = np.zeros((2, 8), dtype=np.uint8)
+    copy_rows(buf, buf, np.zeros(1, np.int64), np.ones(1, np.int64))
