@@ -42,7 +42,7 @@ def test_plan_for_target_gpu(monkeypatch, capsys):
     summary = out.split("Summary (cost-model predictions, uniform prior):")[1].splitlines()
     rows = {line.split("  ")[0].strip(): line for line in summary[3:] if line.strip()}
     assert set(rows) == {"RTX 4090", "H100 SXM", "DGX Spark"}
-    assert "2405" in rows["RTX 4090"] and "11.7%" in rows["RTX 4090"]
+    assert "2751" in rows["RTX 4090"] and "13.4%" in rows["RTX 4090"]
 
 
 def test_notebook_runs(tmp_path):

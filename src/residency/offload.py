@@ -11,7 +11,12 @@
    fixed allocations, with the planner's hit model (:mod:`residency.planning.allocate`) over the
    profile's pick counts (``profile=``) or a uniform prior;
 3. the dense part of the model is loaded onto the device (no expert banks), the host store is
-   filled from the checkpoint, and each MoE layer gets an :class:`OffloadedExperts` backend.
+   filled from the checkpoint, and each MoE layer gets an :class:`OffloadedExperts` backend;
+4. the embedding table goes where the plan says (``settings.embeddings_on_host``) or, without a
+   plan, where :func:`embeddings_on_host` puts it: in host memory (not charged to the ledger; a
+   :class:`~residency.model.modeling.HostEmbedding` copies each step's rows to the device) unless
+   the device is unified memory, the embeddings are tied to ``lm_head``, or every expert fits on
+   the device with the table there.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from .config import NemotronHConfig
 from .errors import BudgetError, InputError
 from .model.checkpoint import Checkpoint
 from .model.loading import build_model, footprint
-from .model.modeling import NemotronHForCausalLM, meta_model
+from .model.modeling import NemotronHForCausalLM, keep_embeddings_on_host, meta_model
 from .model.moe import ExpertBackend, ExpertWork
 from .runtime.backend import LayerSlotPlan, OffloadRuntime, RuntimeOptions
 from .runtime.ledger import DeviceLedger
@@ -93,7 +98,11 @@ def reserve_bytes(config: NemotronHConfig, context: int, chunk: int) -> int:
 
 @dataclass(frozen=True)
 class FixedBytes:
-    """Device bytes the offloaded model takes besides expert slots (the smallest feasible budget)."""
+    """Device bytes the offloaded model takes besides expert slots (the smallest feasible budget).
+
+    ``host_embeddings``: bytes of the embedding table when it stays in host memory (then not in
+    ``dense`` nor :attr:`total`), else 0.
+    """
 
     dense: int
     staging: int
@@ -102,13 +111,16 @@ class FixedBytes:
     reserve: int
     context: int
     layout: ExpertLayout
+    host_embeddings: int = 0
 
     @property
     def total(self) -> int:
         return self.dense + self.staging + self.tables + self.reserve
 
     def describe(self) -> str:
-        return (f"dense weights {format_bytes(self.dense)}, staging slots {format_bytes(self.staging)} "
+        table = (f" (embedding table {format_bytes(self.host_embeddings)} in host memory)"
+                 if self.host_embeddings else "")
+        return (f"dense weights {format_bytes(self.dense)}{table}, staging slots {format_bytes(self.staging)} "
                 f"({self.staging_slots} x {format_bytes(self.layout.record_bytes)}), slot tables "
                 f"{format_bytes(self.tables)}, KV cache, Mamba state and activations for {self.context} tokens "
                 f"{format_bytes(self.reserve)}: {format_bytes(self.total)} in all")
@@ -116,23 +128,32 @@ class FixedBytes:
 
 def fixed_bytes(config: NemotronHConfig, dtype: torch.dtype, *, staging: int | None = None,
                 context: int = DEFAULT_CONTEXT, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                ckpt: Checkpoint | None = None) -> FixedBytes:
+                ckpt: Checkpoint | None = None, embeddings_on_host: bool | None = None) -> FixedBytes:
     """What :func:`load_offloaded` charges to the budget before any expert slot.
 
     With ``ckpt``, its quantized dense modules count at their stored size and the expert record
-    is the checkpoint's quantized record when its experts are quantized.
+    is the checkpoint's quantized record when its experts are quantized. ``embeddings_on_host``:
+    the embedding table stays in host memory and is not charged; None (default) = where
+    :func:`load_offloaded` puts it without a plan on a device that is not unified memory and
+    cannot hold every expert: in host memory unless the embeddings are tied.
     """
     meta = meta_model(config)
+    if embeddings_on_host is None:
+        embeddings_on_host = not config.tie_word_embeddings
+    if embeddings_on_host:
+        keep_embeddings_on_host(meta, "cpu")
     layout = expert_layout(config, dtype, ckpt)
     if ckpt is not None:
         from .model.loading import quantize_meta_model
 
         quantize_meta_model(meta, ckpt, dtype, experts=False)
     staging = staging if staging is not None else 2 * config.num_experts_per_tok
+    weights = footprint(meta, dtype)
     return FixedBytes(
-        dense=footprint(meta, dtype).other_bytes, staging=staging * layout.record_bytes, staging_slots=staging,
+        dense=weights.other_bytes, staging=staging * layout.record_bytes, staging_slots=staging,
         tables=4 * config.n_routed_experts * (config.num_moe_layers + 1),
         reserve=reserve_bytes(config, context, prefill_chunk), context=context, layout=layout,
+        host_embeddings=weights.host_bytes,
     )
 
 
@@ -227,6 +248,39 @@ def miss_rates(plan: Any, mode: str, cpu_experts: str | bool, device: torch.devi
     return h2d, cpu
 
 
+def embeddings_on_host(config: NemotronHConfig, mode: str, *, choice: str | None = None, plan: Any = None,
+                       budget_bytes: int | None = None, fixed_on_device: FixedBytes | None = None) -> bool:
+    """Whether :func:`load_offloaded` keeps the embedding table in host memory.
+
+    ``choice`` 'host' or 'device' decides; else the plan's ``settings.embeddings_on_host`` (plans of
+    format 1 have the table on the device); else automatically, as the planner chooses: on the device
+    for unified memory (one pool: moving the table frees nothing), for tied embeddings (``lm_head``
+    reads the whole table every token) and when the budget holds every expert with the table there
+    (``budget_bytes`` against ``fixed_on_device``, the fixed part with the table on the device);
+    otherwise in host memory, which frees the table's bytes for expert slots for one row copied per
+    token. The ``cpu`` device stands in for a discrete GPU and is treated like one.
+    """
+    from .planning.plan import EMBEDDINGS_CHOICES
+
+    choice = choice or "auto"
+    if choice not in EMBEDDINGS_CHOICES:
+        raise InputError(f"embeddings must be one of {EMBEDDINGS_CHOICES}, got {choice!r}")
+    if choice == "auto" and plan is not None:
+        choice = "host" if plan.settings.embeddings_on_host else "device"
+    if choice == "host" and config.tie_word_embeddings:
+        raise InputError("this model ties its word embeddings to lm_head (tie_word_embeddings), which reads the "
+                         "whole table every token: the table stays on the device; use embeddings='device'")
+    if choice != "auto":
+        return choice == "host"
+    if mode == "unified" or config.tie_word_embeddings:
+        return False
+    if budget_bytes is not None and fixed_on_device is not None:
+        every_expert = config.num_moe_layers * config.n_routed_experts * fixed_on_device.layout.record_bytes
+        if budget_bytes >= fixed_on_device.total + every_expert:
+            return False
+    return True
+
+
 def device_memory(device: torch.device) -> tuple[int, int, str]:
     """(total, free, name) of the memory the budget is taken from."""
     if device.type == "cuda":
@@ -256,8 +310,13 @@ def load_offloaded(
     progress: bool | None = None,
     verify: bool = False,
     copy_delay: Any = None,
+    embeddings: str | None = None,
 ) -> tuple[NemotronHForCausalLM, OffloadRuntime, SlotLayout]:
-    """Load ``ckpt`` with its routed experts offloaded; see the module docstring."""
+    """Load ``ckpt`` with its routed experts offloaded; see the module docstring.
+
+    ``embeddings``: 'host', 'device', or None / 'auto' (the plan's placement, else
+    :func:`embeddings_on_host`).
+    """
     from .model.loading import checkpoint_dtype
 
     config = ckpt.config
@@ -271,7 +330,11 @@ def load_offloaded(
     budget = parse_budget(vram_budget, total_bytes=total, free_bytes=free, device_name=name, what="vram_budget")
     ledger = DeviceLedger(device, budget.bytes)
     staging = staging_slots if staging_slots is not None else 2 * config.num_experts_per_tok
-    need = fixed_bytes(config, dtype, staging=staging, context=context, prefill_chunk=prefill_chunk, ckpt=ckpt)
+    fixed_args = dict(staging=staging, context=context, prefill_chunk=prefill_chunk, ckpt=ckpt)
+    on_device = fixed_bytes(config, dtype, embeddings_on_host=False, **fixed_args)
+    host_table = embeddings_on_host(config, mode, choice=embeddings, plan=plan, budget_bytes=budget.bytes,
+                                    fixed_on_device=on_device)
+    need = fixed_bytes(config, dtype, embeddings_on_host=True, **fixed_args) if host_table else on_device
     if need.total > budget.bytes:
         raise BudgetError(
             f"vram_budget {budget.understood} cannot hold what runs besides expert slots: {need.describe()}. "
@@ -290,7 +353,8 @@ def load_offloaded(
         slots = plan_layout(config, expert_slots, profile=profile, policy=policy or LRU.name)
     ledger.charge(need.reserve, "KV cache, Mamba state, activations (reserved)")
     model = build_model(ckpt, device=device, dtype=dtype, progress=progress, experts=False,
-                        allocate=lambda shape, dt, what: ledger.empty(shape, dt, what))
+                        allocate=lambda shape, dt, what: ledger.empty(shape, dt, what),
+                        embeddings_on_host=host_table)
     if mode == "unified":
         disk = [sorted(set(range(E)) - set(lp.static)) for lp in slots.layers]
         ledger.charge(sum(len(lp.static) for lp in slots.layers) * layout.record_bytes, "expert store (unified memory)")

@@ -1,9 +1,9 @@
 """``OffloadedNemotron``: the user-facing model object.
 
 Without ``vram_budget`` or ``plan`` every weight is resident on one device. With either, the
-routed experts live in the host store and the device holds the dense weights, the plan's expert
-slots and the runtime's buffers under the budget (:mod:`residency.offload`,
-:mod:`residency.runtime.backend`); the answers are the same either way.
+routed experts live in the host store and the device holds the dense weights (the embedding table
+may stay in host memory), the plan's expert slots and the runtime's buffers under the budget
+(:mod:`residency.offload`, :mod:`residency.runtime.backend`); the answers are the same either way.
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ class OffloadedNemotron:
         prefill_chunk: int | None = None,
         quiet: bool = False,
         runtime_options: dict[str, Any] | None = None,
+        embeddings: str | None = None,
     ) -> OffloadedNemotron:
         """Open a Hugging Face Nemotron-H folder, validate it and load it.
 
@@ -81,8 +82,12 @@ class OffloadedNemotron:
         prior. ``policy``: eviction policy (default the plan's, else ``lru``); ``prefetch``:
         look-ahead copies; ``cpu_experts``: compute misses on the CPU always (True), never
         (False) or where cheaper (``"auto"``); ``context``: tokens of KV cache the budget keeps;
-        ``prefill_chunk``: prompt tokens per forward call. A short plan summary is printed unless
-        ``quiet``. ``runtime_options`` (tests): ``verify``, ``copy_delay``, ``mode``, ``staging_slots``.
+        ``prefill_chunk``: prompt tokens per forward call; ``embeddings``: where the embedding
+        table lives when offloading, ``"host"`` (host memory, not charged to the budget; each step's
+        rows are copied to the device), ``"device"``, or None for the plan's placement, else host
+        memory unless the device is unified memory, the embeddings are tied, or the budget holds
+        every expert (:func:`residency.offload.embeddings_on_host`). A short plan summary is
+        printed unless ``quiet``. ``runtime_options`` (tests): ``verify``, ``copy_delay``, ``mode``, ``staging_slots``.
         """
         path = Path(path)
         mode = None
@@ -93,6 +98,8 @@ class OffloadedNemotron:
         ckpt = Checkpoint(path)
         tokenizer = load_tokenizer(path)  # a corrupt tokenizer file is reported before the weights are read
         if vram_budget is None and plan is None:
+            if embeddings == "host":
+                raise InputError("embeddings='host' applies to offloaded models: give vram_budget= or plan= too")
             model = build_model(ckpt, device=device, dtype=dtype, progress=progress)
             return cls(model, tokenizer, path, prefill_chunk=prefill_chunk)
         from .offload import DEFAULT_CONTEXT, DEFAULT_PREFILL_CHUNK, load_offloaded
@@ -103,7 +110,7 @@ class OffloadedNemotron:
         model, runtime, slots = load_offloaded(
             ckpt, device, mode=mode, dtype=dtype, vram_budget=vram_budget, plan=plan, profile=profile,
             policy=policy, prefetch=prefetch, cpu_experts=cpu_experts, context=context or DEFAULT_CONTEXT,
-            prefill_chunk=chunk, progress=progress, **options,
+            prefill_chunk=chunk, progress=progress, embeddings=embeddings, **options,
         )
         self = cls(model, tokenizer, path, runtime=runtime, slots=slots, prefill_chunk=chunk)
         if not quiet:
@@ -125,8 +132,16 @@ class OffloadedNemotron:
             f"residency: {r.options.mode} device, budget {format_bytes(r.ledger.budget_bytes)}: {static} static + "
             f"{dynamic} dynamic expert slots of {total} experts ({s.source}, policy {r.options.policy}), "
             f"{r.options.staging_slots} staging slots, host store {format_bytes(r.store.nbytes)}"
-            f"{' pinned' if r.store.pinned else ''}; predicted hit rate {hit}"
+            f"{' pinned' if r.store.pinned else ''}"
+            + (f", embedding table {format_bytes(self.host_embedding_bytes)} in host memory"
+               if self.model.embeddings_on_host else "")
+            + f"; predicted hit rate {hit}"
         )
+
+    @property
+    def host_embedding_bytes(self) -> int:
+        """Bytes of the embedding table when it is kept in host memory (offloaded models), else 0."""
+        return self.model.backbone.embeddings.nbytes if self.model.embeddings_on_host else 0
 
     @property
     def config(self) -> NemotronHConfig:
@@ -414,7 +429,8 @@ class OffloadedNemotron:
     def stats(self) -> dict[str, Any]:
         """Telemetry: the last ``generate`` call's timings and token counts; for offloaded models also
         ``"experts"`` (hits, misses, copies, prefetch, CPU experts, bytes, stalls, per layer, since
-        load or :meth:`reset_stats`) and ``"memory"`` (device bytes allocated and budget, host store)."""
+        load or :meth:`reset_stats`) and ``"memory"`` (device bytes allocated and budget, host store,
+        host embedding table: ``host_embedding_bytes``, 0 when the table is on the device)."""
         out = dict(self._stats)
         if self.runtime is not None:
             r = self.runtime
@@ -425,6 +441,7 @@ class OffloadedNemotron:
                 "device_budget_bytes": r.ledger.budget_bytes,
                 "host_store_bytes": r.store.nbytes,
                 "pinned": r.store.pinned,
+                "host_embedding_bytes": self.host_embedding_bytes,
             }
         return out
 

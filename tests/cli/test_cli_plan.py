@@ -297,3 +297,21 @@ def test_files_of_the_wrong_kind_say_what_they_are(plan_file, tmp_path, capsys):
 def test_simulate_refuses_an_unknown_policy(plan_file, capsys):
     err = refused(capsys, "simulate", "--plan", str(plan_file), "--synthetic", "10", "--policy", "mru")
     assert "unknown policy 'mru'; choose one of ('static', 'lru', 'lfu', 'hybrid') or 'all'" in err
+
+
+def test_plan_embeddings_flag(tmp_path, capsys):
+    """--embeddings overrides where the planner keeps the embedding table; the choice lands in the plan file."""
+    chosen = {}
+    for flag in ((), ("--embeddings", "device"), ("--embeddings", "host"), ("--embeddings", "auto")):
+        out_plan = tmp_path / f"plan{len(chosen)}.json"
+        code, out, _ = run(capsys, *PLAN, "--gpu", "4090", *flag, "--out", str(out_plan))
+        assert code == 0
+        plan = Plan.load(out_plan)
+        chosen[flag[1] if flag else "default"] = plan.settings.embeddings_on_host
+        table = "embedding table (1.00 GiB) in host memory" in out
+        assert table == plan.settings.embeddings_on_host
+    assert chosen == {"default": True, "device": False, "host": True, "auto": True}
+    err = refused(capsys, *PLAN, "--gpu", "4090", "--embeddings", "gpu")
+    assert "embeddings must be one of ('auto', 'device', 'host'), got 'gpu'" in err
+    err = refused(capsys, *PLAN, "--gpu", "spark", "--embeddings", "host")
+    assert "unified memory: host and GPU share one pool" in err

@@ -109,3 +109,31 @@ def test_peak_memory_of_loading_a_1gib_checkpoint_offloaded(big_checkpoint):
     assert report["finite"] and report["params"] < 0.1 * ckpt_bytes  # experts are not model parameters
     limit = 1.2 * ckpt_bytes + 300 * MiB
     assert report["hwm"] <= limit, f"peak {report['hwm'] / MiB:.0f} MiB > {limit / MiB:.0f} MiB"
+
+
+def test_the_embedding_table_can_be_loaded_into_host_memory_outside_the_device_allocator(tmp_path):
+    """``embeddings_on_host``: the table is allocated once on the host (never through ``allocate``, the
+    offload runtime's device ledger), filled from the checkpoint in the model dtype, and counted by
+    ``footprint`` as host bytes, not device bytes."""
+    from residency.model.modeling import HostEmbedding
+
+    folder = write_tiny_checkpoint(tmp_path / "tiny")
+    asked = []
+
+    def allocate(shape, dtype, what):
+        asked.append(tuple(shape))
+        return torch.empty(shape, dtype=dtype)
+
+    reference = loading.build_model(Checkpoint(folder))
+    model = loading.build_model(Checkpoint(folder), dtype=torch.bfloat16, allocate=allocate, embeddings_on_host=True)
+    emb = model.backbone.embeddings
+    c = model.config
+    assert isinstance(emb, HostEmbedding) and model.embeddings_on_host and not reference.embeddings_on_host
+    assert asked.count((c.vocab_size, c.hidden_size)) == 1  # lm_head's; the table was not asked for
+    assert emb.weight.device.type == "cpu" and emb.weight.dtype == torch.bfloat16
+    assert torch.equal(emb.weight, reference.backbone.embeddings.weight.to(torch.bfloat16))
+    fp = loading.footprint(model, torch.bfloat16)
+    assert fp.host_bytes == emb.nbytes == c.vocab_size * c.hidden_size * 2
+    assert fp.total_bytes == loading.footprint(reference, torch.bfloat16).total_bytes - fp.host_bytes
+    ids = torch.tensor([[5, 0, 258, 5]])
+    assert torch.equal(emb(ids), reference.backbone.embeddings(ids).to(torch.bfloat16))  # a row gather

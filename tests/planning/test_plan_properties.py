@@ -58,7 +58,9 @@ def roomy(name: str, vram: int) -> GpuSpec:
 
 
 def slots_vram(config: NemotronHConfig, slots: int, **kw) -> int:
-    """A device size that leaves room for exactly ``slots`` experts (with the default staging)."""
+    """A device size that leaves room for exactly ``slots`` experts (with the default staging, and the
+    embedding table in host memory, where the planner keeps it on a GPU that cannot hold every expert)."""
+    kw.setdefault("embeddings_on_host", True)
     big = account_memory(config, 1 << 40, **kw)
     fixed = (1 << 40) - big.expert_bytes
     return fixed + slots * big.expert_size + big.expert_size // 2

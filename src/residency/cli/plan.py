@@ -2,9 +2,9 @@
 
 Everything here runs without weights or a GPU except ``calibrate``, which measures the local GPU.
 Sizes and budgets (``--vram``, ``--host-memory``, ``--size``) are read by :mod:`residency.sizes`
-inside the commands, so a bad value ends with one line naming it and the fix. Policy and miss-path
-names are checked by the planner and the simulator, which own them; importing them here would load
-numba for every ``residency`` command.
+inside the commands, so a bad value ends with one line naming it and the fix. Policy, miss-path and
+embedding-placement names are checked by the planner and the simulator, which own them; importing
+them here would load numba for every ``residency`` command.
 """
 
 from __future__ import annotations
@@ -192,7 +192,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         from ..profiling.trace import RoutingTrace
 
         trace = RoutingTrace.load(args.trace, fingerprint=config.fingerprint())
-    chosen = {"policy": args.policy, "miss_path": args.miss_path}  # checked by the planner, which owns the names
+    # checked by the planner, which owns the names
+    chosen = {"policy": args.policy, "miss_path": args.miss_path, "embeddings": args.embeddings}
     if budget is not None:
         print(f"Budget: --vram {budget.understood}")
     started = time.perf_counter()
@@ -380,6 +381,9 @@ def register(subparsers: Any) -> None:
                                     "profile-seeded hybrid)")
     p.add_argument("--miss-path", help="serve misses by copying ('copy') or on the CPU ('cpu'); default 'auto': the "
                                        "cost model chooses")
+    p.add_argument("--embeddings", help="where the embedding table lives: 'device' or 'host' (host memory, one row "
+                                        "copied per token); default 'auto': host on a discrete GPU that cannot hold "
+                                        "every expert, else device")
     p.add_argument("--out", help="write the plan JSON here")
     p.set_defaults(func=_cmd_plan)
 

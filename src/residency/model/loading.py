@@ -1,6 +1,8 @@
 """Build a :class:`~residency.model.modeling.NemotronHForCausalLM` from a validated checkpoint.
 
-Without experts (``experts=False``) it builds the dense part the offload runtime runs beside.
+Without experts (``experts=False``) it builds the dense part the offload runtime runs beside;
+with ``embeddings_on_host=True`` the embedding table is a host tensor (:class:`HostEmbedding`),
+allocated and filled like every other weight but never on the device.
 
 The module tree is built on the ``meta`` device (no storage, no random initialisation). Before
 any weight is read, the bytes the model will occupy on the target device are compared with the
@@ -30,7 +32,7 @@ from torch import nn
 
 from ..errors import BudgetError
 from .checkpoint import FLOAT_DTYPES, Checkpoint
-from .modeling import NemotronHForCausalLM, meta_model
+from .modeling import HostEmbedding, NemotronHForCausalLM, keep_embeddings_on_host, meta_model
 from .moe import ExpertBackend, ResidentExperts, Router
 from .quant.modules import QuantizedExperts, QuantLinear
 
@@ -43,10 +45,12 @@ DEVICE_HEADROOM_BYTES = 256 << 20
 
 @dataclass(frozen=True)
 class LoadFootprint:
-    """Bytes the loaded model occupies on its device, by kind."""
+    """Bytes the loaded model occupies on its device, by kind (``host_bytes``: what stays in host
+    memory, the embedding table of a :class:`HostEmbedding`; not part of :attr:`total_bytes`)."""
 
     expert_bytes: int
     other_bytes: int
+    host_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:
@@ -121,7 +125,7 @@ def quantize_meta_model(model: NemotronHForCausalLM, ckpt: Checkpoint, dtype: to
 def build_model(
     ckpt: Checkpoint, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
     progress: bool | None = None, experts: bool = True, allocate: Allocator | None = None,
-    dequantize: bool = False,
+    dequantize: bool = False, embeddings_on_host: bool = False,
 ) -> NemotronHForCausalLM:
     """Validate ``ckpt`` and load it into a new model on ``device``.
 
@@ -131,13 +135,17 @@ def build_model(
     ``meta`` device until the caller installs another expert backend, e.g. the offload runtime);
     ``allocate(shape, dtype, what)``, when given, makes every device tensor (the offload runtime's
     budget ledger), and the fit check against free memory is left to it. Quantized weights stay
-    quantized (see the module docstring) unless ``dequantize``.
+    quantized (see the module docstring) unless ``dequantize``. ``embeddings_on_host``: the
+    embedding table is allocated in host memory (``allocate`` is not asked for it) and a
+    :class:`HostEmbedding` copies each call's rows to ``device``.
     """
     ckpt.validate()
     device = torch.device(device)
     if dtype is None:
         dtype = checkpoint_dtype(ckpt)
     model = meta_model(ckpt.config)
+    if embeddings_on_host:
+        keep_embeddings_on_host(model, device)
     quantize_meta_model(model, ckpt, dtype, experts=experts, dequantize=dequantize)
     if allocate is None:
         check_fits(model, dtype, device, ckpt, experts=experts)
@@ -154,7 +162,10 @@ def build_model(
                 real = allocate(meta.shape, meta.dtype, "slot tables")
                 module._buffers[name] = real
                 continue
-        real = allocate(meta.shape, target_dtype(module, meta, dtype, name), "dense weights")
+        if isinstance(module, HostEmbedding):  # host memory, outside any device budget
+            real = torch.empty(meta.shape, dtype=target_dtype(module, meta, dtype, name), device="cpu")
+        else:
+            real = allocate(meta.shape, target_dtype(module, meta, dtype, name), "dense weights")
         if kind == "param":
             module._parameters[name] = nn.Parameter(real, requires_grad=False)
         else:
@@ -203,14 +214,16 @@ def _reads(ckpt: Checkpoint, module_name: str, module: nn.Module, name: str, ful
 
 def footprint(model: nn.Module, dtype: torch.dtype) -> LoadFootprint:
     """Bytes of every parameter and buffer of ``model`` (a meta model is fine) once loaded in ``dtype``."""
-    experts = other = 0
+    experts = other = host = 0
     for _, module, _, name, meta in _tensors(model):
         size = meta.numel() * target_dtype(module, meta, dtype, name).itemsize
         if isinstance(module, ExpertBackend):
             experts += size
+        elif isinstance(module, HostEmbedding):
+            host += size
         else:
             other += size
-    return LoadFootprint(experts, other)
+    return LoadFootprint(experts, other, host)
 
 
 def free_device_bytes(device: torch.device) -> tuple[int, str]:

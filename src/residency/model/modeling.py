@@ -9,6 +9,10 @@ The routed-expert computation is pluggable: every :class:`MoEMixer` hands its wo
 ``self.experts``, an :class:`~residency.model.moe.ExpertBackend` (see :mod:`residency.model.moe`),
 so the offload runtime can swap in its own implementation without touching the rest; observers
 (the profiler) see each routing decision, and step listeners see each forward call begin and end.
+
+The embedding table may stay in host memory (:class:`HostEmbedding`, installed by the loader when
+the offload plan says so): each forward call then gathers its tokens' rows on the host and copies
+them to the device.
 """
 
 from __future__ import annotations
@@ -55,6 +59,70 @@ class Block(nn.Module):
         return residual + out
 
 
+class HostEmbedding(nn.Module):
+    """The input embedding table kept in host memory; the rows a call needs are copied to ``device``.
+
+    Numerically :class:`torch.nn.Embedding` (a row gather), but the table is a host tensor that
+    no device budget pays for: 1 GiB for Super (vocab 131072 x hidden 4096, bf16), of which a
+    token reads one 8 KiB row. A call moves its token ids to the host (a device-to-host copy of
+    8 bytes per token, which waits for the kernel that produced them), gathers the rows into a
+    buffer of exactly that size and copies it to ``device``. On CUDA the buffer is page-locked
+    (PyTorch's caching host allocator, which keeps a block until its copy has completed), so the
+    copy is asynchronous; where page-locking fails the copy falls back to pageable memory (once,
+    with a warning). On the ``cpu`` device the gathered rows are the output.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, device: str | torch.device = "cpu") -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        # a parameter so that the loader fills it from ``backbone.embeddings.weight``; it is allocated on
+        # the host (build_model) and never moved with the model
+        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim), requires_grad=False)
+        self.device = torch.device(device)
+        self.pin = self.device.type == "cuda"
+        self.pin_problem: str | None = None if self.pin else "not needed"
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+    def _buffer(self, rows: int) -> torch.Tensor:
+        if self.pin:
+            try:
+                return torch.empty(rows, self.embedding_dim, dtype=self.weight.dtype, pin_memory=True)
+            except RuntimeError as exc:
+                import warnings
+
+                self.pin, self.pin_problem = False, f"page-locked allocation failed ({exc})"
+                warnings.warn(f"embedding rows: {self.pin_problem}; copying them from pageable memory",
+                              RuntimeWarning, stacklevel=3)
+        return torch.empty(rows, self.embedding_dim, dtype=self.weight.dtype)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        ids = input_ids.reshape(-1)
+        if ids.device.type != "cpu":
+            ids = ids.cpu()  # waits for the kernel that produced the ids (the sampler, in decode)
+        rows = torch.index_select(self.weight, 0, ids, out=self._buffer(ids.numel()))
+        if self.device.type != "cpu":
+            rows = rows.to(self.device, non_blocking=self.pin)
+        return rows.view(*input_ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, in host memory, rows to {self.device}"
+
+
+def keep_embeddings_on_host(model: NemotronHForCausalLM, device: str | torch.device) -> HostEmbedding:
+    """Replace the embedding module of a ``meta`` model (before its weights are allocated) with a
+    :class:`HostEmbedding` whose rows go to ``device``; returns it."""
+    old = model.backbone.embeddings
+    if old.weight.device.type != "meta":
+        raise ValueError("keep_embeddings_on_host works on a meta model, before the weights are allocated")
+    with torch.device("meta"):
+        new = HostEmbedding(old.num_embeddings, old.embedding_dim, device)
+    model.backbone.embeddings = new
+    return new
+
+
 class Backbone(nn.Module):
     def __init__(self, config: NemotronHConfig) -> None:
         super().__init__()
@@ -74,6 +142,11 @@ class NemotronHForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.step_listeners: list[StepListener] = []
         self.cuda_graphs: bool | str = False  # the default of new_cache(cuda_graphs=...)
+
+    @property
+    def embeddings_on_host(self) -> bool:
+        """True when the embedding table is in host memory (:class:`HostEmbedding`)."""
+        return isinstance(self.backbone.embeddings, HostEmbedding)
 
     @property
     def moe_mixers(self) -> list[MoEMixer]:
@@ -203,7 +276,8 @@ Capture = Callable[[Callable[[], torch.Tensor]], tuple[Callable[[], None], torch
 class GraphPiece:
     """A run of blocks of the decode step: captured in one graph, or (MoE blocks) run eagerly between replays.
 
-    The first piece also sets up the step (positions, mask) and embeds the tokens; the last one
+    The first piece also sets up the step (positions, mask) and embeds the tokens (with the table
+    in host memory the rows are copied in before the replay instead, into its ``inp``); the last one
     advances ``pos_t`` and computes the logits. ``inp``/``out`` are a captured piece's static
     input and output; ``keep`` holds tensors later pieces read (the step's mask).
     """
@@ -253,6 +327,9 @@ class DecodeGraphs:
     side stream; they compile every kernel), the next one captures, then replays. Graphs are
     dropped when the cache reallocates (KV growth) or the experts' backends change.
 
+    With the embedding table in host memory (:class:`HostEmbedding`) the host gathers and copies
+    the step's rows before the first piece, which takes them as its static input.
+
     ``capture(fn) -> (replay, out)`` records ``fn`` without running it; the default uses
     ``torch.cuda.CUDAGraph``. Tests pass one that runs ``fn`` eagerly on CPU.
     """
@@ -300,7 +377,7 @@ class DecodeGraphs:
         """One decode step ``[B, 1]`` → fp32 logits ``[B, 1, V]``, replayed (or warmed up / captured)."""
         model, cache = self.model, self.cache
         mode = self.resolved_mode()
-        key = (cache.generation, mode, tuple(type(m.experts) for m in model.moe_mixers))
+        key = (cache.generation, mode, model.embeddings_on_host, tuple(type(m.experts) for m in model.moe_mixers))
         if key != self._key:
             self.reset()
             self._key = key
@@ -330,11 +407,17 @@ class DecodeGraphs:
     def _kinds(self) -> list[str]:
         return [b.kind for b in self.model.backbone.layers]
 
+    def _host_rows(self) -> torch.Tensor | None:
+        """The step's embedded tokens when the table is in host memory (gathered and copied eagerly), else None."""
+        model = self.model
+        return model.backbone.embeddings(self.input_ids) if model.embeddings_on_host else None
+
     def _run_piece(self, piece: GraphPiece, h: torch.Tensor | None, length: int) -> torch.Tensor:
         model, cache = self.model, self.cache
         if piece.first:
             cache.begin_step(1, self.device, attend_len=length)
-            h = model.backbone.embeddings(self.input_ids)
+            if not model.embeddings_on_host:  # else h holds the rows, copied in before the piece
+                h = model.backbone.embeddings(self.input_ids)
         for i in piece.blocks:
             h = model.backbone.layers[i](h, cache)
         if piece.last:
@@ -343,7 +426,7 @@ class DecodeGraphs:
         return h
 
     def _run(self, pieces: list[GraphPiece], length: int) -> torch.Tensor:
-        h = None
+        h = self._host_rows()
         for piece in pieces:
             h = self._run_piece(piece, h, length)
         return h
@@ -351,10 +434,13 @@ class DecodeGraphs:
     def _capture_pieces(self, mode: str, length: int) -> list[GraphPiece]:
         pieces = plan_pieces(self._kinds(), mode)
         prev = None
+        emb = self.model.backbone.embeddings
+        if self.model.embeddings_on_host:  # the first piece reads the rows copied in before each replay
+            prev = torch.zeros(*self.input_ids.shape, emb.embedding_dim, dtype=emb.weight.dtype, device=self.device)
         for piece in pieces:
             if not piece.graph:
                 continue
-            if not piece.first:  # after an eager MoE block, whose output has its input's shape and dtype
+            if prev is not None:  # after an eager MoE block, whose output has its input's shape and dtype
                 piece.inp = torch.zeros_like(prev)
             piece.replay, piece.out = self._capture(lambda p=piece: self._run_piece(p, p.inp, length))
             if piece.first:
@@ -363,7 +449,7 @@ class DecodeGraphs:
         return pieces
 
     def _replay(self, pieces: list[GraphPiece]) -> torch.Tensor:
-        layers, h = self.model.backbone.layers, None
+        layers, h = self.model.backbone.layers, self._host_rows()
         for piece in pieces:
             if piece.graph:
                 if piece.inp is not None:

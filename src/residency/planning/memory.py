@@ -3,7 +3,9 @@
 Every byte on the target device is assigned to one component (see :func:`account_memory`):
 
 - ``non_expert_weights``: embeddings, lm_head, Mamba and attention mixers, routers, latent
-  projections and shared experts, in the non-expert dtype (exact, from the config);
+  projections and shared experts, in the non-expert dtype (exact, from the config); with
+  ``embeddings_on_host`` the embedding table (vocab x hidden, bf16: 1 GiB for Super) is left out,
+  because it stays in host memory and each token copies only its row to the device;
 - ``kv_cache``: batch x context x (8 attention layers x K and V x 2 heads x 128) in the KV dtype;
 - ``mamba_state``: per sequence, fp32 SSM state and bf16 conv state of every Mamba layer;
 - ``activations``: live buffers of one prefill chunk (per token: hidden-sized buffers, the Mamba
@@ -39,6 +41,7 @@ __all__ = [
     "MemoryBreakdown",
     "account_memory",
     "activation_bytes",
+    "embedding_table_bytes",
     "KV_DTYPE_BYTES",
     "CUDA_CONTEXT_BYTES",
 ]
@@ -155,16 +158,18 @@ def account_memory(
     prefill_chunk: int = PREFILL_CHUNK,
     target: str = "the target device",
     device_memory: int | None = None,
+    embeddings_on_host: bool = False,
 ) -> MemoryBreakdown:
     """Split ``device_bytes`` into fixed components and the expert budget.
 
     Raises :class:`BudgetError` listing every component and what would fit when the fixed part
     (including staging buffers) exceeds ``device_bytes``. ``device_memory`` is all the memory of
     ``target`` when ``device_bytes`` is a smaller budget (the error then suggests a larger one).
+    ``embeddings_on_host``: the embedding table stays in host memory and is not counted on the device.
     """
     components = _components(
         config, device_bytes, expert_dtype, dense_dtype, context, batch, kv_dtype, unified,
-        staging_slots, cuda_context_bytes, prefill_chunk,
+        staging_slots, cuda_context_bytes, prefill_chunk, embeddings_on_host,
     )
     fixed = sum(c.bytes for c in components)
     staging = staging_slots if staging_slots is not None else _default_staging(config, unified)
@@ -173,12 +178,17 @@ def account_memory(
             config, device_bytes, components, expert_dtype=expert_dtype, dense_dtype=dense_dtype, context=context,
             batch=batch, kv_dtype=kv_dtype, unified=unified, staging_slots=staging_slots,
             cuda_context_bytes=cuda_context_bytes, prefill_chunk=prefill_chunk, target=target,
-            device_memory=device_memory,
+            device_memory=device_memory, embeddings_on_host=embeddings_on_host,
         ))
     return MemoryBreakdown(
         device_bytes=int(device_bytes), components=tuple(components), expert_bytes=int(device_bytes - fixed),
         expert_size=config.expert_bytes(expert_dtype), staging_slots=staging, unified=unified,
     )
+
+
+def embedding_table_bytes(config: NemotronHConfig) -> int:
+    """Bytes of the input embedding table (vocab x hidden, bf16 in every dense dtype)."""
+    return config.non_expert_bytes_by_group("bf16")["embeddings"]
 
 
 def _default_staging(config: NemotronHConfig, unified: bool) -> int:
@@ -197,6 +207,7 @@ def _components(
     staging_slots: int | None,
     cuda_context_bytes: int | None,
     prefill_chunk: int,
+    embeddings_on_host: bool = False,
 ) -> list[MemoryComponent]:
     if kv_dtype not in KV_DTYPE_BYTES:
         raise BudgetError(f"unknown KV cache dtype {kv_dtype!r}; use one of {sorted(KV_DTYPE_BYTES)}")
@@ -209,9 +220,16 @@ def _components(
     act = activation_bytes(config, batch, prefill_chunk)
     staging = staging_slots if staging_slots is not None else _default_staging(config, unified)
     ctx = CUDA_CONTEXT_BYTES if cuda_context_bytes is None else int(cuda_context_bytes)
+    dense = config.non_expert_bytes(dense_dtype)
+    parts = "lm_head, Mamba, attention, routers, latent proj., shared experts"
+    if embeddings_on_host:
+        table = embedding_table_bytes(config)
+        dense_note = f"{dense_dtype}: {parts}; embedding table ({format_bytes(table)}) in host memory"
+        dense -= table
+    else:
+        dense_note = f"{dense_dtype}: embeddings, {parts}"
     out = [
-        MemoryComponent("non_expert_weights", config.non_expert_bytes(dense_dtype),
-                        f"{dense_dtype}: embeddings, lm_head, Mamba, attention, routers, latent proj., shared experts"),
+        MemoryComponent("non_expert_weights", dense, dense_note),
         MemoryComponent("kv_cache", kv, f"{batch} x {context} tokens x {format_bytes(kv_per_token)} ({kv_dtype})"),
         MemoryComponent("mamba_state", mamba, f"{batch} x {format_bytes(config.mamba_state_bytes())} per sequence"),
         MemoryComponent("activations", act, f"prefill chunk of {max(prefill_chunk, batch)} tokens, logits, workspace"),
@@ -253,6 +271,11 @@ def _explain(config: NemotronHConfig, device_bytes: int, components: list[Memory
         saved = needed - alt
         verdict = "fits" if alt <= device_bytes else "not enough alone"
         fixes.append(f"--dense-dtype fp8 (non-expert weights {format_bytes(saved)} smaller; {verdict})")
+    if not kw["embeddings_on_host"] and not kw["unified"] and not config.tie_word_embeddings:
+        alt = _fixed(config, device_bytes, **{**kw, "embeddings_on_host": True})
+        verdict = "fits" if alt <= device_bytes else "not enough alone"
+        fixes.append(f"--embeddings host (the {format_bytes(embedding_table_bytes(config))} embedding table stays in "
+                     f"host memory, one row copied per token; {verdict})")
     if kw["batch"] > 1:
         alt = _fixed(config, device_bytes, **{**kw, "batch": 1})
         verdict = "fits" if alt <= device_bytes else "not enough alone"

@@ -12,6 +12,9 @@ rest live on the host, how misses are served, and what that should achieve on a 
 3. per layer, the static set (most probable experts) and the dynamic slot count (LRU-managed);
 4. host tier per non-resident expert: pinned RAM by decreasing probability, disk once RAM is full
    (unified memory: there is no second copy, so the next tier is disk);
+   where the embedding table lives (:func:`choose_embeddings`): in host memory on a discrete GPU
+   that cannot hold every expert (it frees 1 GiB of Super's device memory for expert slots; each
+   token copies its 8 KiB row), else on the device;
 5. per layer, the miss path: copy to the GPU or compute on the CPU, whichever the cost model
    (:mod:`residency.planning.cost`) says is faster for that layer's expected misses;
 6. predictions: hit rate, bytes per token over each link, tokens/s and its bounding resource.
@@ -24,6 +27,8 @@ non-expert weights. BF16 KV cache, 32768 tokens of context, batch 1, the profile
 eviction policy, CPU compute of misses allowed.
 
 A plan is a versioned JSON file (:class:`Plan`), validated on load and refused for another model.
+Format 2 added ``settings.embeddings_on_host``; format 1 files (without it) load with the table on
+the device, which is what they were planned with.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import numpy as np
 
 from .. import __version__
 from ..config import DENSE_DTYPES, EXPERT_DTYPES, ConfigError, NemotronHConfig
-from ..errors import FileFormatError, ModelMismatchError
+from ..errors import BudgetError, FileFormatError, ModelMismatchError
 from ..files import load_json, save_json
 from ..profiling.trace import RoutingTrace
 from ..runtime.policy import POLICY_NAMES
@@ -62,11 +67,12 @@ from .cost import (
     dense_bytes_per_token,
 )
 from .hardware import DEFAULT_HOST, GpuSpec, HostSpec, lookup_gpu
-from .memory import KV_DTYPE_BYTES, MemoryBreakdown, MemoryComponent, account_memory
+from .memory import KV_DTYPE_BYTES, MemoryBreakdown, MemoryComponent, account_memory, embedding_table_bytes
 
 __all__ = [
     "PLAN_FORMAT_VERSION",
     "DEFAULT_POLICY",
+    "EMBEDDINGS_CHOICES",
     "POLICY_NAMES",
     "LayerPlan",
     "PlanSettings",
@@ -74,9 +80,13 @@ __all__ = [
     "PlanPrediction",
     "Plan",
     "plan_residency",
+    "choose_embeddings",
 ]
 
-PLAN_FORMAT_VERSION = 1
+#: 2: ``settings.embeddings_on_host`` (format 1 files load with the table on the device).
+PLAN_FORMAT_VERSION = 2
+#: Where the embedding table may be asked to live: let the planner choose, the device, or host memory.
+EMBEDDINGS_CHOICES = ("auto", "device", "host")
 #: The eviction policy a plan uses unless told otherwise (one of :data:`POLICY_NAMES`).
 DEFAULT_POLICY = "hybrid"
 
@@ -249,7 +259,9 @@ class PlanSettings:
     ``policy`` is one of :data:`POLICY_NAMES`; ``miss_path`` the request ('auto', 'copy' or 'cpu';
     each layer's :attr:`LayerPlan.miss_path` is the outcome); ``expert_size`` the bytes of one
     routed expert in ``expert_dtype``; ``dense_bytes_per_token`` what the GPU reads per token
-    besides routed experts; ``prior_tokens`` the weight of the profile prior in the hybrid policy.
+    besides routed experts; ``prior_tokens`` the weight of the profile prior in the hybrid policy;
+    ``embeddings_on_host``: the embedding table stays in host memory (not counted on the device;
+    the runtime copies each step's rows), else it is a device tensor like the other dense weights.
     """
 
     expert_dtype: str
@@ -269,6 +281,7 @@ class PlanSettings:
     dense_bytes_per_token: int
     prior_source: str
     locality_source: str
+    embeddings_on_host: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         out = {name: getattr(self, name) for name in self.__dataclass_fields__}
@@ -276,7 +289,7 @@ class PlanSettings:
         return out
 
     @classmethod
-    def _read(cls, f: _Fields) -> PlanSettings:
+    def _read(cls, f: _Fields, version: int = PLAN_FORMAT_VERSION) -> PlanSettings:
         out = cls(
             expert_dtype=f.text("expert_dtype"), dense_dtype=f.text("dense_dtype"), kv_dtype=f.text("kv_dtype"),
             context=f.int("context"), batch=f.int("batch"), policy=f.text("policy"),
@@ -285,6 +298,8 @@ class PlanSettings:
             moe_layers=f.ints("moe_layers"), expert_size=f.int("expert_size"),
             dense_bytes_per_token=f.int("dense_bytes_per_token"), prior_source=f.text("prior_source"),
             locality_source=f.text("locality_source"),
+            # format 1 had no such field: the table was always planned on the device
+            embeddings_on_host=f.flag("embeddings_on_host") if version >= 2 else False,
         )
         f.done()
         return out
@@ -400,6 +415,7 @@ class Plan:
     layers: tuple[LayerPlan, ...]
     predicted: PlanPrediction
     notes: list[str] = field(default_factory=list)
+    #: the format the plan was read from (files are always written in :data:`PLAN_FORMAT_VERSION`)
     format_version: int = PLAN_FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -452,7 +468,7 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         return {
             "kind": "plan",
-            "format_version": self.format_version,
+            "format_version": PLAN_FORMAT_VERSION,
             "fingerprint": self.fingerprint,
             "model": self.model,
             "created_by": f"residency {__version__}",
@@ -483,7 +499,7 @@ class Plan:
             model=f.text("model"),
             gpu=gpu,
             host=host,
-            settings=PlanSettings._read(f.obj("settings")),
+            settings=PlanSettings._read(f.obj("settings"), version),
             budget=PlanBudget._read(f.obj("budget")),
             layers=tuple(LayerPlan._read(x) for x in f.items("layers")),
             predicted=PlanPrediction._read(f.obj("predicted")),
@@ -535,6 +551,8 @@ class Plan:
                 raise bad(f"settings.{name} must be at least 1, got {getattr(s, name)}")
         if s.top_k > s.num_experts or len(s.moe_layers) != s.num_moe_layers:
             raise bad("settings.top_k or settings.moe_layers do not fit the model shape")
+        if s.embeddings_on_host and b.breakdown.unified:
+            raise bad("settings.embeddings_on_host is true for a unified-memory device")
         E = self.num_experts
         if len(self.layers) != s.num_moe_layers:
             raise bad(f"{len(self.layers)} layer entries for {s.num_moe_layers} MoE layers")
@@ -650,6 +668,7 @@ def plan_residency(
     prior_tokens: float = 64.0,
     miss_path: str = "auto",
     cuda_context_bytes: int | None = None,
+    embeddings: str = "auto",
 ) -> Plan:
     """Plan expert residency of ``config``'s model on ``gpu``; see the module docstring.
 
@@ -662,7 +681,8 @@ def plan_residency(
     a budget above the GPU's memory raises :class:`~residency.errors.SizeError`). ``host`` is the
     host (default: the GPU's built-in host for integrated systems, else a generic 128 GiB host).
     ``locality`` overrides the trace estimate / default assumption. ``miss_path``: 'auto' (cost
-    model), 'copy' or 'cpu'.
+    model), 'copy' or 'cpu'. ``embeddings``: where the embedding table lives, 'auto'
+    (:func:`choose_embeddings`), 'device' or 'host'.
     Raises :class:`BudgetError` if the non-expert part does not fit and :class:`ModelMismatchError`
     for a profile or trace of another model.
     """
@@ -683,6 +703,10 @@ def plan_residency(
         raise ConfigError(f"locality window must be at least 1 token, got {window}")
     if locality is not None and not 0.0 <= locality <= 1.0:
         raise ConfigError(f"locality must lie in [0, 1], got {locality}")
+    if embeddings not in EMBEDDINGS_CHOICES:
+        raise ConfigError(f"embeddings must be one of {EMBEDDINGS_CHOICES}, got {embeddings!r}")
+    if embeddings == "host":
+        _check_host_embeddings(config, gpu)
     host = host or gpu.host or DEFAULT_HOST
     if vram is not None:
         vram = parse_budget(vram, total_bytes=gpu.usable_bytes, device_name=gpu.name, what="vram").bytes
@@ -702,10 +726,18 @@ def plan_residency(
     account = dict(expert_dtype=expert_dtype, dense_dtype=dense_dtype, context=context, batch=batch,
                    kv_dtype=kv_dtype, unified=gpu.unified_memory, cuda_context_bytes=ctx_bytes,
                    target=gpu.name, device_memory=gpu.usable_bytes)
-    breakdown = account_memory(config, device_bytes, **account)
-    if breakdown.expert_bytes + breakdown.get("staging_buffers") >= L * E * eb:
-        breakdown = account_memory(config, device_bytes, staging_slots=0, **account)  # all resident
+
+    def breakdown_for(on_host: bool) -> MemoryBreakdown:
+        out = account_memory(config, device_bytes, embeddings_on_host=on_host, **account)
+        if out.expert_bytes + out.get("staging_buffers") >= L * E * eb:  # all resident: no staging
+            out = account_memory(config, device_bytes, staging_slots=0, embeddings_on_host=on_host, **account)
+        return out
+
+    embeddings_on_host, why = choose_embeddings(config, gpu, breakdown_for, L * E, embeddings)
+    breakdown = breakdown_for(embeddings_on_host)
     all_resident = breakdown.expert_slots >= L * E
+    if why:
+        notes.append(why)
 
     # ---- miss path: copy misses to the GPU, or compute them on the CPU from host memory
     cost = CostModel.from_specs(gpu, host, eb, dense_bytes_per_token(config, dense_dtype, context, kv_dtype))
@@ -730,8 +762,9 @@ def plan_residency(
     hits = V[np.arange(L), n]
     misses = np.maximum(k - hits, 0.0)
 
-    # ---- host tier
-    disk_sets = _host_tier(p, order, r, 0 if gpu.unified_memory else host.usable_bytes // eb)
+    # ---- host tier (the embedding table, when it is on the host, takes its share of host RAM first)
+    host_ram = host.usable_bytes - (embedding_table_bytes(config) if embeddings_on_host else 0)
+    disk_sets = _host_tier(p, order, r, 0 if gpu.unified_memory else max(0, host_ram) // eb)
     n_non_static = L * E - int(r.sum())
     n_disk = sum(len(d) for d in disk_sets)
     if n_disk and not gpu.unified_memory:
@@ -816,9 +849,55 @@ def plan_residency(
         miss_path=miss_path, num_moe_layers=L, num_experts=E, top_k=k,
         moe_layers=tuple(config.moe_layers), expert_size=eb,
         dense_bytes_per_token=cost.dense_bytes, prior_source=prior_source, locality_source=locality_source,
+        embeddings_on_host=embeddings_on_host,
     )
     return Plan(fingerprint=fp, model=config.describe(), gpu=gpu, host=host, settings=settings, budget=budget,
                 layers=layers, predicted=predicted, notes=notes)
+
+
+def _check_host_embeddings(config: NemotronHConfig, gpu: GpuSpec) -> None:
+    """Refuse a host embedding table where it cannot help: tied embeddings or unified memory."""
+    if config.tie_word_embeddings:
+        raise ConfigError(
+            "this model ties its word embeddings to lm_head (tie_word_embeddings), which reads the whole table "
+            "every token: the table must stay on the device; plan with --embeddings device (or auto)"
+        )
+    if gpu.unified_memory:
+        raise ConfigError(
+            f"{gpu.name} has unified memory: host and GPU share one pool, so keeping the embedding table "
+            "'on the host' frees nothing; plan with --embeddings device (or auto)"
+        )
+
+
+def choose_embeddings(config: NemotronHConfig, gpu: GpuSpec, breakdown_for: Any, total_experts: int,
+                      choice: str = "auto") -> tuple[bool, str]:
+    """Where the embedding table lives: (in host memory, a note saying why, or '' for nothing to say).
+
+    'auto' keeps it on the device on unified memory (one pool: moving it frees nothing), for tied
+    embeddings (lm_head reads the whole table every token) and when every expert fits on the device
+    with it (nothing to gain, and no per-token row copy); otherwise, on a discrete GPU that offloads
+    experts, it goes to host memory: that frees the table's bytes (1 GiB for Super) for expert slots
+    at the cost of one row (hidden x 2 bytes, 8 KiB) copied to the device per token.
+    ``breakdown_for(on_host)`` is the :class:`MemoryBreakdown` of either choice.
+    """
+    table = format_bytes(embedding_table_bytes(config))
+    if choice == "device":
+        return False, ""
+    if choice == "host":
+        _check_host_embeddings(config, gpu)
+        return True, f"embedding table ({table}) in host memory as asked; each token copies its row to the device"
+    if gpu.unified_memory or config.tie_word_embeddings:
+        return False, ""
+    try:
+        on_device = breakdown_for(False).expert_slots
+    except BudgetError:  # the table does not even fit on the device: it must go to the host
+        on_device = None
+    if on_device is not None and on_device >= total_experts:
+        return False, ""
+    host = breakdown_for(True)
+    gain = "room for the fixed part" if on_device is None else f"{host.expert_slots - on_device} more expert slots"
+    return True, (f"embedding table ({table}) kept in host memory: {gain} on the device, one "
+                  f"{format_bytes(2 * config.hidden_size)} row copied per token (--embeddings device keeps it there)")
 
 
 def _weight_formats(config: NemotronHConfig, expert_dtype: str | None,
