@@ -29,6 +29,24 @@ from .model.sampling import check_max_new_tokens, check_sampling, check_seed, sa
 from .model.streaming import ChatResult, ChatStream, TextStream
 from .model.tokenizer import Tokenizer, as_token_ids, load_tokenizer, missing_tokenizer_reason
 
+DTYPE_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+               "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """The compute dtype ``from_pretrained`` was asked for (None: the checkpoint's); anything else is refused."""
+    if dtype is None or (isinstance(dtype, str) and dtype.strip().lower() == "auto"):
+        return None
+    if isinstance(dtype, str):
+        name = dtype.strip().lower().removeprefix("torch.")
+        if name in DTYPE_NAMES:
+            return DTYPE_NAMES[name]
+    elif dtype in (torch.bfloat16, torch.float16, torch.float32):
+        return dtype
+    raise InputError(f"dtype={dtype!r} is not a compute dtype residency runs in; use torch.bfloat16, torch.float16 "
+                     "or torch.float32 (or 'bf16', 'fp16', 'fp32', 'auto'); quantized checkpoints keep their packed "
+                     "weights whatever the compute dtype")
+
 
 class OffloadedNemotron:
     """A Nemotron-H model ready for ``model(input_ids)``, ``generate`` and ``profile``."""
@@ -54,7 +72,7 @@ class OffloadedNemotron:
         vram_budget: str | int | float | None = None,
         plan: Any = None,
         profile: Any = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         progress: bool | None = None,
         policy: str | None = None,
         prefetch: bool = True,
@@ -70,9 +88,10 @@ class OffloadedNemotron:
         ``device`` defaults to ``cuda`` when available, else ``cpu`` (see
         :func:`residency.devices.resolve_device`; an unsupported or unavailable device raises
         :class:`~residency.errors.DeviceError`); ``"unified"`` is a unified-memory machine (DGX
-        Spark, GH200-class), where the kernels read the expert store in place. ``dtype`` defaults
-        to the checkpoint's dtype. Every problem with the device or the folder is reported before
-        weights are read.
+        Spark, GH200-class), where the kernels read the expert store in place. ``dtype``: the
+        compute dtype, ``torch.bfloat16`` / ``float16`` / ``float32`` or their names ("bf16",
+        "bfloat16", "auto" ...); default (None or "auto") the checkpoint's dtype. Every problem with
+        the device or the folder is reported before weights are read.
 
         Offloading starts when ``vram_budget`` or ``plan`` is given. ``vram_budget``: "20GiB",
         "24GB" (decimal), bytes, or a fraction of free device memory such as 0.8; a hard cap on
@@ -90,6 +109,7 @@ class OffloadedNemotron:
         printed unless ``quiet``. ``runtime_options`` (tests): ``verify``, ``copy_delay``, ``mode``, ``staging_slots``.
         """
         path = Path(path)
+        dtype = resolve_dtype(dtype)
         mode = None
         if isinstance(device, str) and device.strip().lower() == "unified":
             mode = "unified"

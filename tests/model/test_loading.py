@@ -137,3 +137,16 @@ def test_the_embedding_table_can_be_loaded_into_host_memory_outside_the_device_a
     assert fp.total_bytes == loading.footprint(reference, torch.bfloat16).total_bytes - fp.host_bytes
     ids = torch.tensor([[5, 0, 258, 5]])
     assert torch.equal(emb(ids), reference.backbone.embeddings(ids).to(torch.bfloat16))  # a row gather
+
+
+def test_dtype_names_are_understood_and_other_dtypes_refused_before_reading(tmp_path):
+    from residency.errors import InputError
+
+    folder = write_tiny_checkpoint(tmp_path / "ckpt", seed=0)
+    model = OffloadedNemotron.from_pretrained(folder, device="cpu", dtype="bf16")
+    assert model.model.lm_head.weight.dtype == torch.bfloat16
+    assert OffloadedNemotron.from_pretrained(folder, device="cpu", dtype="auto").model.lm_head.weight.dtype == \
+        OffloadedNemotron.from_pretrained(folder, device="cpu").model.lm_head.weight.dtype
+    for bad in (torch.int8, "int4", torch.float8_e4m3fn, 16):
+        with pytest.raises(InputError, match="dtype="):
+            OffloadedNemotron.from_pretrained(folder, device="cpu", dtype=bad)
