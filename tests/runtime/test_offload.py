@@ -128,6 +128,13 @@ def test_random_copy_delays_never_break_residency(case, seed):
         assert torch.equal(got, long)
         experts = model.stats()["experts"]
         assert experts["prefetch_issued"] > 0 and experts["demand_copies"] + experts["cpu_computed"] > 0
+        # precision and recall of the look-ahead, in total and per layer, from the counts
+        for counts in [experts, *experts["per_layer"]]:
+            used, issued, misses = counts["prefetch_used"], counts["prefetch_issued"], counts["misses"]
+            assert used <= issued
+            assert counts["prefetch_precision"] == (used / issued if issued else None)
+            assert counts["prefetch_recall"] == (used / (used + misses) if used + misses else None)
+        assert experts["prefetch_used"] > 0 and 0 < experts["prefetch_recall"] < 1
     finally:
         model.runtime.close()
 
