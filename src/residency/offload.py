@@ -31,7 +31,7 @@ from .config import NemotronHConfig
 from .errors import BudgetError, InputError
 from .model.checkpoint import Checkpoint
 from .model.loading import build_model, footprint
-from .model.modeling import NemotronHForCausalLM, keep_embeddings_on_host, meta_model
+from .model.modeling import NemotronHForCausalLM, keep_embeddings_on_host, meta_model, tie_embeddings
 from .model.moe import ExpertBackend, ExpertWork
 from .runtime.backend import LayerSlotPlan, OffloadRuntime, RuntimeOptions
 from .runtime.ledger import DeviceLedger
@@ -138,6 +138,8 @@ def fixed_bytes(config: NemotronHConfig, dtype: torch.dtype, *, staging: int | N
     cannot hold every expert: in host memory unless the embeddings are tied.
     """
     meta = meta_model(config)
+    if config.tie_word_embeddings and (ckpt is None or ckpt.ties_embeddings):
+        tie_embeddings(meta)  # lm_head reads the embedding table: counted once
     if embeddings_on_host is None:
         embeddings_on_host = not config.tie_word_embeddings
     if embeddings_on_host:

@@ -23,6 +23,7 @@ CONFIGS = {
                             pattern="M*EMME"),
     "topk-1-grouped-routing": dict(num_experts_per_tok=1, n_group=4, topk_group=2, pattern="EM*ME"),
     "top-22-of-64": dict(n_routed_experts=64, num_experts_per_tok=22, pattern="MEME*E"),
+    "tied-embeddings": dict(tie_word_embeddings=True),  # lm_head reads the embedding table; no lm_head.weight
 }
 
 
@@ -77,3 +78,32 @@ def test_cached_decode_matches_full_forward_batched(tiny_model):
     for t in range(33, 40):
         parts.append(tiny_model.model(ids[:, t:t + 1], cache))
     assert rel_err(torch.cat(parts, dim=1), full) <= 1e-5
+
+
+def test_tied_checkpoint_without_lm_head_reads_the_embedding_table(tmp_path):
+    """tie_word_embeddings and no lm_head.weight stored: lm_head is the embedding table (one tensor, loaded
+    once), resident and offloaded. transformers 5 does not tie NemotronH (it initialises a random lm_head),
+    so the reference here is transformers with its lm_head set to the embedding table."""
+    from residency.offload import fixed_bytes
+
+    folder = write_tiny_checkpoint(tmp_path / "tied", seed=3, tie_word_embeddings=True)
+    hf = transformers.NemotronHForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    hf.lm_head.weight = hf.get_input_embeddings().weight
+    ours = OffloadedNemotron.from_pretrained(folder, device="cpu")
+    assert ours.model.lm_head.weight is ours.model.backbone.embeddings.weight
+    ids = torch.randint(0, ours.config.vocab_size, (1, 19))
+    with torch.no_grad():
+        expected = hf(ids).logits.float()
+    assert rel_err(ours(ids), expected) <= 1e-4
+    fixed = fixed_bytes(ours.config, torch.float32, context=256)
+    untied = fixed_bytes(ours.config.replace(tie_word_embeddings=False), torch.float32, context=256,
+                         embeddings_on_host=False)
+    table = ours.config.vocab_size * ours.config.hidden_size * 4
+    assert fixed.host_embeddings == 0 and untied.dense - fixed.dense == table  # counted once, on the device
+    budget = fixed.total + 8 * fixed.layout.record_bytes
+    offloaded = OffloadedNemotron.from_pretrained(folder, device="cpu", vram_budget=f"{budget}B", context=256,
+                                                  quiet=True)
+    try:
+        assert rel_err(offloaded(ids), expected) <= 1e-4
+    finally:
+        offloaded.runtime.close()

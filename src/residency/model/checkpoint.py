@@ -291,6 +291,11 @@ class Checkpoint:
     def total_bytes(self) -> int:
         return sum(i.nbytes for i in self.tensors.values())
 
+    @property
+    def ties_embeddings(self) -> bool:
+        """``lm_head`` reads the embedding table: the config ties them and no ``lm_head.weight`` is stored."""
+        return bool(self.config.tie_word_embeddings) and "lm_head.weight" not in self.tensors
+
     def validate(self) -> None:
         """Compare the checkpoint with its config and quantization config; raise one error listing every problem.
 
@@ -300,6 +305,9 @@ class Checkpoint:
         stored quantized that the config does not list, and MoE layers whose experts mix formats.
         """
         expected = expected_tensors(self.config)
+        if self.config.tie_word_embeddings and "lm_head.weight" in self.tensors:
+            # stored anyway (transformers' save_pretrained writes it): it is used, as transformers does
+            expected["lm_head.weight"] = (self.config.vocab_size, self.config.hidden_size)
         quant_problems: list[str] = []
         quant_names: set[str] = set()  # tensors accounted for by a quantized (or mis-stored) module
         specs = {m: self.module_spec(m) for m in self.linears} if self.quant is not None else {}

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import BudgetError
+from ..errors import BudgetError, InputError
 from .checkpoint import FLOAT_DTYPES, Checkpoint
-from .modeling import HostEmbedding, NemotronHForCausalLM, keep_embeddings_on_host, meta_model
+from .modeling import HostEmbedding, NemotronHForCausalLM, keep_embeddings_on_host, meta_model, tie_embeddings
 from .moe import ExpertBackend, ResidentExperts, Router
 from .quant.modules import QuantizedExperts, QuantLinear
 
@@ -144,6 +144,11 @@ def build_model(
     if dtype is None:
         dtype = checkpoint_dtype(ckpt)
     model = meta_model(ckpt.config)
+    if ckpt.ties_embeddings:
+        if embeddings_on_host:
+            raise InputError("this checkpoint ties lm_head to the embedding table (tie_word_embeddings, no "
+                             "lm_head.weight), which lm_head reads whole every token: keep the table on the device")
+        tie_embeddings(model)  # one tensor, allocated and read once (under the embeddings)
     if embeddings_on_host:
         keep_embeddings_on_host(model, device)
     quantize_meta_model(model, ckpt, dtype, experts=experts, dequantize=dequantize)
@@ -172,6 +177,8 @@ def build_model(
             module._buffers[name] = real
         full = f"{module_name}.{name}" if module_name else name
         reads += _reads(ckpt, module_name, module, name, full, real)
+    if ckpt.ties_embeddings:  # lm_head still holds the meta tensor: point it at the loaded table
+        tie_embeddings(model)
     for module in model.modules() if experts else ():
         if isinstance(module, (ResidentExperts, QuantizedExperts)):
             module.reset_slot_table()
@@ -273,10 +280,16 @@ def checkpoint_dtype(ckpt: Checkpoint) -> torch.dtype:
 
 
 def _tensors(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, str, torch.Tensor]]:
-    """(module name, module, "param"/"buffer", tensor name, tensor) for every direct tensor of every module."""
+    """(module name, module, "param"/"buffer", tensor name, tensor) for every direct tensor of every module.
+
+    A tensor shared by two modules (tied word embeddings: ``lm_head.weight`` is the embedding
+    table) is listed once, under the first module that holds it.
+    """
+    seen: set[int] = set()
     for module_name, module in model.named_modules():
         for name, param in module._parameters.items():
-            if param is not None:
+            if param is not None and id(param) not in seen:
+                seen.add(id(param))
                 yield module_name, module, "param", name, param
         for name, buf in module._buffers.items():
             if buf is not None:

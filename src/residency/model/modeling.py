@@ -506,6 +506,11 @@ def _skip_random_init() -> Iterator[None]:
             setattr(nn.init, name, fn)
 
 
+def tie_embeddings(model: NemotronHForCausalLM) -> None:
+    """Make ``lm_head`` read the embedding table (``tie_word_embeddings`` with no ``lm_head.weight`` stored)."""
+    model.lm_head.weight = model.backbone.embeddings.weight
+
+
 def meta_model(config: NemotronHConfig) -> NemotronHForCausalLM:
     """The model's module tree on the ``meta`` device: shapes and dtypes, no storage, no initialisation."""
     with torch.device("meta"), _skip_random_init():
