@@ -106,7 +106,8 @@ class OffloadedNemotron:
         rows are copied to the device), ``"device"``, or None for the plan's placement, else host
         memory unless the device is unified memory, the embeddings are tied, or the budget holds
         every expert (:func:`residency.offload.embeddings_on_host`). A short plan summary is
-        printed unless ``quiet``. ``runtime_options`` (tests): ``verify``, ``copy_delay``, ``mode``, ``staging_slots``.
+        printed unless ``quiet``. ``runtime_options`` (tests): ``verify``, ``copy_delay``,
+        ``mirror_tables``, ``mode``, ``staging_slots``.
         """
         path = Path(path)
         dtype = resolve_dtype(dtype)

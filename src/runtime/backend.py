@@ -70,7 +70,10 @@ class RuntimeOptions:
     ``cpu_experts``: True computes every miss on the CPU, False none, ``"auto"`` decides per miss
     (see the module docstring) from ``h2d_gbps`` and ``cpu_expert_gbps``. ``copy_delay`` (tests):
     seconds to sleep before each copy on the CPU device's copy thread. ``verify`` (tests): check
-    on the host, before each launch, that every slot it reads holds its expert and has landed.
+    on the host, before each launch, that every slot it reads holds its expert and has landed, and
+    that the table the kernel reads says so. ``mirror_tables`` (tests): on the CPU device too, keep
+    host copies of the slot tables and copy them to the tables the kernels read after changes, as
+    on CUDA, so that path runs without a GPU.
     """
 
     mode: str = "cpu"
@@ -82,6 +85,7 @@ class RuntimeOptions:
     h2d_gbps: float = 25.0
     cpu_expert_gbps: float = 10.0
     verify: bool = False
+    mirror_tables: bool = False
     copy_delay: Callable[[], float] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -150,11 +154,11 @@ class OffloadRuntime:
             for j, plan in enumerate(self.plans):
                 self.caches.append(SlotCache(j, store.num_experts, plan.static, plan.dynamic_slots, lay, ledger,
                                              policy=options.policy, prior=plan.prior,
-                                             prior_tokens=options.prior_tokens))
+                                             prior_tokens=options.prior_tokens, mirror_table=options.mirror_tables))
         self.staging = ledger.empty((options.staging_slots, lay.record_numel), lay.dtype, "staging slots")
         self.staging_up, self.staging_down = lay.up(self.staging), lay.down(self.staging)
         self.staging_table = ledger.empty((store.num_experts,), torch.int32, "slot tables")
-        if self.staging_table.device.type == "cpu":
+        if self.staging_table.device.type == "cpu" and not options.mirror_tables:
             self.staging_table_host, self._staging_table_src = self.staging_table.numpy(), None
         else:
             self.staging_table_host = np.full(store.num_experts, -1, dtype=np.int32)

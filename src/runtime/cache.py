@@ -22,7 +22,8 @@ layer is enough: between two calls of a layer no other kernel reads its bank.
 The policy is told which experts are in flight, and the current call pins its own experts, so a
 slot in use by the current call or in flight is never chosen as a victim. The table has a host
 copy (``table_host``) that the compiled bookkeeping writes; on the CPU device it is the table
-itself, on CUDA :meth:`flush_table` copies it to the device (2 KiB for 512 experts) after changes.
+itself, on CUDA (and with ``mirror_table``, for tests) :meth:`flush_table` copies it to the device
+(2 KiB for 512 experts) after changes.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class SlotCache:
 
     def __init__(self, moe_index: int, num_experts: int, static: Sequence[int], dynamic_slots: int,
                  layout: ExpertLayout, ledger: DeviceLedger, *, policy: str = LRU.name,
-                 prior: np.ndarray | None = None, prior_tokens: float = 64.0) -> None:
+                 prior: np.ndarray | None = None, prior_tokens: float = 64.0, mirror_table: bool = False) -> None:
         self.moe_index = moe_index
         self.num_experts = num_experts
         self.layout = layout
@@ -54,7 +55,7 @@ class SlotCache:
         self.down = layout.down(self.bank)
         self.table = ledger.empty((num_experts,), torch.int32, "slot tables")
         self.table.fill_(-1)
-        if self.table.device.type == "cpu":
+        if self.table.device.type == "cpu" and not mirror_table:
             self.table_host = self.table.numpy()  # written in place by the bookkeeping
             self._table_src = None
         else:
@@ -140,13 +141,13 @@ class SlotCache:
         A host-side check, meaningful where compute is ordered on the host (the CPU device); the
         runtime runs it when built with ``verify=True``. It also checks the table the kernel reads.
         """
+        table = self.table.cpu().numpy()  # what the kernel reads
         for s, e in zip(np.asarray(slots).tolist(), np.asarray(experts).tolist()):
             job = int(self.state[control.JOB, s])
             ticket = self.jobs.get(job) if job >= 0 else None
             in_flight = ticket is not None and not ticket.done()
-            if int(self.state[control.EXPERT, s]) != e or in_flight or int(self.table_host[e]) != s:
+            if int(self.state[control.EXPERT, s]) != e or in_flight or int(table[e]) != s:
                 raise AssertionError(
                     f"MoE layer {self.moe_index}: slot {s} computed for expert {e} holds "
-                    f"{int(self.state[control.EXPERT, s])} (in flight={in_flight}, table says "
-                    f"{int(self.table_host[e])})"
+                    f"{int(self.state[control.EXPERT, s])} (in flight={in_flight}, table says {int(table[e])})"
                 )

@@ -120,7 +120,8 @@ def test_random_copy_delays_never_break_residency(case, seed):
     every slot before each launch), no slot in use is evicted, and the answers stay exact."""
     folder, resident, ids, logits, tokens = case
     rng = random.Random(seed)
-    delays = {"copy_delay": lambda: rng.random() * 0.003 if rng.random() < 0.5 else 0.0}
+    # seed 1 keeps host copies of the slot tables and copies them to the kernels' tables, as on CUDA
+    delays = {"copy_delay": lambda: rng.random() * 0.003 if rng.random() < 0.5 else 0.0, "mirror_tables": seed == 1}
     model = load(folder, budgets(resident.config)["few"], cpu_experts=seed == 2, runtime_options=delays)
     try:
         long = resident.generate(ids, max_new_tokens=120, temperature=0, stop_at_eos=False)
