@@ -7,20 +7,26 @@ gives each step what is left of the budget, recording what ran, how long and how
 
 1. ``pip install --no-deps --no-build-isolation -e .`` (the machine's own torch and triton stay);
 2. ``python -m residency.kernels.compile_check`` (cubins, shared memory, spills);
-3. ``benchmarks/bench_kernels.py`` with the shipped tuning table: every kernel result is checked
-   against the torch reference at Super shapes in bf16 before it is timed;
-4. ``pytest tests/kernels`` compiled on the GPU (fp32 odd shapes and the bf16 ``gpu`` tests), when
+3. ``pytest tests/kernels`` compiled on the GPU (fp32 odd shapes and the bf16 ``gpu`` tests), when
    pytest can be imported; otherwise from wheels in ``.gpu_wheels/`` when that folder was carried
    (``pip download -d .gpu_wheels pytest`` on a machine with network, then carried), else skipped
-   with the reason in the summary;
-5. ``benchmarks/autotune_moe.py --quick`` into ``OUT_DIR/configs``;
-6. ``bench_kernels.py`` again with the table step 5 wrote;
-7. ``benchmarks/bench_dense_decode.py``: the decode step of a Super-shaped stack, eager and replayed
+   with the reason in the summary; then ``pytest -m gpu`` over the rest of the suite (the offload
+   runtime on CUDA against the resident run, CUDA-graph decode, page-locked embedding rows ...);
+4. ``benchmarks/bench_offload.py --device cuda``: per-expert fetch bandwidth against one large pinned
+   copy, and offloaded decode tokens/s at several budgets against resident, naive synchronous
+   on-demand copying and all misses on the CPU (``offload.{json,md}``);
+5. ``benchmarks/bench_quant_kernels.py``: the NVFP4 / FP8 / W4A16 decode kernel against the copy
+   floor and the BF16 kernel (``quant_kernels.{json,md}``; each result checked against its
+   reference first);
+6. ``benchmarks/bench_dense_decode.py``: the decode step of a Super-shaped stack, eager and replayed
    from a CUDA graph, against the memory floor (``dense_decode.{json,md}``; every graph step is
    checked against an eager step first);
-8. ``benchmarks/bench_offload.py --device cuda``: per-expert fetch bandwidth against one large pinned
-   copy, and offloaded decode tokens/s at several budgets against resident, naive synchronous
-   on-demand copying and all misses on the CPU (``offload.{json,md}``).
+7. ``benchmarks/bench_kernels.py`` with the shipped tuning table: every kernel result is checked
+   against the torch reference at Super shapes in bf16 before it is timed;
+8. ``benchmarks/autotune_moe.py --quick`` into ``OUT_DIR/configs``;
+9. ``bench_kernels.py`` again with the table step 8 wrote.
+
+Correctness on the device comes first, then the measurements the open issues name, then tuning.
 
 Writes into ``OUT_DIR``: one ``<step>.log`` per step, ``kernels.{json,md}`` and
 ``kernels_tuned.{json,md}`` from the benchmarks, ``configs/*.json``, ``compile_check.json``, and
@@ -102,15 +108,17 @@ def _run(step: Step, out_dir: Path, timeout: float) -> dict:
 
 def pytest_step(python: str) -> list[Step]:
     """The kernel tests, installing pytest from carried wheels first when it is missing."""
-    command = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels"]
+    pytest = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    kernels = Step("pytest_kernels", [*pytest, "tests/kernels"], 180)
+    gpu = Step("pytest_gpu", [*pytest, "-m", "gpu", "tests", "--ignore=tests/kernels"], 150)
     steps = []
     if importlib.util.find_spec("pytest") is None:
         if not WHEELS.is_dir():
             reason = "pytest is not installed and no .gpu_wheels/ folder was carried"
-            return [Step("pytest_kernels", command, 0, skip_reason=reason)]
+            return [Step(s.name, s.command, 0, skip_reason=reason) for s in (kernels, gpu)]
         offline = [python, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(WHEELS)]
         steps.append(Step("install_pytest", [*offline, "pytest"], 60))
-    return [*steps, Step("pytest_kernels", command, 180)]
+    return [*steps, kernels, gpu]
 
 
 def validation_steps(out_dir: Path, commit: str | None) -> list[Step]:
@@ -122,15 +130,17 @@ def validation_steps(out_dir: Path, commit: str | None) -> list[Step]:
     return [
         Step("install", [py, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", "."], 120),
         Step("compile_check", [py, "-m", "residency.kernels.compile_check"], 90, stdout_file="compile_check.json"),
-        Step("bench_default_table", [*bench, "--out", str(out_dir / "kernels")], 180, env=env),
         *pytest_step(py),
+        Step("bench_offload", [py, "benchmarks/bench_offload.py", "--device", "cuda",
+                               "--out", str(out_dir / "offload")], 180, env=env),
+        Step("bench_quant_kernels", [py, "benchmarks/bench_quant_kernels.py", "--out", str(out_dir / "quant_kernels")],
+             120, env=env),
+        Step("bench_dense_decode", [py, "benchmarks/bench_dense_decode.py", "--out", str(out_dir / "dense_decode")],
+             180, env=env),
+        Step("bench_default_table", [*bench, "--out", str(out_dir / "kernels")], 150, env=env),
         Step("autotune_quick", [py, "benchmarks/autotune_moe.py", "--quick", "--tokens", "1,2,4,8,16,32,64,512,2048",
                                 "--out-dir", str(out_dir / "configs")], 150),  # fmt: skip
-        Step("bench_tuned_table", [*bench, "--out", str(out_dir / "kernels_tuned")], 180, env=tuned),
-        Step("bench_dense_decode", [py, "benchmarks/bench_dense_decode.py", "--out", str(out_dir / "dense_decode")],
-             240, env=env),
-        Step("bench_offload", [py, "benchmarks/bench_offload.py", "--device", "cuda",
-                               "--out", str(out_dir / "offload")], 240, env=env),
+        Step("bench_tuned_table", [*bench, "--out", str(out_dir / "kernels_tuned")], 150, env=tuned),
     ]
 
 

@@ -53,12 +53,13 @@ def test_the_plan_checks_correctness_before_tuning_and_names_the_commit(gv, tmp_
     monkeypatch.setattr(gv.importlib.util, "find_spec", lambda name: None)
     steps = gv.validation_steps(tmp_path, "abc123")
     names = [s.name for s in steps]
-    assert names[:6] == ["install", "compile_check", "bench_default_table", "pytest_kernels", "autotune_quick",
-                         "bench_tuned_table"]  # fmt: skip
-    assert "bench_offload" in names
+    # correctness on the device first, then the open issues' measurements, then tuning
+    assert names == ["install", "compile_check", "pytest_kernels", "pytest_gpu", "bench_offload", "bench_quant_kernels",
+                     "bench_dense_decode", "bench_default_table", "autotune_quick", "bench_tuned_table"]  # fmt: skip
     assert "--device" in {s.name: s for s in steps}["bench_offload"].command
     by_name = {s.name: s for s in steps}
     assert "pytest is not installed" in by_name["pytest_kernels"].skip_reason
+    assert "pytest is not installed" in by_name["pytest_gpu"].skip_reason
     assert by_name["bench_default_table"].env == {"RESIDENCY_COMMIT": "abc123"}
     assert by_name["bench_tuned_table"].env["RESIDENCY_KERNEL_CONFIGS"] == str(tmp_path / "configs")
     assert str(tmp_path / "configs") in by_name["autotune_quick"].command
@@ -67,8 +68,10 @@ def test_the_plan_checks_correctness_before_tuning_and_names_the_commit(gv, tmp_
     (tmp_path / "wheels").mkdir()
     monkeypatch.setattr(gv, "WHEELS", tmp_path / "wheels")
     names = [s.name for s in gv.validation_steps(tmp_path, None)]
-    assert names[3:5] == ["install_pytest", "pytest_kernels"]
-    assert "--no-index" in gv.validation_steps(tmp_path, None)[3].command
+    assert names[2:5] == ["install_pytest", "pytest_kernels", "pytest_gpu"]
+    assert "--no-index" in gv.validation_steps(tmp_path, None)[2].command
+    gpu = gv.validation_steps(tmp_path, None)[4].command  # every test marked gpu outside tests/kernels
+    assert gpu[gpu.index("gpu") - 1] == "-m" and "--ignore=tests/kernels" in gpu
 
 
 def test_benchmark_names_the_commit_given_when_there_is_no_git(monkeypatch, load_benchmark):

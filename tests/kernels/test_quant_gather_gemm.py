@@ -206,3 +206,38 @@ def test_quant_linear_matches_reference(name, rows, device):
     assert_close(got, quant_linear_reference(x, weight, bias))
     x3 = x.reshape(1, rows, k)
     assert quant_linear(x3, weight, backend="triton", config=SMALL).shape == (1, rows, weight.n)
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "fp8", "w4a16"])
+def test_quant_benchmark_records_are_finite_and_the_kernel_matches_its_reference_on_them(load_benchmark, fmt):
+    """The GPU benchmark's random records (small shapes here, on the CPU) dequantize to finite values, the
+    kernel equals the reference on them, and the bytes it counts are one record per distinct expert."""
+    bench = load_benchmark("bench_quant_kernels")
+    layout = ExpertRecordLayout(bench.FORMATS[fmt], 48, 256)
+    records = bench.random_records(layout, 6, torch.Generator().manual_seed(0), "cpu")
+    for w in (layout.up(records), layout.down(records)):
+        assert torch.isfinite(w.dequantize()).all()
+    ids = torch.tensor([[0, 2], [2, 5], [5, 0]])
+    weights = torch.full((3, 2), 0.5)
+    x = torch.randn(3, 256)
+    table = torch.tensor([3, -1, 0, -1, -1, 5], dtype=torch.int32)
+    ref = moe_gather_gemm_quant_reference(x, layout.up(records), layout.down(records), table, ids, weights)
+    got = moe_gather_gemm_quant(x, layout.up(records), layout.down(records), table, ids, weights)
+    assert torch.isfinite(ref).all() and torch.allclose(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max())
+    assert bench.moved_bytes(layout, ids, x) == 3 * layout.record_bytes + 2 * x.numel() * 4
+
+
+def test_quant_benchmark_report_and_cpu_refusal(capsys, tmp_path, load_benchmark):
+    bench = load_benchmark("bench_quant_kernels")
+    if not torch.cuda.is_available():
+        assert bench.main(["--out", str(tmp_path / "q")]) == 2
+        assert "needs a CUDA GPU" in capsys.readouterr().err and not list(tmp_path.iterdir())
+    rows = [{"format": f, "tokens": 1, "distinct_experts": 22, "record_bytes": 3096592, "bytes": 68e6,
+             "error": 1e-3, "ms": 0.03, "gb_per_s": gb, "copy_fraction": gb / 4000, "bf16_ms": 0.1,
+             "speedup_vs_bf16": 3.3} for f, gb in (("nvfp4", 3000.0), ("fp8", 2000.0), ("w4a16", 1000.0))]
+    env = {"device": "GPU", "torch": "t", "triton": "t", "cuda": "c", "commit": "abc", "date": "today"}
+    result = {"environment": env, "warmup": 1, "repeats": 2, "floors": {"copy_gb_per_s": 4000.0}, "rows": rows,
+              "targets": bench.targets(rows)}
+    assert [(t["target"].split()[0], t["met"]) for t in result["targets"]] == [("nvfp4", True), ("fp8", False)]
+    text = bench.markdown(result)
+    assert "| nvfp4 | 1 | 22 | 3.10 | 0.030 | 3000 | 75% | 0.100 | 3.30 |" in text

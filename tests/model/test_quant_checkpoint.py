@@ -363,3 +363,29 @@ def test_the_runtime_api_slots_plus_cpu_equal_the_resident_layer(case, quantized
     expected = moe_gather_gemm_quant(x, resident.up(), resident.down(), resident.slot_of_expert, ids, weights)
     assert skip.any() and (~skip).any()
     assert rel(out, expected) <= 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("case", ["nvfp4", "fp8", "w4a16", "nvfp4+fp8-dense"])
+def test_on_cuda_quantized_logits_equal_the_dequantized_model_resident_and_offloaded(case, quantized, tmp_path):
+    """The compiled quantized kernels (decode and prefill) and packed slot banks on the GPU, fp32 activations."""
+    from residency.model.loading import checkpoint_dtype
+    from residency.offload import DEFAULT_CONTEXT, fixed_bytes
+
+    folder = quantized[case]
+    reference = OffloadedNemotron.from_pretrained(dequantized_copy(folder, tmp_path / "deq"), device="cpu")
+    long_ids = torch.randint(3, 256, (1, 70), generator=torch.Generator().manual_seed(1))  # prefill path too
+    for ids in (IDS, long_ids):
+        expected = reference(ids)
+        resident = OffloadedNemotron.from_pretrained(folder, device="cuda")
+        assert rel(resident(ids).cpu(), expected) <= 1e-4, case
+        ckpt = Checkpoint(folder)
+        need = fixed_bytes(ckpt.config, checkpoint_dtype(ckpt), ckpt=ckpt, context=DEFAULT_CONTEXT)
+        budget = need.total + 4 * need.layout.record_bytes
+        offloaded = OffloadedNemotron.from_pretrained(folder, device="cuda", vram_budget=f"{budget}B", quiet=True)
+        try:
+            assert rel(offloaded(ids).cpu(), expected) <= 1e-4, case
+            assert offloaded.stats()["experts"]["misses"] > 0
+        finally:
+            offloaded.runtime.close()

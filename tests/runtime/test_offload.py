@@ -212,3 +212,31 @@ def test_bf16_offloaded_parts_are_summed_in_fp32_and_rounded_once(tmp_path):
             assert rel(model(ids), want) <= 2e-3
         finally:
             model.runtime.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("cpu_experts", [False, True])
+def test_on_cuda_offloaded_tokens_equal_the_resident_run(tmp_path, cpu_experts):
+    """The CUDA path: copy streams and events, release markers, slot tables copied from their host copies,
+    staging rounds and look-ahead; bf16, so tokens are compared (greedy) and logits to bf16 tolerance."""
+    folder = write_tiny_checkpoint(tmp_path / "ckpt", seed=5, dtype=torch.bfloat16, **CONFIGS["tiny"])
+    resident = OffloadedNemotron.from_pretrained(folder, device="cuda")
+    ids = torch.randint(3, 256, (1, 21), generator=torch.Generator().manual_seed(0))
+    logits = resident(ids)
+    tokens = resident.generate(ids, max_new_tokens=48, temperature=0, stop_at_eos=False).cpu()
+    fixed = fixed_bytes(resident.config, torch.bfloat16, context=CONTEXT)
+    total = resident.config.num_moe_layers * resident.config.n_routed_experts
+    for share in (0.0, 0.25, 1.0):
+        budget = fixed.total + int(share * total) * fixed.layout.record_bytes
+        model = OffloadedNemotron.from_pretrained(folder, device="cuda", vram_budget=f"{budget}B", context=CONTEXT,
+                                                  cpu_experts=cpu_experts, quiet=True)
+        try:
+            assert rel(model(ids).float().cpu(), logits.float().cpu()) <= 2e-3, share
+            got = model.generate(ids, max_new_tokens=48, temperature=0, stop_at_eos=False).cpu()
+            assert torch.equal(got, tokens), share
+            experts = model.stats()["experts"]
+            assert (experts["misses"] > 0) == (share < 1.0)
+            assert model.stats()["memory"]["device_allocated_bytes"] <= budget
+        finally:
+            model.runtime.close()
