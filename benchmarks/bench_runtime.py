@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from _machine import cpu_model, git_commit
 from residency.runtime import backend as backend_module
+from residency.runtime import cpu_experts as cpu_experts_module
 from residency.runtime.backend import LayerSlotPlan, OffloadRuntime, RuntimeOptions
 from residency.runtime.control import copy_rows
 from residency.runtime.copies import DEMAND, CopyEngine, CopyTicket
@@ -85,7 +86,7 @@ class InlineCopies(CopyEngine):
 
 
 def run_case(slots_per_layer: int, prefetch: bool, steps: int, seed: int = 0, static: bool = False,
-             inline: bool = False) -> dict:
+             inline: bool = False, cpu: bool = False) -> dict:
     layout = ExpertLayout(INNER, WIDTH, torch.float32)
     store = HostExpertStore(layout, LAYERS, EXPERTS)
     for buf in store.buffers:
@@ -107,7 +108,7 @@ def run_case(slots_per_layer: int, prefetch: bool, steps: int, seed: int = 0, st
     plans = [LayerSlotPlan(tuple(range(slots_per_layer)), 0, "copy") if static else
              LayerSlotPlan((), slots_per_layer, "copy") for _ in range(LAYERS)]
     ledger = DeviceLedger(torch.device("cpu"), None)
-    runtime = OffloadRuntime(store, plans, ledger, RuntimeOptions(mode="cpu", prefetch=prefetch, cpu_experts=False,
+    runtime = OffloadRuntime(store, plans, ledger, RuntimeOptions(mode="cpu", prefetch=prefetch, cpu_experts=cpu,
                                                                   staging_slots=2 * TOP_K), routers, TOP_K)
     if inline:
         runtime.copies.close()
@@ -122,6 +123,16 @@ def run_case(slots_per_layer: int, prefetch: bool, steps: int, seed: int = 0, st
         return out
 
     backend_module.moe_gather_gemm = timed_kernel
+    # misses computed on the CPU: that expert kernel is stubbed too (its compute is not bookkeeping)
+    cpu_kernel_s = [0.0]
+    real_cpu_kernel = cpu_experts_module.cpu_moe
+
+    def timed_cpu_kernel(x, up, down, tokens, rows, weights, out, norms=None):
+        t0 = time.perf_counter()
+        out[:] = 0.0
+        cpu_kernel_s[0] += time.perf_counter() - t0
+
+    cpu_experts_module.cpu_moe = timed_cpu_kernel
     per_step = []
     try:
         x = torch.randn(1, WIDTH)
@@ -131,21 +142,23 @@ def run_case(slots_per_layer: int, prefetch: bool, steps: int, seed: int = 0, st
             for j in range(LAYERS):
                 ids = routers[j](None)[0]
                 work = Work(ids, torch.rand(1, TOP_K), x, x)
-                kernel_s[0] = router_s[0] = 0.0
+                kernel_s[0] = router_s[0] = cpu_kernel_s[0] = 0.0
                 stall_before = runtime.telemetry["decode"].layers[j].stall_s
                 t0 = time.perf_counter()
                 runtime.collect(j, runtime.submit(j, work), work)
                 total = time.perf_counter() - t0
                 stall = runtime.telemetry["decode"].layers[j].stall_s - stall_before
                 if step >= 20:
-                    per_step.append(total - kernel_s[0] - router_s[0] - stall)
+                    per_step.append(total - kernel_s[0] - cpu_kernel_s[0] - router_s[0] - stall)
         stats = runtime.stats()
     finally:
         backend_module.moe_gather_gemm = real_kernel
+        cpu_experts_module.cpu_moe = real_cpu_kernel
         runtime.close()
     us = np.array(per_step) * 1e6
     looked = stats["hits"] + stats["misses"]
     return {"slots_per_layer": slots_per_layer, "static": static, "prefetch": prefetch, "inline_copies": inline,
+            "cpu_experts": cpu,
             "layer_steps": len(per_step),
             "median_us": float(statistics.median(us)), "p90_us": float(np.percentile(us, 90)),
             "hit_rate": stats["hits"] / looked if looked else None, "demand_copies": stats["demand_copies"],
@@ -162,18 +175,22 @@ def main() -> None:
     rows += [run_case(slots, prefetch, args.steps, inline=inline) for inline in (False, True)
              for slots in (0, 64, 256, EXPERTS) for prefetch in (False, True)
              if not (slots in (0, EXPERTS) and prefetch)]
+    # misses computed on the CPU (a plan's `cpu` miss path), with inline copies of the admitted ones
+    rows += [run_case(slots, False, args.steps, inline=True, cpu=True) for slots in (0, 64, 256)]
     lines = [
         f"Control-plane cost per MoE layer per decode step (512 experts, top-{TOP_K}, cpu device, "
         f"{args.steps} steps x {LAYERS} layers each)",
         "",
-        "| slots per layer | prefetch | copies | hit rate | demand copies per layer-step | median us | p90 us |",
-        "|---|---|---|---|---|---|---|",
+        "| slots per layer | prefetch | misses | copies | hit rate | demand copies per layer-step | median us | "
+        "p90 us |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         hit = "n/a" if r["hit_rate"] is None else f"{100 * r['hit_rate']:.1f} %"
         kind = "static" if r["static"] else "dynamic"
         copies = "inline" if r["inline_copies"] else "copy thread"
-        lines.append(f"| {r['slots_per_layer']} {kind} | {'on' if r['prefetch'] else 'off'} | {copies} | {hit} | "
+        lines.append(f"| {r['slots_per_layer']} {kind} | {'on' if r['prefetch'] else 'off'} | "
+                     f"{'CPU' if r['cpu_experts'] else 'copied'} | {copies} | {hit} | "
                      f"{r['demand_copies'] / r['layer_steps']:.1f} | {r['median_us']:.1f} | {r['p90_us']:.1f} |")
     worst = max(r["median_us"] for r in rows)
     lines += ["", f"worst median: {worst:.1f} us (target <= 25 us)"]

@@ -21,8 +21,10 @@ layer:
    record bytes / CPU expert throughput).
 3. The GPU part runs as one :func:`~residency.kernels.moe_gather_gemm` launch over the layer's
    bank through its slot table (CPU and staged pairs skipped), after the copies it needs have
-   landed; staged rounds add one launch each; the CPU part runs on a worker thread meanwhile and
-   is added in :meth:`OffloadRuntime.collect` (in the latent space).
+   landed; staged rounds add one launch each. The CPU pairs' inputs are read to the host before
+   those launches are queued; the CPU part is computed in :meth:`OffloadRuntime.collect`, after the
+   model has queued the shared expert, so on CUDA the GPU runs both while the host computes it (no
+   worker thread: no hand-over, no GIL contention), and it is added in the latent space.
 4. Look-ahead (decode): the next MoE layer's router applied to this layer's normalised hidden
    state predicts its experts; predicted experts without a slot are admitted (never over a
    pinned or in-flight expert) and copied at prefetch priority behind every demand copy.
@@ -32,9 +34,7 @@ Exactness: routing is never changed; every routed pair is computed once, on the 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -98,11 +98,23 @@ class RuntimeOptions:
 
 
 @dataclass
+class _CpuPart:
+    """The CPU pairs of one layer call, read to the host in ``submit`` and computed in ``collect``."""
+
+    layer: int
+    tokens: np.ndarray  # [P] token of each CPU pair
+    picks: np.ndarray  # [P] its top-k position
+    rows: np.ndarray  # [P] its expert's record in the host store
+    x: np.ndarray  # [T, L] fp32 latent activations
+    weights: np.ndarray  # [P] fp32 routing weights
+
+
+@dataclass
 class _Pending:
     """What ``submit`` started and ``collect`` finishes."""
 
     out: torch.Tensor  # [T, L] GPU part (latent dtype)
-    cpu: Future | None
+    cpu: _CpuPart | None
     counters: LayerCounters
 
 
@@ -139,7 +151,6 @@ class OffloadRuntime:
             self.copies: CopyEngine = CudaCopyEngine(self.device)
         else:
             self.copies = ThreadCopyEngine(options.copy_delay)
-        self._cpu_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="residency-cpu-experts")
         lay = self.layout
         self.caches: list[SlotCache | None] = []
         if options.mode == "unified":
@@ -177,6 +188,7 @@ class OffloadRuntime:
         self._ones = np.ones(E, dtype=np.int64)
         self._scratch_slot = np.full(E, -1, dtype=np.int64)
         self._scratch_pair = np.zeros(E, dtype=np.int8)
+        self._store_views = [(store.up(j), store.down(j)) for j in range(store.num_layers)]  # up / down of each layer
         control.warm_up()  # compile the bookkeeping now, not in the first decode step
         self._load_static()
 
@@ -201,7 +213,6 @@ class OffloadRuntime:
     def close(self) -> None:
         self.copies.synchronize()
         self.copies.close()
-        self._cpu_pool.shutdown(wait=True)
 
     # ------------------------------------------------------------------ step boundaries (StepListener)
     def begin_step(self, input_ids: torch.Tensor, is_decode: bool) -> None:
@@ -302,7 +313,7 @@ class OffloadRuntime:
             cpu = staged[:0]
             counters.misses += int(staged.shape[0])
             counters.hits += int(order.shape[0] - staged.shape[0])
-            table, up, down = self.unified_tables[j], self.store.up(j), self.store.down(j)
+            table, up, down = self.unified_tables[j], *self._store_views[j]
         else:
             table, up, down = cache.table, cache.up, cache.down
             out, counts = self._out, self._counts
@@ -333,15 +344,14 @@ class OffloadRuntime:
             wait_jobs = out[control.WAIT_JOB, :n_wait].tolist() if n_wait else None
         counters.cpu_computed += int(cpu.shape[0])
 
-        # the CPU part starts first and overlaps everything below
-        skip = codes = None
+        skip = codes = cpu_part = None
         if cpu.shape[0] or staged.shape[0]:
             codes = np.empty(ids_h.shape, dtype=np.int8)
             control.mark_pairs(ids_h, cpu, staged, self._scratch_pair, codes)
             skip = torch.from_numpy(codes != control.PAIR_GPU).to(work.ids.device, non_blocking=True)
-        future = None
         if cpu.shape[0]:
-            future = self._cpu_pool.submit(self._cpu_part, j, work, ids_h, codes == control.PAIR_CPU)
+            # read the CPU pairs' inputs now, before the GPU kernels below are queued behind them
+            cpu_part = self._cpu_inputs(j, work, ids_h, codes == control.PAIR_CPU)
 
         if cache is not None:
             cache.flush_table()
@@ -367,7 +377,7 @@ class OffloadRuntime:
             self._staged(j, work, ids_h, staged, acc, counters)
         if decode and self.options.prefetch and self.routers is not None and j + 1 < len(self.caches):
             self._prefetch(j + 1, work.hidden, self.telemetry["decode"].layers[j + 1])
-        return _Pending(acc, future, counters)
+        return _Pending(acc, cpu_part, counters)
 
     def _staged(self, j: int, work, ids_h: np.ndarray, staged: np.ndarray, acc: torch.Tensor,
                 counters: LayerCounters) -> None:
@@ -394,26 +404,34 @@ class OffloadRuntime:
             acc += part
             self.staging_marker = self.copies.release_marker()
 
-    def _cpu_part(self, j: int, work, ids_h: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, ...]:
-        """Weighted sum of the CPU pairs ``[T, L]`` fp32 (host), and their output norms."""
+    def _cpu_inputs(self, j: int, work, ids_h: np.ndarray, mask: np.ndarray) -> _CpuPart:
+        """The host inputs of the CPU pairs ``mask`` of one call.
+
+        On CUDA reading the latent waits for the latent projection only: the call's GPU kernels
+        are queued after this, so the CPU part (computed in :meth:`collect`) overlaps them.
+        """
         tokens, picks = np.nonzero(mask)
-        experts = ids_h[tokens, picks]
-        x = work.latent.detach().float().cpu().contiguous()
-        weights = work.weights.detach().float().cpu().numpy()[tokens, picks]
-        out = torch.zeros(x.shape, dtype=torch.float32)
-        norms = None if work.pair_norms is None else np.full(tokens.size, np.nan, dtype=np.float32)
-        rows = self.store.row_of_expert[j][experts]  # host records only: classify copies disk experts
+        rows = self.store.row_of_expert[j][ids_h[tokens, picks]]  # host records only: classify copies disk experts
+        x = work.latent.detach().to("cpu", torch.float32).contiguous().numpy()
+        weights = np.ascontiguousarray(work.weights.detach().to("cpu", torch.float32).numpy()[tokens, picks])
+        return _CpuPart(j, tokens.astype(np.int64), picks.astype(np.int64), rows, x, weights)
+
+    def _cpu_compute(self, part: _CpuPart, want_norms: bool) -> tuple[torch.Tensor, np.ndarray | None]:
+        """Weighted sum of the CPU pairs ``[T, L]`` fp32 (host), and their output norms."""
+        out = torch.zeros(part.x.shape, dtype=torch.float32)
+        norms = np.full(part.tokens.size, np.nan, dtype=np.float32) if want_norms else None
+        j = part.layer
         if self.layout.quantized:
             from .cpu_quant import cpu_moe_quant
 
-            cpu_moe_quant(x.numpy(), self.layout, self.store.buffers[j], tokens.astype(np.int64),
-                          rows.astype(np.int64), weights.astype(np.float32), out.numpy(), norms)
+            cpu_moe_quant(part.x, self.layout, self.store.buffers[j], part.tokens, part.rows, part.weights,
+                          out.numpy(), norms)
         else:
             from .cpu_experts import cpu_moe
 
-            cpu_moe(x.numpy(), self.store.up(j), self.store.down(j), tokens.astype(np.int64), rows.astype(np.int64),
-                    weights.astype(np.float32), out.numpy(), norms)
-        return out, (tokens, picks, norms)
+            cpu_moe(part.x, *self._store_views[j], part.tokens, part.rows, part.weights, out.numpy(),
+                    norms)
+        return out, norms
 
     def _prefetch(self, j: int, hidden: torch.Tensor, counters: LayerCounters) -> None:
         cache = self.caches[j]
@@ -437,12 +455,12 @@ class OffloadRuntime:
 
     def collect(self, j: int, pending: _Pending, work) -> torch.Tensor:
         out = pending.out
-        if pending.cpu is not None:
-            t0 = time.perf_counter()
-            cpu_out, (tokens, picks, norms) = pending.cpu.result()
-            pending.counters.stall_s += time.perf_counter() - t0
+        part = pending.cpu
+        if part is not None:  # on CUDA the GPU runs this call's kernels and the shared expert meanwhile
+            cpu_out, norms = self._cpu_compute(part, work.pair_norms is not None)
             out += cpu_out.to(out.device)
-            if work.pair_norms is not None:
-                work.pair_norms[torch.from_numpy(tokens).to(out.device), torch.from_numpy(picks).to(out.device)] = (
-                    torch.from_numpy(norms).to(out.device))
+            if norms is not None:
+                dev = out.device
+                work.pair_norms[torch.from_numpy(part.tokens).to(dev), torch.from_numpy(part.picks).to(dev)] = (
+                    torch.from_numpy(norms).to(dev))
         return out.to(work.latent.dtype)
