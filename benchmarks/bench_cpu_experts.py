@@ -16,7 +16,12 @@ Each call takes the next k experts of a rotation through a random permutation of
 expert is read again only after the whole bank was (704 MB later): all three read from memory.
 GB/s = weight bytes of the step (k x 2 x L x I x 2) / median seconds over the repetitions after
 the warm-up. Targets: the kernel at >= 60 % of the read and >= 1x torch. Before timing, the
-kernel's output on one step is checked against the torch reference of the slot-bank MoE. The
+kernel's output on one step is checked against the torch reference of the slot-bank MoE. Then, at
+the largest k and the first thread count, each quantized record format (``--formats``; W4A16 with
+groups of 128) is timed the same way through :func:`residency.runtime.cpu_quant.cpu_moe_quant`,
+each repetition also timing a read of the same records' bytes and a BF16 step, so each quantized
+row shows its fraction of the read bandwidth and its time per expert against BF16 (the goal: no
+more). The
 last line printed is
 ``cpu experts: X GB/s = R of memory read Y GB/s, S x torch`` for the largest k (22).
 """
@@ -204,31 +209,106 @@ def markdown(report: dict) -> str:
                      f"{100 * r['fraction_of_read']:.0f} % | {r['x_torch']:.2f} | {r['numba_ms']:.2f} | "
                      f"{r['torch_ms']:.2f} |")
     if report.get("quantized"):
-        lines += ["", "Quantized records (`residency.runtime.cpu_quant.cpu_moe_quant`, same shape, packed bytes read "
-                  "in place; numba's default thread count):", "",
-                  "| format | k | MB per expert | GB/s of records | experts/s |", "|---|---:|---:|---:|---:|"]
+        q0 = report["quantized"][0]
+        lines += ["", f"Quantized records (`residency.runtime.cpu_quant.cpu_moe_quant`, same shape, packed bytes read "
+                  f"in place; {q0['threads']} threads, one token to k = {q0['k']} records of a "
+                  f"{q0['bank_records']}-record bank per step). Timed in turn each repetition: the kernel, a plain "
+                  "read of the same records' bytes (numba parallel sum) and a step of the BF16 kernel above at the "
+                  "same k and threads. Goal: per expert no more time than BF16 (`x BF16 time` <= 1).", "",
+                  "| format | k | MB per expert | GB/s of records | read GB/s (same bytes) | of read | ms per expert "
+                  "| BF16 ms per expert | x BF16 time | experts/s |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for q in report["quantized"]:
             lines.append(f"| {q['format']} | {q['k']} | {q['record_bytes'] / 1e6:.2f} | {q['gbps']:.2f} | "
-                         f"{q['experts_per_s']:.0f} |")
+                         f"{q['read_gbps']:.1f} | {100 * q['fraction_of_read']:.0f} % | {q['ms_per_expert']:.3f} | "
+                         f"{q['bf16_ms_per_expert']:.3f} | {q['x_bf16_time']:.2f} | {q['experts_per_s']:.0f} |")
+        lines += ["", "Formats: " + "; ".join(f"{q['format']} = {q['spec']}" for q in report["quantized"]) + "."]
     lines += ["", "`" + report["summary"] + "`"]
     return "\n".join(lines) + "\n"
 
 
-def quantized_rows(formats: list[str], k: int, args: argparse.Namespace) -> list[dict]:
-    """GB/s of packed record bytes a k-expert step reads for each quantized format (``cpu_moe_quant``)."""
-    from residency.kernels.moe.quant_formats import ExpertRecordLayout, QuantSpec
-    from residency.runtime.cpu_quant import measure_quant_throughput
+#: the quantized formats the benchmark times (W4A16 as Super's checkpoint is assumed to be: groups of 128)
+QUANT_SPECS = {"nvfp4": {"format": "nvfp4"}, "fp8": {"format": "fp8"}, "w4a16": {"format": "w4a16", "group_size": 128}}
 
+
+def quant_records(layout, count: int, seed: int) -> np.ndarray:
+    """``count`` random records of ``layout``: random codes (no FP8 NaN codes), finite scales."""
+    rng = np.random.default_rng(seed)
+    records = rng.integers(0, 256, size=(count, layout.record_bytes), dtype=np.uint8)
+    bank = torch.from_numpy(records)
+    for proj in ("up", "down"):
+        w = layout.projection(bank, proj)
+        if layout.spec.format == "nvfp4":
+            w.scale.view(torch.uint8).copy_(torch.from_numpy(
+                rng.integers(0x20, 0x40, size=tuple(w.scale.shape), dtype=np.uint8)))
+        if w.scale2 is not None:
+            w.scale2.fill_(1e-3)
+        if layout.spec.format == "fp8":
+            w.data.view(torch.uint8).bitwise_and_(0x77)
+        if layout.spec.format == "w4a16":
+            w.scale.fill_(1e-3)
+    return records
+
+
+def quant_samples(bench: Bench, layout, records: np.ndarray, k: int, args: argparse.Namespace) -> dict[str, list]:
+    """Seconds per step of ``cpu_moe_quant``, of reading the same records, and of the BF16 kernel, in turn."""
+    from residency.runtime.cpu_quant import cpu_moe_quant
+
+    n_bank = records.shape[0]
+    tokens, weights = np.zeros(k, np.int64), np.full(k, 1.0 / k, np.float32)
+    words = (records.view(np.uint64), np.zeros((n_bank, 0), np.uint64))  # record_bytes is a multiple of 16
+    order = np.random.default_rng(args.seed).permutation(n_bank)
+    cursor = [0]
+
+    def pick() -> np.ndarray:
+        picked = np.take(order, np.arange(cursor[0], cursor[0] + k), mode="wrap")
+        cursor[0] += k
+        return picked
+
+    def quant(recs: np.ndarray) -> None:
+        cpu_moe_quant(bench.x_np, layout, records, tokens, recs, weights, np.zeros_like(bench.x_np))
+
+    def read(recs: np.ndarray) -> None:
+        _parallel_read(words, recs)
+
+    methods = {"quant": quant, "read": read, "bf16": lambda _: bench.numba(bench.next_experts(k))}
+    samples: dict[str, list[float]] = {m: [] for m in methods}
+    warmup = max(args.warmup, 1)  # at least one: the first call compiles or loads the kernel
+    for rep in range(warmup + args.repeats):
+        for m, fn in methods.items():
+            seconds = timed(fn, pick())
+            if rep >= warmup:
+                samples[m].append(seconds)
+    return samples
+
+
+def quantized_rows(bench: Bench, formats: list[str], k: int, threads: int, args: argparse.Namespace) -> list[dict]:
+    """Per quantized format: GB/s of packed record bytes a k-expert step of ``cpu_moe_quant`` processes, the
+    read bandwidth of the same bytes, and the time per expert against the BF16 kernel (same k and threads),
+    the three timed in turn each repetition."""
+    from residency.kernels.moe.quant_formats import ExpertRecordLayout, QuantSpec
+
+    numba.set_num_threads(threads)
+    torch.set_num_threads(threads)
+    n_bank = max(2 * k, args.experts)
     rows = []
     for fmt in formats:
-        spec = QuantSpec(fmt)
+        spec = QuantSpec(**QUANT_SPECS[fmt])
         layout = ExpertRecordLayout(spec, args.inter, args.latent)
-        gbps = measure_quant_throughput(spec, k, latent=args.latent, intermediate=args.inter,
-                                        bank_records=max(2 * k, args.experts), repeats=max(args.repeats // 3, 1),
-                                        seed=args.seed)
-        rows.append({"format": fmt, "k": k, "record_bytes": layout.record_bytes, "gbps": gbps,
-                     "experts_per_s": gbps * 1e9 / layout.record_bytes})
-        print(f"{fmt:>6} k={k}: {gbps:.2f} GB/s of packed records ({layout.record_bytes / 1e6:.2f} MB per expert)")
+        samples = quant_samples(bench, layout, quant_records(layout, n_bank, args.seed), k, args)
+        step = k * layout.record_bytes
+        gbps = step / statistics.median(samples["quant"]) / 1e9
+        read_gbps = step / statistics.median(samples["read"]) / 1e9
+        ms, bf16_ms = (1e3 * statistics.median(samples[m]) / k for m in ("quant", "bf16"))
+        rows.append({"format": fmt, "spec": spec.describe(), "threads": threads, "k": k, "bank_records": n_bank,
+                     "record_bytes": layout.record_bytes, "gbps": gbps, "read_gbps": read_gbps,
+                     "fraction_of_read": gbps / read_gbps, "ms_per_expert": ms, "bf16_ms_per_expert": bf16_ms,
+                     "x_bf16_time": ms / bf16_ms, "goal_met": ms <= bf16_ms,
+                     "experts_per_s": gbps * 1e9 / layout.record_bytes,
+                     "samples_s": {m: [round(v, 6) for v in s] for m, s in samples.items()}})
+        print(f"{fmt:>6} k={k} threads={threads}: {gbps:.2f} GB/s of packed records ({layout.record_bytes / 1e6:.2f} "
+              f"MB per expert) = {gbps / read_gbps:.2f} of reading them ({read_gbps:.1f} GB/s); {ms:.3f} ms per "
+              f"expert = {ms / bf16_ms:.2f} x BF16 ({bf16_ms:.3f} ms)")
     return rows
 
 
@@ -287,7 +367,13 @@ def main(argv: list[str] | None = None) -> int:
         "note": args.note,
         "results": rows,
     }
-    report["quantized"] = quantized_rows([f for f in args.formats.split(",") if f], ks[-1], args)
+    saved = numba.get_num_threads(), torch.get_num_threads()
+    try:
+        report["quantized"] = quantized_rows(bench, [f for f in args.formats.split(",") if f], ks[-1], threads[0],
+                                             args)
+    finally:
+        numba.set_num_threads(saved[0])
+        torch.set_num_threads(saved[1])
     report["summary"] = summary(next(r for r in rows if r["threads"] == threads[0] and r["k"] == ks[-1]))
 
     print(f"{report['machine']['cpu']}, {report['machine']['logical_cores']} logical cores; numba "

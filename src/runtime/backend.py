@@ -190,6 +190,8 @@ class OffloadRuntime:
         self._scratch_pair = np.zeros(E, dtype=np.int8)
         self._store_views = [(store.up(j), store.down(j)) for j in range(store.num_layers)]  # up / down of each layer
         control.warm_up()  # compile the bookkeeping now, not in the first decode step
+        if max(self._cpu_limits) > 0:
+            self._warm_cpu_kernels()
         self._load_static()
 
     # ------------------------------------------------------------------ set-up
@@ -209,6 +211,18 @@ class OffloadRuntime:
         for cache in self.caches:
             if cache is not None:
                 cache.poll()
+
+    def _warm_cpu_kernels(self) -> None:
+        """Compile (or load from numba's cache) the CPU expert kernel of this store's format now: the first
+        compile of a quantized format takes seconds, which would otherwise stall the first CPU miss."""
+        j = next((j for j, rows in enumerate(self.store.row_of_expert) if (rows >= 0).any()), None)
+        if j is None:
+            return
+        row = int(self.store.row_of_expert[j][self.store.row_of_expert[j] >= 0][0])
+        x = np.zeros((1, self.layout.width), dtype=np.float32)
+        part = _CpuPart(j, np.zeros(1, np.int64), np.zeros(1, np.int64), np.array([row], np.int64), x,
+                        np.zeros(1, np.float32))
+        self._cpu_compute(part, want_norms=False)
 
     def close(self) -> None:
         self.copies.synchronize()
