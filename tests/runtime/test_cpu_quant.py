@@ -312,3 +312,51 @@ def test_row_decoders_portable_and_avx512(name, native):
                  staged.reshape(-1), np.arange(4) * latent, res)
         want = x.astype(np.float64) @ weights[r]
         assert np.abs(res * factor - want).max() <= 1e-5 * np.abs(want).max() + 1e-30, r
+
+
+HASWELL = ("+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+f16c,+fma,+fsgsbase,+lzcnt,+mmx,+movbe,+popcnt,+rdrnd,+sse,"
+           "+sse2,+sse3,+sse4.1,+sse4.2,+ssse3,+xsave,+xsaveopt")
+CHILD = """
+import json, numpy as np, torch
+from residency.runtime import cpu_quant
+from residency.kernels.moe.quant_formats import ExpertRecordLayout, QuantSpec
+errors = {}
+for spec in (QuantSpec("nvfp4"), QuantSpec("fp8"), QuantSpec("w4a16", group_size=128)):
+    layout = ExpertRecordLayout(spec, 96, 272)
+    rng = np.random.default_rng(0)
+    bank = rng.integers(0, 256, (3, layout.record_bytes), dtype=np.uint8)
+    t = torch.from_numpy(bank)
+    for proj in ("up", "down"):
+        w = layout.projection(t, proj)
+        if spec.format == "nvfp4":
+            w.scale.view(torch.uint8).copy_(torch.randint(0x20, 0x40, tuple(w.scale.shape), dtype=torch.uint8))
+            w.scale2.fill_(1 / 16)
+        elif spec.format == "fp8":
+            w.data.view(torch.uint8).bitwise_and_(0x77)
+            w.scale2.fill_(1 / 64)
+        else:
+            w.scale.fill_(1 / 64)
+    x = rng.standard_normal((2, 272)).astype(np.float32)
+    args = (np.array([0, 1, 1]), np.array([0, 2, 1]), np.array([0.5, 0.3, 0.2], np.float32))
+    out, ref = np.zeros_like(x), np.zeros_like(x)
+    cpu_quant.cpu_moe_quant(x, layout, bank, *args, out)
+    cpu_quant.cpu_moe_quant_reference(x, layout, bank, *args, ref)
+    errors[spec.format] = float(np.abs(out - ref).max() / np.abs(ref).max())
+print(json.dumps(errors))
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compiled_for_a_cpu_without_avx512_match_the_reference(tmp_path):
+    """Most desktop Intel CPUs have AVX2 but no AVX-512: compiled for such a target (Haswell features, a
+    fresh numba cache), every format takes the portable decode and still equals the reference."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": HASWELL}
+    run = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    errors = json.loads(run.stdout.strip().splitlines()[-1])
+    assert set(errors) == {"nvfp4", "fp8", "w4a16"} and max(errors.values()) <= 1e-5, errors
