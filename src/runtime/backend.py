@@ -358,14 +358,15 @@ class OffloadRuntime:
             wait_jobs = out[control.WAIT_JOB, :n_wait].tolist() if n_wait else None
         counters.cpu_computed += int(cpu.shape[0])
 
-        skip = codes = cpu_part = None
+        skip = cpu_part = None
         if cpu.shape[0] or staged.shape[0]:
-            codes = np.empty(ids_h.shape, dtype=np.int8)
-            control.mark_pairs(ids_h, cpu, staged, self._scratch_pair, codes)
-            skip = torch.from_numpy(codes != control.PAIR_GPU).to(work.ids.device, non_blocking=True)
-        if cpu.shape[0]:
-            # read the CPU pairs' inputs now, before the GPU kernels below are queued behind them
-            cpu_part = self._cpu_inputs(j, work, ids_h, codes == control.PAIR_CPU)
+            skip_h = np.empty(ids_h.shape, dtype=np.bool_)
+            pair_tokens, pair_picks = np.empty(ids_h.size, np.int64), np.empty(ids_h.size, np.int64)
+            n_pairs = control.split_pairs(ids_h, cpu, staged, self._scratch_pair, skip_h, pair_tokens, pair_picks)
+            skip = torch.from_numpy(skip_h).to(work.ids.device, non_blocking=True)
+            if n_pairs:
+                # read the CPU pairs' inputs now, before the GPU kernels below are queued behind them
+                cpu_part = self._cpu_inputs(j, work, ids_h, pair_tokens[:n_pairs], pair_picks[:n_pairs])
 
         if cache is not None:
             cache.flush_table()
@@ -418,17 +419,16 @@ class OffloadRuntime:
             acc += part
             self.staging_marker = self.copies.release_marker()
 
-    def _cpu_inputs(self, j: int, work, ids_h: np.ndarray, mask: np.ndarray) -> _CpuPart:
-        """The host inputs of the CPU pairs ``mask`` of one call.
+    def _cpu_inputs(self, j: int, work, ids_h: np.ndarray, tokens: np.ndarray, picks: np.ndarray) -> _CpuPart:
+        """The host inputs of the CPU pairs ``(tokens, picks)`` of one call.
 
         On CUDA reading the latent waits for the latent projection only: the call's GPU kernels
         are queued after this, so the CPU part (computed in :meth:`collect`) overlaps them.
         """
-        tokens, picks = np.nonzero(mask)
         rows = self.store.row_of_expert[j][ids_h[tokens, picks]]  # host records only: classify copies disk experts
         x = work.latent.detach().to("cpu", torch.float32).contiguous().numpy()
-        weights = np.ascontiguousarray(work.weights.detach().to("cpu", torch.float32).numpy()[tokens, picks])
-        return _CpuPart(j, tokens.astype(np.int64), picks.astype(np.int64), rows, x, weights)
+        weights = work.weights.detach().to("cpu", torch.float32).numpy()[tokens, picks]
+        return _CpuPart(j, tokens, picks, rows, x, weights)
 
     def _cpu_compute(self, part: _CpuPart, want_norms: bool) -> tuple[torch.Tensor, np.ndarray | None]:
         """Weighted sum of the CPU pairs ``[T, L]`` fp32 (host), and their output norms."""

@@ -224,6 +224,34 @@ def mark_pairs(ids: np.ndarray, cpu: np.ndarray, staged: np.ndarray, scratch: np
 
 
 @njit
+def split_pairs(ids: np.ndarray, cpu: np.ndarray, staged: np.ndarray, scratch: np.ndarray, skip: np.ndarray,
+                cpu_tokens: np.ndarray, cpu_picks: np.ndarray) -> int:
+    """Per routed pair of ``ids [T, k]``: ``skip`` (bool) where the CPU or the staging rounds compute it, and the
+    (token, pick) of every CPU pair into ``cpu_tokens`` / ``cpu_picks``, in row-major order; returns their number.
+
+    ``scratch`` is an ``int8 [num_experts]`` array of zeros; it is zero again on return.
+    """
+    for i in range(cpu.shape[0]):
+        scratch[cpu[i]] = PAIR_CPU
+    for i in range(staged.shape[0]):
+        scratch[staged[i]] = PAIR_STAGED
+    n = 0
+    for t in range(ids.shape[0]):
+        for j in range(ids.shape[1]):
+            code = scratch[ids[t, j]]
+            skip[t, j] = code != PAIR_GPU
+            if code == PAIR_CPU:
+                cpu_tokens[n] = t
+                cpu_picks[n] = j
+                n += 1
+    for i in range(cpu.shape[0]):
+        scratch[cpu[i]] = 0
+    for i in range(staged.shape[0]):
+        scratch[staged[i]] = 0
+    return n
+
+
+@njit
 def distinct_in_order(ids: np.ndarray, scratch: np.ndarray, order: np.ndarray, tokens: np.ndarray) -> int:
     """Distinct experts of ``ids [T, k]`` in order of first appearance into ``order`` and their token counts.
 
@@ -283,6 +311,8 @@ def warm_up() -> None:
     job_landed(state, 1)
     codes = np.empty(ids.shape, dtype=np.int8)
     mark_pairs(ids, ids[0, :1], ids[0, 1:], np.zeros(experts, np.int8), codes)
+    pairs = np.empty(2, np.int64)
+    split_pairs(ids, ids[0, :1], ids[0, 1:], np.zeros(experts, np.int8), np.empty(ids.shape, np.bool_), pairs, pairs)
     distinct_in_order(ids, np.full(experts, -1, np.int64), np.empty(experts, np.int64), np.empty(experts, np.int64))
     buf = np.zeros((2, 8), dtype=np.uint8)
     copy_rows(buf, buf, np.zeros(1, np.int64), np.ones(1, np.int64))

@@ -165,3 +165,19 @@ def test_record_copies_on_the_copy_thread_move_exactly_the_named_rows(dtype):
             engine.copy_records(dst[:, :32].contiguous(), src, np.array([0]), np.array([0]))
     finally:
         engine.close()
+
+
+def test_split_pairs_marks_skipped_pairs_and_lists_cpu_pairs_in_row_major_order():
+    rng = np.random.default_rng(4)
+    scratch = np.zeros(E, np.int8)
+    for T in (1, 6):
+        ids = rng.integers(0, E, (T, K)).astype(np.int64)
+        cpu = np.unique(ids)[:3].astype(np.int64)
+        staged = np.setdiff1d(np.unique(ids), cpu)[:2].astype(np.int64)
+        skip = np.zeros(ids.shape, np.bool_)
+        tokens, picks = np.full(ids.size, -1, np.int64), np.full(ids.size, -1, np.int64)
+        n = control.split_pairs(ids, cpu, staged, scratch, skip, tokens, picks)
+        assert np.array_equal(skip, np.isin(ids, cpu) | np.isin(ids, staged)) and not scratch.any()
+        expect_t, expect_p = np.nonzero(np.isin(ids, cpu))
+        assert n == expect_t.size
+        assert tokens[:n].tolist() == expect_t.tolist() and picks[:n].tolist() == expect_p.tolist()
