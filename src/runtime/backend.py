@@ -27,7 +27,9 @@ layer:
    worker thread: no hand-over, no GIL contention), and it is added in the latent space.
 4. Look-ahead (decode): the next MoE layer's router applied to this layer's normalised hidden
    state predicts its experts; predicted experts without a slot are admitted (never over a
-   pinned or in-flight expert) and copied at prefetch priority behind every demand copy.
+   pinned or in-flight expert) and copied at prefetch priority behind every demand copy. This
+   runs right after the call's own copies are issued and before its kernels are queued, so on
+   CUDA reading the prediction waits for the look-ahead router, not for the layer's experts.
 
 Exactness: routing is never changed; every routed pair is computed once, on the GPU or the CPU.
 """
@@ -357,6 +359,10 @@ class OffloadRuntime:
             gpu_experts = out[control.GPU_EXPERT, :n_gpu]
             wait_jobs = out[control.WAIT_JOB, :n_wait].tolist() if n_wait else None
         counters.cpu_computed += int(cpu.shape[0])
+        if decode and self.options.prefetch and self.routers is not None and j + 1 < len(self.caches):
+            # before this call's kernels are queued: on CUDA reading the predicted ids then waits for the
+            # look-ahead router only, not for this layer's expert kernel, and the copies start earlier
+            self._prefetch(j + 1, work.hidden, self.telemetry["decode"].layers[j + 1])
 
         skip = cpu_part = None
         if cpu.shape[0] or staged.shape[0]:
@@ -390,8 +396,6 @@ class OffloadRuntime:
             acc.zero_()
         if staged.shape[0]:
             self._staged(j, work, ids_h, staged, acc, counters)
-        if decode and self.options.prefetch and self.routers is not None and j + 1 < len(self.caches):
-            self._prefetch(j + 1, work.hidden, self.telemetry["decode"].layers[j + 1])
         return _Pending(acc, cpu_part, counters)
 
     def _staged(self, j: int, work, ids_h: np.ndarray, staged: np.ndarray, acc: torch.Tensor,
