@@ -26,10 +26,10 @@ layer:
    model has queued the shared expert, so on CUDA the GPU runs both while the host computes it (no
    worker thread: no hand-over, no GIL contention), and it is added in the latent space.
 4. Look-ahead (decode): the next MoE layer's router applied to this layer's normalised hidden
-   state predicts its experts; predicted experts without a slot are admitted (never over a
-   pinned or in-flight expert) and copied at prefetch priority behind every demand copy. This
-   runs right after the call's own copies are issued and before its kernels are queued, so on
-   CUDA reading the prediction waits for the look-ahead router, not for the layer's experts.
+   state predicts its experts (read to the host together with the call's own ids: one wait on
+   CUDA); predicted experts without a slot are admitted (never over a pinned or in-flight
+   expert) and copied at prefetch priority behind every demand copy, before the call's kernels
+   are queued.
 
 Exactness: routing is never changed; every routed pair is computed once, on the GPU or the CPU.
 """
@@ -319,7 +319,15 @@ class OffloadRuntime:
     def submit(self, j: int, work) -> _Pending:
         decode = work.is_decode
         counters = self.telemetry["decode" if decode else "prefill"].layers[j]  # counted in place
-        ids_h = self._ids_on_host(work.ids)
+        predicted_h = None
+        if decode and self._looks_ahead(j + 1):
+            # the next MoE layer's router on this layer's hidden state, read to the host with this call's ids:
+            # on CUDA one wait (for the two routers), not two
+            predicted = self.routers[j + 1](work.hidden)[0]
+            both = self._ids_on_host(torch.cat((work.ids, predicted.to(work.ids.dtype)), dim=0))
+            ids_h, predicted_h = both[: work.ids.shape[0]], both[work.ids.shape[0]:]
+        else:
+            ids_h = self._ids_on_host(work.ids)
         order, tokens = self._distinct(ids_h, self._order, self._tokens)
         cache = self.caches[j]
         n_gpu = 0
@@ -359,10 +367,8 @@ class OffloadRuntime:
             gpu_experts = out[control.GPU_EXPERT, :n_gpu]
             wait_jobs = out[control.WAIT_JOB, :n_wait].tolist() if n_wait else None
         counters.cpu_computed += int(cpu.shape[0])
-        if decode and self.options.prefetch and self.routers is not None and j + 1 < len(self.caches):
-            # before this call's kernels are queued: on CUDA reading the predicted ids then waits for the
-            # look-ahead router only, not for this layer's expert kernel, and the copies start earlier
-            self._prefetch(j + 1, work.hidden, self.telemetry["decode"].layers[j + 1])
+        if predicted_h is not None:  # issued before this call's kernels are queued: the copies start earlier
+            self._prefetch(j + 1, predicted_h, self.telemetry["decode"].layers[j + 1])
 
         skip = cpu_part = None
         if cpu.shape[0] or staged.shape[0]:
@@ -451,11 +457,16 @@ class OffloadRuntime:
                     norms)
         return out, norms
 
-    def _prefetch(self, j: int, hidden: torch.Tensor, counters: LayerCounters) -> None:
+    def _looks_ahead(self, j: int) -> bool:
+        """Whether decode calls predict layer ``j``'s experts (it exists and has dynamic slots to fill)."""
+        if not self.options.prefetch or self.routers is None or j >= len(self.caches):
+            return False
         cache = self.caches[j]
-        if cache is None or cache.num_slots == len(cache.static):
-            return
-        ids_h = self._ids_on_host(self.routers[j](hidden)[0])
+        return cache is not None and cache.num_slots > len(cache.static)
+
+    def _prefetch(self, j: int, ids_h: np.ndarray, counters: LayerCounters) -> None:
+        """Admit and copy layer ``j``'s predicted experts ``ids_h [T, k]`` (host) that have no slot."""
+        cache = self.caches[j]
         predicted, _ = self._distinct(ids_h, self._order_pf, self._tokens_pf)
         job = cache.new_job()
         out, counts = self._out_pf, self._counts_pf
