@@ -149,7 +149,7 @@ class OffloadRuntime:
         self.telemetry = {"prefill": Telemetry.for_layers(store.num_layers),
                           "decode": Telemetry.for_layers(store.num_layers)}
         self._is_decode = False
-        if options.mode == "cuda":
+        if self.device.type == "cuda":  # also unified memory on a CUDA device: staging copies on streams, ordered
             self.copies: CopyEngine = CudaCopyEngine(self.device)
         else:
             self.copies = ThreadCopyEngine(options.copy_delay)
@@ -194,6 +194,13 @@ class OffloadRuntime:
         control.warm_up()  # compile the bookkeeping now, not in the first decode step
         if max(self._cpu_limits) > 0:
             self._warm_cpu_kernels()
+        # the first copies into the banks and staging slots wait for what the compute stream has queued so far
+        # (the banks' memory may have been used by kernels of the loading that are still running)
+        start = self.copies.release_marker()
+        self.staging_marker = start
+        for cache in self.caches:
+            if cache is not None:
+                cache.marker = start
         self._load_static()
 
     # ------------------------------------------------------------------ set-up
@@ -229,6 +236,13 @@ class OffloadRuntime:
     def close(self) -> None:
         self.copies.synchronize()
         self.copies.close()
+
+    def __del__(self) -> None:  # pragma: no cover - interpreter shutdown order varies
+        # copies still in flight must land before the banks they write are freed
+        try:
+            self.copies.synchronize()
+        except Exception:
+            pass
 
     # ------------------------------------------------------------------ step boundaries (StepListener)
     def begin_step(self, input_ids: torch.Tensor, is_decode: bool) -> None:
@@ -294,13 +308,15 @@ class OffloadRuntime:
         For ``copy`` layers under ``"auto"``: computing (tokens x record bytes / CPU expert
         throughput) beats copying (record bytes / host link) when tokens < CPU GB/s / link GB/s.
         """
+        if self.options.mode == "unified":  # the kernels read RAM experts in place: no miss to compute
+            return 0.0
         choice = self.options.cpu_experts
         if choice is True or choice is False:
             return float("inf") if choice else 0.0
         path = self.plans[j].miss_path
         if path == "cpu":
             return float("inf")
-        if path != "copy" or self.options.mode == "unified":
+        if path != "copy":
             return 0.0
         return self.options.cpu_expert_gbps / self.options.h2d_gbps
 
@@ -487,9 +503,11 @@ class OffloadRuntime:
         part = pending.cpu
         if part is not None:  # on CUDA the GPU runs this call's kernels and the shared expert meanwhile
             cpu_out, norms = self._cpu_compute(part, work.pair_norms is not None)
-            out += cpu_out.to(out.device)
+            # from pageable memory: staged before the call returns, so the host does not wait for the GPU here
+            out += cpu_out.to(out.device, non_blocking=True)
             if norms is not None:
                 dev = out.device
-                work.pair_norms[torch.from_numpy(part.tokens).to(dev), torch.from_numpy(part.picks).to(dev)] = (
-                    torch.from_numpy(norms).to(dev))
+                work.pair_norms[torch.from_numpy(part.tokens).to(dev, non_blocking=True),
+                                torch.from_numpy(part.picks).to(dev, non_blocking=True)] = (
+                    torch.from_numpy(norms).to(dev, non_blocking=True))
         return out.to(work.latent.dtype)

@@ -2,14 +2,16 @@
 
 Two engines with one interface:
 
-- :class:`CudaCopyEngine`: a dedicated high-priority stream for demand misses and a low-priority
-  stream for look-ahead prefetches, so demand copies never queue behind guesses. Each copy first
+- :class:`CudaCopyEngine`: one stream for demand misses and another for look-ahead prefetches and
+  background fills, so a demand copy never waits in a stream behind queued guesses (stream
+  priorities order kernels, not DMA: the two streams' copies may run at once and share the host
+  link, and within the prefetch stream copies land in issue order). Each copy first
   waits for the event that marks the last kernel reading its destination slot (a slot is only
   overwritten once the compute stream is done with its previous expert), then records an event
   when it lands. The compute stream waits on that event before the kernel that reads the slot:
   no host synchronisation.
-- :class:`ThreadCopyEngine`: for the ``cpu`` device, a real background thread that performs the
-  copies from a priority queue (demand before prefetch, FIFO within each), so the ordering
+- :class:`ThreadCopyEngine`: for the ``cpu`` device (also in its unified mode), a real background
+  thread that performs the copies from a priority queue (demand before prefetch, FIFO within each), so the ordering
   guarantees are exercised on machines without a GPU. A test hook (``delay``) sleeps a random
   time before each copy.
 
@@ -87,9 +89,10 @@ class CopyEngine:
 
 
 class _CudaTicket(CopyTicket):
-    def __init__(self, nbytes: int, event: torch.cuda.Event) -> None:
+    def __init__(self, nbytes: int, event: torch.cuda.Event, device: torch.device) -> None:
         super().__init__(nbytes)
         self.event = event
+        self.device = device  # the compute stream that must wait is this device's, not the current device's
 
     def done(self) -> bool:
         return bool(self.event.query())
@@ -102,7 +105,7 @@ class _CudaTicket(CopyTicket):
         return time.perf_counter() - t0
 
     def order_before_compute(self) -> float:
-        torch.cuda.current_stream().wait_event(self.event)
+        torch.cuda.current_stream(self.device).wait_event(self.event)
         return 0.0
 
 
@@ -134,7 +137,7 @@ class CudaCopyEngine(CopyEngine):
                 dst.copy_(src, non_blocking=True)
             event = torch.cuda.Event()
             event.record(stream)
-        return _CudaTicket(sum(src.numel() * src.element_size() for _, src, _ in jobs), event)
+        return _CudaTicket(sum(src.numel() * src.element_size() for _, src, _ in jobs), event, self.device)
 
     def synchronize(self) -> None:
         for stream in self.streams.values():

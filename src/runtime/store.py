@@ -116,7 +116,8 @@ class HostExpertStore:
         for buf in self.buffers:
             if buf.numel() == 0:
                 continue
-            err = cudart.cudaHostRegister(buf.data_ptr(), buf.numel() * buf.element_size(), 0)
+            # cudaHostRegisterPortable (1): pinned for every CUDA context, not only the current device's
+            err = cudart.cudaHostRegister(buf.data_ptr(), buf.numel() * buf.element_size(), 1)
             code = int(err.value) if hasattr(err, "value") else int(err)
             if code != 0:
                 self.unpin()

@@ -93,15 +93,19 @@ def test_offloaded_equals_resident(case, size, cpu, prefetch):
         model.runtime.close()
 
 
-def test_unified_mode_reads_the_store_in_place_and_equals_resident(case):
+@pytest.mark.parametrize("cpu_experts", ["auto", True])
+def test_unified_mode_reads_the_store_in_place_and_equals_resident(case, cpu_experts):
+    """cpu_experts=True changes nothing on unified memory: RAM experts are read in place, disk experts staged."""
     folder, resident, ids, logits, tokens = case
-    model = load(folder, budgets(resident.config)["half"], runtime_options={"mode": "unified"})
+    model = load(folder, budgets(resident.config)["half"], cpu_experts=cpu_experts, runtime_options={"mode": "unified"})
     try:
+        assert max(model.runtime._cpu_limits) == 0.0
         assert model.runtime.options.mode == "unified"
         assert rel(model(ids), logits) <= 1e-5
         assert torch.equal(model.generate(ids, max_new_tokens=NEW_TOKENS, temperature=0, stop_at_eos=False), tokens)
         experts = model.stats()["experts"]
         assert experts["misses"] > 0 and experts["disk_bytes"] > 0  # the rest is read from the checkpoint
+        assert experts["cpu_computed"] == 0
         assert all(c is None for c in model.runtime.caches)  # no second copy of RAM experts
     finally:
         model.runtime.close()
