@@ -339,10 +339,11 @@ def load_offloaded(
                                     fixed_on_device=on_device)
     need = fixed_bytes(config, dtype, embeddings_on_host=True, **fixed_args) if host_table else on_device
     if need.total > budget.bytes:
-        raise BudgetError(
-            f"vram_budget {budget.understood} cannot hold what runs besides expert slots: {need.describe()}. "
-            f"Give at least {format_bytes(need.total)}, or a smaller context= / prefill_chunk="
-        )
+        what = f"vram_budget {budget.understood} cannot hold what runs besides expert slots: {need.describe()}. "
+        error = BudgetError(what + f"Give at least {format_bytes(need.total)}, or a smaller context= / prefill_chunk=")
+        error.cli_message = (what.replace("vram_budget", "--vram-budget", 1) + f"Give --vram-budget of at least "
+                             f"{format_bytes(need.total)}, or a smaller --context / --prefill-chunk")
+        raise error
     layout = need.layout
     L, E = config.num_moe_layers, config.n_routed_experts
     fixed = need.total

@@ -111,6 +111,11 @@ class OffloadedNemotron:
         """
         path = Path(path)
         dtype = resolve_dtype(dtype)
+        for name, value in (("context", context), ("prefill_chunk", prefill_chunk)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                error = InputError(f"{name} must be a positive number of tokens, got {value!r}")
+                error.cli_message = f"--{name.replace('_', '-')} must be a positive number of tokens, got {value!r}"
+                raise error
         mode = None
         if isinstance(device, str) and device.strip().lower() == "unified":
             mode = "unified"

@@ -39,6 +39,22 @@ def test_generate_offloaded_prints_the_plan_and_telemetry(tiny_checkpoint, capsy
     assert len(telemetry) == 1 and "prefetch 0/0 used" in telemetry[0] and "device " in telemetry[0]
 
 
+def test_generate_offload_flags_context_chunk_and_embeddings(tiny_checkpoint, capsys):
+    base = ["generate", "--model", str(tiny_checkpoint), "--ids", "1,40,41", "--max-new-tokens", "4",
+            "--temperature", "0", "--vram-budget", "16MiB"]
+    assert main([*base, "--context", "512", "--prefill-chunk", "2", "--embeddings", "device"]) == 0
+    out = capsys.readouterr().out
+    assert "4 new tokens" in out and "in host memory" not in out.splitlines()[0]
+    # a budget too small names the flags that change what it must hold, in one line
+    assert main([*base[:-1], "1MiB", "--context", "512"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "for 512 tokens" in err
+    assert "--vram-budget of at least" in err and "--context / --prefill-chunk" in err and "context=" not in err
+    assert main([*base, "--context", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "residency generate: error: --context must be a positive number of " \
+        "tokens, got 0"
+
+
 def test_generate_from_ids_and_bad_folder(tiny_checkpoint, tmp_path, capsys):
     assert main(["generate", "--model", str(tiny_checkpoint), "--ids", "1,40,41", "--max-new-tokens", "4",
                  "--temperature", "0"]) == 0

@@ -76,6 +76,12 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefetch", action="store_true", help="no look-ahead copies")
     p.add_argument("--cpu-experts", choices=("auto", "always", "never"), default="auto",
                    help="compute missed experts on the CPU: where cheaper (auto), always or never")
+    p.add_argument("--context", type=int, default=None,
+                   help="offloaded: tokens of KV cache the budget keeps room for (default 8192)")
+    p.add_argument("--prefill-chunk", type=int, default=None, help="prompt tokens per forward call")
+    p.add_argument("--embeddings", choices=("auto", "host", "device"), default="auto",
+                   help="offloaded: where the embedding table lives (auto: the plan's, else host memory on a "
+                        "discrete GPU that cannot hold every expert)")
 
 
 def _report(model, prompt_ids: torch.Tensor, out: torch.Tensor, *, tokens: bool = True) -> None:
@@ -231,6 +237,8 @@ def _load(args: argparse.Namespace, config: NemotronHConfig, device: torch.devic
     return OffloadedNemotron.from_pretrained(
         args.model, device="unified" if args.device == "unified" else device, vram_budget=args.vram_budget,
         plan=plan, profile=profile, policy=args.policy, prefetch=not args.no_prefetch, cpu_experts=cpu,
+        context=args.context, prefill_chunk=args.prefill_chunk,
+        embeddings=None if args.embeddings == "auto" else args.embeddings,
     )
 
 
