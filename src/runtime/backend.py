@@ -99,6 +99,15 @@ class RuntimeOptions:
             raise ValueError("at least one staging slot is needed to serve misses that are not cached")
 
 
+def host_fp32(latent: torch.Tensor, weights: torch.Tensor, *, merged: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``latent [T, L]`` and ``weights [T, k]`` as C-contiguous fp32 host arrays; ``merged``: through one
+    device-to-host copy of both side by side (one wait on CUDA instead of two)."""
+    if not merged:
+        return latent.to("cpu", torch.float32).contiguous().numpy(), weights.to("cpu", torch.float32).numpy()
+    both = torch.cat((latent.float(), weights.float()), dim=1).cpu().numpy()
+    return np.ascontiguousarray(both[:, : latent.shape[1]]), np.ascontiguousarray(both[:, latent.shape[1]:])
+
+
 @dataclass
 class _CpuPart:
     """The CPU pairs of one layer call, read to the host in ``submit`` and computed in ``collect``."""
@@ -452,9 +461,8 @@ class OffloadRuntime:
         are queued after this, so the CPU part (computed in :meth:`collect`) overlaps them.
         """
         rows = self.store.row_of_expert[j][ids_h[tokens, picks]]  # host records only: classify copies disk experts
-        x = work.latent.detach().to("cpu", torch.float32).contiguous().numpy()
-        weights = work.weights.detach().to("cpu", torch.float32).numpy()[tokens, picks]
-        return _CpuPart(j, tokens, picks, rows, x, weights)
+        x, w = host_fp32(work.latent.detach(), work.weights.detach(), merged=work.latent.device.type != "cpu")
+        return _CpuPart(j, tokens, picks, rows, x, w[tokens, picks])
 
     def _cpu_compute(self, part: _CpuPart, want_norms: bool) -> tuple[torch.Tensor, np.ndarray | None]:
         """Weighted sum of the CPU pairs ``[T, L]`` fp32 (host), and their output norms."""

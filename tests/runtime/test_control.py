@@ -181,3 +181,14 @@ def test_split_pairs_marks_skipped_pairs_and_lists_cpu_pairs_in_row_major_order(
         expect_t, expect_p = np.nonzero(np.isin(ids, cpu))
         assert n == expect_t.size
         assert tokens[:n].tolist() == expect_t.tolist() and picks[:n].tolist() == expect_p.tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_inputs_read_in_one_copy_equal_two_copies(dtype):
+    from residency.runtime.backend import host_fp32
+
+    latent, weights = torch.randn(5, 33).to(dtype), torch.rand(5, 7)
+    x1, w1 = host_fp32(latent, weights, merged=False)
+    x2, w2 = host_fp32(latent, weights, merged=True)
+    assert np.array_equal(x1, x2) and np.array_equal(w1, w2) and x2.flags.c_contiguous and x2.dtype == np.float32
+    assert np.array_equal(x2, latent.float().numpy())
