@@ -416,24 +416,28 @@ class OffloadRuntime:
         acc = None
         if parts:
             acc = torch.empty(work.latent.shape, dtype=torch.float32, device=work.latent.device)
-        if cache is None or n_gpu:
+        written = cache is None or n_gpu > 0  # the slot-bank launch writes every row of acc
+        if written:
             acc = self._gemm(work.latent, up, down, table, work.ids, work.weights, skip, out=acc,
                              pair_norms=work.pair_norms)
             if cache is not None:
                 cache.marker = self.copies.release_marker()
         elif acc is None:
             acc = torch.zeros_like(work.latent)
-        else:
-            acc.zero_()
+        elif not staged.shape[0]:
+            acc.zero_()  # only CPU pairs: their sum is added in collect
         if staged.shape[0]:
-            self._staged(j, work, ids_h, staged, acc, counters)
+            self._staged(j, work, ids_h, staged, acc, counters, first_writes=not written)
         return _Pending(acc, cpu_part, counters)
 
     def _staged(self, j: int, work, ids_h: np.ndarray, staged: np.ndarray, acc: torch.Tensor,
-                counters: LayerCounters) -> None:
-        """Add ``staged`` experts into the fp32 ``acc``, through the staging slots, as many per round as there are."""
+                counters: LayerCounters, first_writes: bool = False) -> None:
+        """Add ``staged`` experts into the fp32 ``acc``, through the staging slots, as many per round as there are.
+
+        ``first_writes``: nothing was written into ``acc`` yet, so the first round's launch writes it directly.
+        """
         n = self.options.staging_slots
-        part = torch.empty_like(acc)
+        part = None
         codes = np.empty(ids_h.shape, dtype=np.int8)
         none = staged[:0]
         for start in range(0, staged.shape[0], n):
@@ -449,9 +453,12 @@ class OffloadRuntime:
                 self.staging_table.copy_(self._staging_table_src, non_blocking=True)
             control.mark_pairs(ids_h, chunk, none, self._scratch_pair, codes)  # this round's pairs: PAIR_CPU
             skip = torch.from_numpy(codes == control.PAIR_GPU).to(work.ids.device, non_blocking=True)
+            into = acc if first_writes and start == 0 else (part if part is not None else torch.empty_like(acc))
             self._gemm(work.latent, self.staging_up, self.staging_down, self.staging_table, work.ids,
-                       work.weights, skip, out=part, pair_norms=work.pair_norms)
-            acc += part
+                       work.weights, skip, out=into, pair_norms=work.pair_norms)
+            if into is not acc:
+                part = into
+                acc += part
             self.staging_marker = self.copies.release_marker()
 
     def _cpu_inputs(self, j: int, work, ids_h: np.ndarray, tokens: np.ndarray, picks: np.ndarray) -> _CpuPart:
