@@ -349,8 +349,11 @@ class OffloadRuntime:
             # the next MoE layer's router on this layer's hidden state, read to the host with this call's ids:
             # on CUDA one wait (for the two routers), not two
             predicted = self.routers[j + 1](work.hidden)[0]
-            both = self._ids_on_host(torch.cat((work.ids, predicted.to(work.ids.dtype)), dim=0))
-            ids_h, predicted_h = both[: work.ids.shape[0]], both[work.ids.shape[0]:]
+            if work.ids.device.type == "cpu":  # nothing to copy
+                ids_h, predicted_h = self._ids_on_host(work.ids), self._ids_on_host(predicted)
+            else:
+                both = self._ids_on_host(torch.cat((work.ids, predicted.to(work.ids.dtype)), dim=0))
+                ids_h, predicted_h = both[: work.ids.shape[0]], both[work.ids.shape[0]:]
         else:
             ids_h = self._ids_on_host(work.ids)
         order, tokens = self._distinct(ids_h, self._order, self._tokens)
