@@ -290,12 +290,17 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
     result = {"environment": environment(), "warmup": args.warmup, "repeats": args.repeats, "floors": floors,
               "rows": rows, "targets": targets(rows)}  # fmt: skip
-    json_path, md_path = Path(args.out + ".json"), Path(args.out + ".md")
+    write_report(args.out, result, markdown(result))
+    return 0
+
+
+def write_report(out: str, result: dict, text: str) -> None:
+    """``OUT.json`` (raw numbers) and ``OUT.md`` (tables)."""
+    json_path, md_path = Path(out + ".json"), Path(out + ".md")
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=2) + "\n")
-    md_path.write_text(markdown(result))
+    md_path.write_text(text)
     print(f"wrote {json_path} and {md_path}")
-    return 0
 
 
 if __name__ == "__main__":

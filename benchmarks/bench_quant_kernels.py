@@ -21,14 +21,11 @@ activations in and out. Target (issue 11): at least 70 % of the copy bandwidth a
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
-from pathlib import Path
 
 import torch
-from _machine import git_commit
-from bench_kernels import SUPER, copy_bandwidth, cuda_time, relative_error
+from bench_kernels import SUPER, copy_bandwidth, cuda_time, environment, relative_error, write_report
 from residency.kernels import moe_gather_gemm, route
 from residency.kernels.moe.quant_formats import ExpertRecordLayout, QuantSpec
 from residency.kernels.moe.quant_gather_gemm import moe_gather_gemm_quant
@@ -149,24 +146,15 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_quant_kernels.py needs a CUDA GPU and found none (torch.cuda.is_available() is False); "
               "nothing was measured.", file=sys.stderr)
         return 2
-    import triton
-
     generator = torch.Generator(device="cuda").manual_seed(args.seed)
     floors = {"copy_gb_per_s": copy_bandwidth(args.warmup, args.repeats)}
     token_counts = [int(t) for t in args.tokens.split(",")]
     rows = []
     for name in args.formats.split(","):
         rows += bench_format(name, FORMATS[name], token_counts, floors, generator, args)
-    env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "cuda": torch.version.cuda, "commit": git_commit(),
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "shapes": SUPER}
-    result = {"environment": env, "warmup": args.warmup, "repeats": args.repeats, "floors": floors, "rows": rows,
-              "targets": targets(rows)}
-    json_path, md_path = Path(args.out + ".json"), Path(args.out + ".md")
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
-    md_path.write_text(markdown(result))
-    print(f"wrote {json_path} and {md_path}")
+    result = {"environment": environment(), "warmup": args.warmup, "repeats": args.repeats, "floors": floors,
+              "rows": rows, "targets": targets(rows)}
+    write_report(args.out, result, markdown(result))
     return 0
 
 

@@ -153,3 +153,25 @@ def write_tiny_checkpoint(
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     return folder
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``||actual - expected|| / ||expected||`` (Frobenius norms, in fp32): how the tests compare logits."""
+    actual, expected = actual.float(), expected.float()
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+def offloaded_on_cpu(folder: str | Path, budget_bytes: int, *, context: int, **kwargs: Any) -> Any:
+    """An offloaded model on the ``cpu`` device under ``budget_bytes``, with every launch verified.
+
+    The ``cpu`` device runs the offload runtime without a GPU (slots are CPU tensors under the
+    budget, copies run on a background thread) and ``verify`` checks before each launch that every
+    slot read holds its expert, has landed and is what the kernel's table says: how the test suite
+    exercises the runtime. ``runtime_options`` in ``kwargs`` are added to ``{"verify": True}``;
+    the rest go to :meth:`residency.OffloadedNemotron.from_pretrained` (quiet).
+    """
+    from .offloaded import OffloadedNemotron
+
+    options = {"verify": True, **kwargs.pop("runtime_options", {})}
+    return OffloadedNemotron.from_pretrained(folder, device="cpu", vram_budget=f"{budget_bytes}B", context=context,
+                                             quiet=True, runtime_options=options, **kwargs)

@@ -17,7 +17,7 @@ from residency.errors import InputError
 from residency.model.modeling import HostEmbedding
 from residency.offload import embeddings_on_host, fixed_bytes
 from residency.planning.plan import Plan, plan_residency
-from residency.testing import tiny_config, write_tiny_checkpoint
+from residency.testing import offloaded_on_cpu, relative_error, tiny_config, write_tiny_checkpoint
 
 TINY = dict(moe_intermediate_size=128, moe_latent_size=64)
 CONTEXT = 256
@@ -36,13 +36,10 @@ def case(tmp_path_factory):
 
 
 def load(folder, budget, **kwargs):
-    options = kwargs.pop("runtime_options", {})
-    return OffloadedNemotron.from_pretrained(folder, device="cpu", vram_budget=f"{budget}B", context=CONTEXT,
-                                             quiet=True, runtime_options={"verify": True, **options}, **kwargs)
+    return offloaded_on_cpu(folder, budget, context=CONTEXT, **kwargs)
 
 
-def rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
+rel = relative_error
 
 
 def table_bytes(config) -> int:

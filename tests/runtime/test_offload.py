@@ -16,7 +16,7 @@ import torch
 from residency import OffloadedNemotron
 from residency.errors import BudgetError
 from residency.offload import fixed_bytes
-from residency.testing import write_tiny_checkpoint
+from residency.testing import offloaded_on_cpu, relative_error, write_tiny_checkpoint
 
 CONFIGS = {
     "tiny": dict(moe_intermediate_size=128, moe_latent_size=64),
@@ -49,13 +49,10 @@ def budgets(config):
 
 
 def load(folder, budget, **kwargs):
-    options = kwargs.pop("runtime_options", {})
-    return OffloadedNemotron.from_pretrained(folder, device="cpu", vram_budget=f"{budget}B", context=CONTEXT,
-                                             quiet=True, runtime_options={"verify": True, **options}, **kwargs)
+    return offloaded_on_cpu(folder, budget, context=CONTEXT, **kwargs)
 
 
-def rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
+rel = relative_error
 
 
 @pytest.mark.parametrize("size", ["smallest", "few", "half", "all"])
