@@ -200,6 +200,7 @@ class OffloadRuntime:
         self._scratch_slot = np.full(E, -1, dtype=np.int64)
         self._scratch_pair = np.zeros(E, dtype=np.int8)
         self._store_views = [(store.up(j), store.down(j)) for j in range(store.num_layers)]  # up / down of each layer
+        self._cpu_prepared: list = [None] * store.num_layers  # the CPU kernels' checked view of each layer's store
         control.warm_up()  # compile the bookkeeping now, not in the first decode step
         if max(self._cpu_limits) > 0:
             self._warm_cpu_kernels()
@@ -474,21 +475,35 @@ class OffloadRuntime:
         x, w = host_fp32(work.latent.detach(), work.weights.detach(), merged=work.latent.device.type != "cpu")
         return _CpuPart(j, tokens, picks, rows, x, w[tokens, picks])
 
-    def _cpu_compute(self, part: _CpuPart, want_norms: bool) -> tuple[torch.Tensor, np.ndarray | None]:
-        """Weighted sum of the CPU pairs ``[T, L]`` fp32 (host), and their output norms."""
-        out = torch.zeros(part.x.shape, dtype=torch.float32)
+    def _cpu_compute(self, part: _CpuPart, want_norms: bool,
+                     into: np.ndarray | None = None) -> tuple[torch.Tensor | None, np.ndarray | None]:
+        """Weighted sum of the CPU pairs ``[T, L]`` fp32 (host), and their output norms.
+
+        ``into``: a host fp32 ``[T, L]`` array the sum is added to in place (then None is returned for it).
+        """
+        out = torch.zeros(part.x.shape, dtype=torch.float32) if into is None else None
+        target = out.numpy() if into is None else into
         norms = np.full(part.tokens.size, np.nan, dtype=np.float32) if want_norms else None
         j = part.layer
+        prepared = self._cpu_prepared[j]
+        if prepared is None:  # checked once per layer: the store's buffers never change
+            if self.layout.quantized:
+                from .cpu_quant import prepare_records
+
+                prepared = prepare_records(self.layout, self.store.buffers[j])
+            else:
+                from .cpu_experts import prepare_banks
+
+                prepared = prepare_banks(*self._store_views[j])
+            self._cpu_prepared[j] = prepared
         if self.layout.quantized:
-            from .cpu_quant import cpu_moe_quant
+            from .cpu_quant import cpu_moe_quant_prepared
 
-            cpu_moe_quant(part.x, self.layout, self.store.buffers[j], part.tokens, part.rows, part.weights,
-                          out.numpy(), norms)
+            cpu_moe_quant_prepared(prepared, part.x, part.tokens, part.rows, part.weights, target, norms)
         else:
-            from .cpu_experts import cpu_moe
+            from .cpu_experts import cpu_moe_prepared
 
-            cpu_moe(part.x, *self._store_views[j], part.tokens, part.rows, part.weights, out.numpy(),
-                    norms)
+            cpu_moe_prepared(prepared, part.x, part.tokens, part.rows, part.weights, target, norms)
         return out, norms
 
     def _looks_ahead(self, j: int) -> bool:
@@ -520,9 +535,12 @@ class OffloadRuntime:
         out = pending.out
         part = pending.cpu
         if part is not None:  # on CUDA the GPU runs this call's kernels and the shared expert meanwhile
-            cpu_out, norms = self._cpu_compute(part, work.pair_norms is not None)
-            # from pageable memory: staged before the call returns, so the host does not wait for the GPU here
-            out += cpu_out.to(out.device, non_blocking=True)
+            if out.device.type == "cpu":  # the cpu device: added straight into the fp32 sum of the parts
+                _, norms = self._cpu_compute(part, work.pair_norms is not None, into=out.numpy())
+            else:
+                cpu_out, norms = self._cpu_compute(part, work.pair_norms is not None)
+                # from pageable memory: staged before the call returns, so the host does not wait for the GPU here
+                out += cpu_out.to(out.device, non_blocking=True)
             if norms is not None:
                 dev = out.device
                 work.pair_norms[torch.from_numpy(part.tokens).to(dev, non_blocking=True),

@@ -38,6 +38,7 @@ so the plain loop stays; re-measure before changing it.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numba
@@ -51,6 +52,9 @@ __all__ = [
     "LANES",
     "bank_view",
     "cpu_moe",
+    "cpu_moe_prepared",
+    "prepare_banks",
+    "PreparedBanks",
     "cpu_moe_reference",
     "measure_throughput",
     "random_bf16_bits",
@@ -360,12 +364,71 @@ def cpu_moe(x: Any, up_bank: Any, down_bank: Any, pairs_token: Any, pairs_expert
                              f"got {norms.shape} {norms.dtype}")
     if len(tokens) == 0:
         return out
+    cpu_moe_prepared(_prepared(up, down), x, tokens, experts, weights, out, norms)
+    return out
+
+
+@dataclass(frozen=True)
+class PreparedBanks:
+    """One layer's validated up / down banks as the kernel reads them (:func:`prepare_banks`)."""
+
+    up: np.ndarray  # read-only 1-D span of the up bank
+    up_expert_stride: int
+    up_row_stride: int
+    down: np.ndarray
+    down_expert_stride: int
+    down_row_stride: int
+    num_experts: int
+    inter: int
+    latent: int
+    up_rows_per_task: int
+    down_rows_per_task: int
+
+
+def _prepared(up: np.ndarray, down: np.ndarray) -> PreparedBanks:
+    inter, latent = up.shape[1], up.shape[2]
     (up_flat, up_e, up_i), (down_flat, down_e, down_l) = _span(up), _span(down)
+    return PreparedBanks(up_flat, up_e, up_i, down_flat, down_e, down_l, up.shape[0], inter, latent,
+                         _rows_per_task(latent * up.itemsize, inter), _rows_per_task(inter * down.itemsize, latent))
+
+
+def prepare_banks(up_bank: Any, down_bank: Any) -> PreparedBanks:
+    """Check ``up_bank [E, I, L]`` / ``down_bank [E, L, I]`` once (as :func:`cpu_moe` does every call) for
+    repeated :func:`cpu_moe_prepared` calls: a store's buffers never change, and the checks cost about
+    30 µs a call."""
+    up = _check_bank(up_bank, "up_bank", (None, None, None))
+    down = _check_bank(down_bank, "down_bank", (up.shape[0], up.shape[2], up.shape[1]))
+    if up.dtype != down.dtype:
+        raise ValueError(f"up_bank and down_bank must have the same dtype, got {up.dtype} and {down.dtype}")
+    return _prepared(up, down)
+
+
+def cpu_moe_prepared(banks: PreparedBanks, x: np.ndarray, pairs_token: np.ndarray, pairs_expert: np.ndarray,
+                     pairs_weight: np.ndarray, out: np.ndarray, pair_norms: np.ndarray | None = None) -> None:
+    """:func:`cpu_moe` on prepared banks, for a caller that built its inputs itself (the offload runtime).
+
+    Only cheap checks run: ``x`` / ``out`` C-contiguous float32 ``[T, latent]``, the pair arrays
+    int64 / int64 / float32 of one length. Token and expert indices are *not* range-checked: the
+    caller guarantees ``0 <= token < T`` and ``0 <= expert < num_experts``.
+    """
+    if x.dtype != np.float32 or not x.flags.c_contiguous or x.ndim != 2 or x.shape[1] != banks.latent \
+            or out.shape != x.shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"x and out must be C-contiguous float32 [tokens, {banks.latent}] arrays, got {x.shape} "
+                         f"{x.dtype} and {out.shape} {out.dtype}")
+    n = pairs_token.shape[0]
+    if pairs_token.dtype != np.int64 or pairs_expert.dtype != np.int64 or pairs_weight.dtype != np.float32 \
+            or pairs_expert.shape[0] != n or pairs_weight.shape[0] != n:
+        raise ValueError("pairs must be int64 tokens, int64 experts and float32 weights of one length")
+    if n == 0:
+        return
+    norms = np.empty(0, np.float32) if pair_norms is None else pair_norms
     x = x.view()
     x.flags.writeable = False
-    _cpu_moe_kernel(x, up_flat, up_e, up_i, down_flat, down_e, down_l, inter, tokens, experts, weights, out, norms,
-                    _rows_per_task(latent * up.itemsize, inter), _rows_per_task(inter * down.itemsize, latent))
-    return out
+    _cpu_moe_kernel(x, banks.up, banks.up_expert_stride, banks.up_row_stride, banks.down, banks.down_expert_stride,
+                    banks.down_row_stride, banks.inter, pairs_token, pairs_expert, pairs_weight, out, norms,
+                    banks.up_rows_per_task, banks.down_rows_per_task)
+
+
 
 
 def _upcast(bank: np.ndarray) -> torch.Tensor:

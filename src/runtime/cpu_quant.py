@@ -67,6 +67,7 @@ dots 16-20 G weights/s from cache), the BF16 one memory-bound, so they gain more
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import llvmlite.binding as llvm_binding
@@ -82,7 +83,8 @@ from ..kernels.moe.quant_formats import E2M1_VALUES, ExpertRecordLayout
 # the float CPU kernel's fixed-order 16-lane fp32 dot product, run grouping, token sum and input reading
 from .cpu_experts import LANES, _add_pairs_by_token, _as_array, _group_starts, _row_dot
 
-__all__ = ["cpu_moe_quant", "cpu_moe_quant_reference", "code_tables", "measure_quant_throughput"]
+__all__ = ["cpu_moe_quant", "cpu_moe_quant_prepared", "prepare_records", "PreparedRecords", "cpu_moe_quant_reference",
+           "code_tables", "measure_quant_throughput"]
 
 _FORMAT_ID = {"nvfp4": 0, "fp8": 1, "w4a16": 2}
 _NVFP4, _FP8, _W4A16 = 0, 1, 2
@@ -806,22 +808,84 @@ def cpu_moe_quant(x: Any, layout: ExpertRecordLayout, records: Any, pairs_token:
             raise ValueError(f"pair_norms must be a contiguous float32 [{len(tokens)}] array")
     if len(tokens) == 0:
         return out
+    cpu_moe_quant_prepared(_prepare(layout, bank), x, tokens, recs, weights, out, norms)
+    return out
+
+
+@dataclass(frozen=True)
+class PreparedRecords:
+    """One layer's quantized records with everything the kernel needs besides the pairs (:func:`prepare_records`)."""
+
+    layout: ExpertRecordLayout
+    flat: np.ndarray
+    words: np.ndarray
+    floats: np.ndarray
+    halves: np.ndarray
+    num_records: int
+    fmt: int
+    scale_bits: int
+    tables: tuple[np.ndarray, np.ndarray, np.ndarray]
+    up_params: np.ndarray
+    down_params: np.ndarray
+    rows_up: int
+    rows_down: int
+    x_scale: np.float32
+
+
+def _prepare(layout: ExpertRecordLayout, bank: np.ndarray) -> PreparedRecords:
     spec = layout.spec
     fmt = _FORMAT_ID[spec.format]
     flat = bank.reshape(-1)
-    words = flat.view(np.int32)
-    floats = flat.view(np.float32)
-    halves = flat.view(np.uint16)
-    scale_bits = 32 if spec.format != "w4a16" or spec.scale_dtype == torch.float32 else 16
-    e2m1, e4m3, t16 = _tables(spec.scale_dtype if spec.format == "w4a16" else torch.float32)
     inter, latent = layout.inner, layout.width
-    rows_up = max(1, min(inter, _TASK_BYTES // max(1, layout.record_bytes // (2 * inter))))
-    rows_down = max(1, min(latent, _TASK_BYTES // max(1, layout.record_bytes // (2 * latent))))
-    x_scale = np.float32({_NVFP4: 1.0 / _E2M1_SHIFT, _FP8: 1.0 / _E4M3_SHIFT, _W4A16: 1.0}[fmt])
-    _cpu_moe_quant_kernel(x, flat, words, floats, halves, layout.record_bytes, _FORMAT_TAGS[fmt], fmt, inter,
-                          _projection_params(layout, "up"), _projection_params(layout, "down"), spec.symmetric,
-                          scale_bits, e2m1, e4m3, t16, tokens, recs, weights, out, norms, rows_up, rows_down, x_scale)
-    return out
+    return PreparedRecords(
+        layout, flat, flat.view(np.int32), flat.view(np.float32), flat.view(np.uint16), bank.shape[0], fmt,
+        32 if spec.format != "w4a16" or spec.scale_dtype == torch.float32 else 16,
+        _tables(spec.scale_dtype if spec.format == "w4a16" else torch.float32),
+        _projection_params(layout, "up"), _projection_params(layout, "down"),
+        max(1, min(inter, _TASK_BYTES // max(1, layout.record_bytes // (2 * inter)))),
+        max(1, min(latent, _TASK_BYTES // max(1, layout.record_bytes // (2 * latent)))),
+        np.float32({_NVFP4: 1.0 / _E2M1_SHIFT, _FP8: 1.0 / _E4M3_SHIFT, _W4A16: 1.0}[fmt]))
+
+
+def prepare_records(layout: ExpertRecordLayout, records: Any) -> PreparedRecords:
+    """Check a layer's records once (as :func:`cpu_moe_quant` does every call) and derive the kernel's
+    constants, for repeated :func:`cpu_moe_quant_prepared` calls: a store's buffers never change, and
+    the checks and set-up cost about 25 µs a call."""
+    bank = _as_array(records, "records")
+    if bank.ndim != 2 or bank.dtype != np.uint8 or bank.shape[1] != layout.record_bytes or not bank.flags.c_contiguous:
+        raise ValueError(f"records must be a C-contiguous [records, {layout.record_bytes}] uint8 array, got "
+                         f"{bank.shape} {bank.dtype}")
+    if bank.ctypes.data % 16:
+        raise ValueError("records must start at a 16-byte aligned address (the runtime's buffers are)")
+    return _prepare(layout, bank)
+
+
+def cpu_moe_quant_prepared(records: PreparedRecords, x: np.ndarray, pairs_token: np.ndarray,
+                           pairs_record: np.ndarray, pairs_weight: np.ndarray, out: np.ndarray,
+                           pair_norms: np.ndarray | None = None) -> None:
+    """:func:`cpu_moe_quant` on prepared records, for a caller that built its inputs itself (the runtime).
+
+    Only cheap checks run (``x`` / ``out`` C-contiguous float32 ``[T, width]``, pair arrays int64 /
+    int64 / float32 of one length); indices are *not* range-checked: the caller guarantees
+    ``0 <= token < T`` and ``0 <= record < num_records``.
+    """
+    r = records
+    if x.dtype != np.float32 or not x.flags.c_contiguous or x.ndim != 2 or x.shape[1] != r.layout.width \
+            or out.shape != x.shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"x and out must be C-contiguous float32 [tokens, {r.layout.width}] arrays, got {x.shape} "
+                         f"{x.dtype} and {out.shape} {out.dtype}")
+    n = pairs_token.shape[0]
+    if pairs_token.dtype != np.int64 or pairs_record.dtype != np.int64 or pairs_weight.dtype != np.float32 \
+            or pairs_record.shape[0] != n or pairs_weight.shape[0] != n:
+        raise ValueError("pairs must be int64 tokens, int64 records and float32 weights of one length")
+    if n == 0:
+        return
+    norms = np.empty(0, np.float32) if pair_norms is None else pair_norms
+    e2m1, e4m3, t16 = r.tables
+    _cpu_moe_quant_kernel(x, r.flat, r.words, r.floats, r.halves, r.layout.record_bytes, _FORMAT_TAGS[r.fmt], r.fmt,
+                          r.layout.inner, r.up_params, r.down_params, r.layout.spec.symmetric, r.scale_bits, e2m1,
+                          e4m3, t16, pairs_token, pairs_record, pairs_weight, out, norms, r.rows_up, r.rows_down,
+                          r.x_scale)
 
 
 def cpu_moe_quant_reference(x: Any, layout: ExpertRecordLayout, records: Any, pairs_token: Any, pairs_record: Any,
