@@ -214,3 +214,26 @@ def test_benchmark_runs_small_and_prints_the_summary_line(load_benchmark, tmp_pa
     quantized = json.loads(report)["quantized"]
     assert [q["format"] for q in quantized] == ["nvfp4", "fp8", "w4a16"] and all(q["gbps"] > 0 for q in quantized)
     assert "| nvfp4 | 3 |" in (tmp_path / "cpu_experts.md").read_text()
+
+
+def test_prepared_banks_give_the_same_result_and_refuse_bad_inputs():
+    from residency.runtime.cpu_experts import cpu_moe, cpu_moe_prepared, prepare_banks
+
+    gen = torch.Generator().manual_seed(3)
+    up = torch.randn(6, 40, 24, generator=gen).to(torch.bfloat16)
+    down = torch.randn(6, 24, 40, generator=gen).to(torch.bfloat16)
+    x = torch.randn(3, 24, generator=gen).numpy()
+    tokens, experts = np.array([0, 2, 2, 1], np.int64), np.array([5, 0, 3, 5], np.int64)
+    weights = np.array([0.4, 0.3, 0.2, 0.1], np.float32)
+    expected, got = np.full_like(x, 0.5), np.full_like(x, 0.5)
+    norms_a, norms_b = np.full(4, np.nan, np.float32), np.full(4, np.nan, np.float32)
+    cpu_moe(x, up, down, tokens, experts, weights, expected, norms_a)
+    banks = prepare_banks(up, down)
+    cpu_moe_prepared(banks, x, tokens, experts, weights, got, norms_b)
+    assert np.array_equal(got, expected) and np.array_equal(norms_a, norms_b)
+    with pytest.raises(ValueError, match="C-contiguous float32"):
+        cpu_moe_prepared(banks, x[:, :20].copy(), tokens, experts, weights, got)
+    with pytest.raises(ValueError, match="int64 tokens"):
+        cpu_moe_prepared(banks, x, tokens.astype(np.int32), experts, weights, got)
+    with pytest.raises(ValueError, match="same dtype"):
+        prepare_banks(up, down.float())

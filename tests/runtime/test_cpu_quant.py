@@ -360,3 +360,31 @@ def test_kernels_compiled_for_a_cpu_without_avx512_match_the_reference(tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
     errors = json.loads(run.stdout.strip().splitlines()[-1])
     assert set(errors) == {"nvfp4", "fp8", "w4a16"} and max(errors.values()) <= 1e-5, errors
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "fp8"])
+def test_prepared_records_give_the_same_result_and_refuse_bad_inputs(fmt):
+    from residency.runtime.cpu_quant import cpu_moe_quant_prepared, prepare_records
+
+    layout = ExpertRecordLayout(QuantSpec(fmt), 48, 64)
+    rng = np.random.default_rng(1)
+    bank = rng.integers(0, 256, (3, layout.record_bytes), dtype=np.uint8)
+    for proj in ("up", "down"):
+        w = layout.projection(torch.from_numpy(bank), proj)
+        if fmt == "nvfp4":
+            w.scale.view(torch.uint8).copy_(torch.randint(0x20, 0x40, tuple(w.scale.shape), dtype=torch.uint8))
+        else:
+            w.data.view(torch.uint8).bitwise_and_(0x77)
+        w.scale2.fill_(1 / 32)
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    tokens, recs = np.array([0, 1, 1], np.int64), np.array([2, 0, 2], np.int64)
+    weights = np.array([0.5, 0.3, 0.2], np.float32)
+    expected, got = np.zeros_like(x), np.zeros_like(x)
+    cpu_moe_quant(x, layout, bank, tokens, recs, weights, expected)
+    records = prepare_records(layout, bank)
+    cpu_moe_quant_prepared(records, x, tokens, recs, weights, got)
+    assert np.array_equal(got, expected) and np.abs(expected).max() > 0
+    with pytest.raises(ValueError, match="int64 tokens"):
+        cpu_moe_quant_prepared(records, x, tokens, recs, weights.astype(np.float64), got)
+    with pytest.raises(ValueError, match="uint8"):
+        prepare_records(layout, bank[:, :-16].copy())
