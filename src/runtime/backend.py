@@ -390,10 +390,9 @@ class OffloadRuntime:
             if n_back:  # host records only: the CPU computes no disk expert
                 self._issue(j, cache, out[control.BACK_SLOT, :n_back].copy(), out[control.BACK_EXPERT, :n_back],
                             out[control.BACK_ROW, :n_back].copy(), 0, back_job, PREFETCH, counters)
-            staged = out[control.STAGED, :n_staged].copy()
-            cpu = out[control.CPU, :n_cpu].copy()
-            gpu_slots = out[control.GPU_SLOT, :n_gpu].copy()
-            gpu_experts = out[control.GPU_EXPERT, :n_gpu]
+            # views of the workspace: used within this call only (the look-ahead has its own workspace)
+            staged, cpu = out[control.STAGED, :n_staged], out[control.CPU, :n_cpu]
+            gpu_slots, gpu_experts = out[control.GPU_SLOT, :n_gpu], out[control.GPU_EXPERT, :n_gpu]
             wait_jobs = out[control.WAIT_JOB, :n_wait].tolist() if n_wait else None
         counters.cpu_computed += int(cpu.shape[0])
         if predicted_h is not None:  # issued before this call's kernels are queued: the copies start earlier

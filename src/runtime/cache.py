@@ -127,14 +127,7 @@ class SlotCache:
             # from pageable memory: the source is staged before the call returns, so it may change after
             self.table.copy_(self._table_src, non_blocking=True)
 
-    def slot_of(self, expert: int) -> int:
-        s = self.policy.lookup(expert)
-        return -1 if s is None else s
-
     # ------------------------------------------------------------------ checks
-    def inflight_experts(self) -> np.ndarray:
-        return self.state[control.EXPERT, self.state[control.JOB] >= 0]
-
     def check_resident(self, slots: Sequence[int], experts: Sequence[int]) -> None:
         """Raise if a slot about to be computed has not landed or holds another expert (a broken promise).
 
