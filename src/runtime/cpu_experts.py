@@ -403,6 +403,24 @@ def prepare_banks(up_bank: Any, down_bank: Any) -> PreparedBanks:
     return _prepared(up, down)
 
 
+def check_prepared_call(x: np.ndarray, out: np.ndarray, width: int, pairs_token: np.ndarray, pairs_row: np.ndarray,
+                        pairs_weight: np.ndarray, pair_norms: np.ndarray | None) -> np.ndarray | None:
+    """The cheap checks of a prepared CPU expert call (float and quantized): ``x`` / ``out`` C-contiguous
+    float32 ``[T, width]``, pairs int64 / int64 / float32 of one length. Returns the norms array the
+    kernels take (empty when not wanted), or None when there is no pair to compute."""
+    if x.dtype != np.float32 or not x.flags.c_contiguous or x.ndim != 2 or x.shape[1] != width \
+            or out.shape != x.shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"x and out must be C-contiguous float32 [tokens, {width}] arrays, got {x.shape} "
+                         f"{x.dtype} and {out.shape} {out.dtype}")
+    n = pairs_token.shape[0]
+    if pairs_token.dtype != np.int64 or pairs_row.dtype != np.int64 or pairs_weight.dtype != np.float32 \
+            or pairs_row.shape[0] != n or pairs_weight.shape[0] != n:
+        raise ValueError("pairs must be int64 tokens, int64 experts (or records) and float32 weights of one length")
+    if n == 0:
+        return None
+    return np.empty(0, np.float32) if pair_norms is None else pair_norms
+
+
 def cpu_moe_prepared(banks: PreparedBanks, x: np.ndarray, pairs_token: np.ndarray, pairs_expert: np.ndarray,
                      pairs_weight: np.ndarray, out: np.ndarray, pair_norms: np.ndarray | None = None) -> None:
     """:func:`cpu_moe` on prepared banks, for a caller that built its inputs itself (the offload runtime).
@@ -411,17 +429,9 @@ def cpu_moe_prepared(banks: PreparedBanks, x: np.ndarray, pairs_token: np.ndarra
     int64 / int64 / float32 of one length. Token and expert indices are *not* range-checked: the
     caller guarantees ``0 <= token < T`` and ``0 <= expert < num_experts``.
     """
-    if x.dtype != np.float32 or not x.flags.c_contiguous or x.ndim != 2 or x.shape[1] != banks.latent \
-            or out.shape != x.shape or out.dtype != np.float32 or not out.flags.c_contiguous:
-        raise ValueError(f"x and out must be C-contiguous float32 [tokens, {banks.latent}] arrays, got {x.shape} "
-                         f"{x.dtype} and {out.shape} {out.dtype}")
-    n = pairs_token.shape[0]
-    if pairs_token.dtype != np.int64 or pairs_expert.dtype != np.int64 or pairs_weight.dtype != np.float32 \
-            or pairs_expert.shape[0] != n or pairs_weight.shape[0] != n:
-        raise ValueError("pairs must be int64 tokens, int64 experts and float32 weights of one length")
-    if n == 0:
+    norms = check_prepared_call(x, out, banks.latent, pairs_token, pairs_expert, pairs_weight, pair_norms)
+    if norms is None:
         return
-    norms = np.empty(0, np.float32) if pair_norms is None else pair_norms
     x = x.view()
     x.flags.writeable = False
     _cpu_moe_kernel(x, banks.up, banks.up_expert_stride, banks.up_row_stride, banks.down, banks.down_expert_stride,

@@ -81,7 +81,7 @@ from numba.extending import intrinsic, overload
 from ..kernels.moe.quant_formats import E2M1_VALUES, ExpertRecordLayout
 
 # the float CPU kernel's fixed-order 16-lane fp32 dot product, run grouping, token sum and input reading
-from .cpu_experts import LANES, _add_pairs_by_token, _as_array, _group_starts, _row_dot
+from .cpu_experts import LANES, _add_pairs_by_token, _as_array, _group_starts, _row_dot, check_prepared_call
 
 __all__ = ["cpu_moe_quant", "cpu_moe_quant_prepared", "prepare_records", "PreparedRecords", "cpu_moe_quant_reference",
            "code_tables", "measure_quant_throughput"]
@@ -870,17 +870,9 @@ def cpu_moe_quant_prepared(records: PreparedRecords, x: np.ndarray, pairs_token:
     ``0 <= token < T`` and ``0 <= record < num_records``.
     """
     r = records
-    if x.dtype != np.float32 or not x.flags.c_contiguous or x.ndim != 2 or x.shape[1] != r.layout.width \
-            or out.shape != x.shape or out.dtype != np.float32 or not out.flags.c_contiguous:
-        raise ValueError(f"x and out must be C-contiguous float32 [tokens, {r.layout.width}] arrays, got {x.shape} "
-                         f"{x.dtype} and {out.shape} {out.dtype}")
-    n = pairs_token.shape[0]
-    if pairs_token.dtype != np.int64 or pairs_record.dtype != np.int64 or pairs_weight.dtype != np.float32 \
-            or pairs_record.shape[0] != n or pairs_weight.shape[0] != n:
-        raise ValueError("pairs must be int64 tokens, int64 records and float32 weights of one length")
-    if n == 0:
+    norms = check_prepared_call(x, out, r.layout.width, pairs_token, pairs_record, pairs_weight, pair_norms)
+    if norms is None:
         return
-    norms = np.empty(0, np.float32) if pair_norms is None else pair_norms
     e2m1, e4m3, t16 = r.tables
     _cpu_moe_quant_kernel(x, r.flat, r.words, r.floats, r.halves, r.layout.record_bytes, _FORMAT_TAGS[r.fmt], r.fmt,
                           r.layout.inner, r.up_params, r.down_params, r.layout.spec.symmetric, r.scale_bits, e2m1,
