@@ -103,9 +103,16 @@ def host_fp32(latent: torch.Tensor, weights: torch.Tensor, *, merged: bool) -> t
     """``latent [T, L]`` and ``weights [T, k]`` as C-contiguous fp32 host arrays; ``merged``: through one
     device-to-host copy of both side by side (one wait on CUDA instead of two)."""
     if not merged:
-        return latent.to("cpu", torch.float32).contiguous().numpy(), weights.to("cpu", torch.float32).numpy()
+        return _host_view(latent), _host_view(weights)
     both = torch.cat((latent.float(), weights.float()), dim=1).cpu().numpy()
     return np.ascontiguousarray(both[:, : latent.shape[1]]), np.ascontiguousarray(both[:, latent.shape[1]:])
+
+
+def _host_view(t: torch.Tensor) -> np.ndarray:
+    """``t`` as a C-contiguous fp32 host array: a view when it is one already (the cpu device), else a copy."""
+    if t.is_cpu and t.dtype == torch.float32 and not t.requires_grad and t.is_contiguous():
+        return t.numpy()
+    return t.detach().to("cpu", torch.float32).contiguous().numpy()
 
 
 @dataclass
@@ -153,6 +160,7 @@ class OffloadRuntime:
         self.top_k = top_k
         self.device = ledger.device
         self.layout = store.layout
+        self._record_bytes = store.layout.record_bytes
         # quantized records (NVFP4 / FP8 / W4A16) are read by the quantized gather-GEMM
         self._kernel = moe_gather_gemm_quant if store.layout.quantized else None
         self.telemetry = {"prefill": Telemetry.for_layers(store.num_layers),
@@ -192,15 +200,23 @@ class OffloadRuntime:
         self._cpu_limits = [self._cpu_limit(j) for j in range(store.num_layers)]
         self._out = np.empty((control.OUT_ROWS, E + 1), dtype=np.int64)
         self._counts = np.zeros(control.N_COUNTS, dtype=np.int64)
-        self._out_pf = np.empty((control.OUT_ROWS, E + 1), dtype=np.int64)
-        self._counts_pf = np.zeros(control.N_COUNTS, dtype=np.int64)
-        self._order, self._tokens = np.empty(E, np.int64), np.empty(E, np.int64)
-        self._order_pf, self._tokens_pf = np.empty(E, np.int64), np.empty(E, np.int64)
-        self._ones = np.ones(E, dtype=np.int64)
-        self._scratch_slot = np.full(E, -1, dtype=np.int64)
         self._scratch_pair = np.zeros(E, dtype=np.int8)
+        self._work = control.new_work(E)
+        self._no_prediction = np.empty((0, 1), dtype=np.int64)  # layer_call's look-ahead input when there is none
+        self._skip_ws = np.empty(0, dtype=np.bool_)  # see _grow_pair_workspace
+        self._pairs_ws = np.empty((control.PAIR_ROWS, 0), dtype=np.int64)
+        self._on_cpu = self.device.type == "cpu"
         self._store_views = [(store.up(j), store.down(j)) for j in range(store.num_layers)]  # up / down of each layer
         self._cpu_prepared: list = [None] * store.num_layers  # the CPU kernels' checked view of each layer's store
+        # the CPU expert kernels of the store's format (imported here: their modules load numba kernels)
+        if self.layout.quantized:
+            from .cpu_quant import cpu_moe_quant_prepared
+
+            self._cpu_call = cpu_moe_quant_prepared
+        else:
+            from .cpu_experts import cpu_moe_prepared
+
+            self._cpu_call = cpu_moe_prepared
         control.warm_up()  # compile the bookkeeping now, not in the first decode step
         if max(self._cpu_limits) > 0:
             self._warm_cpu_kernels()
@@ -291,10 +307,10 @@ class OffloadRuntime:
     def _copy(self, j: int, dst: torch.Tensor, slots: np.ndarray, experts: np.ndarray, rows: np.ndarray,
               from_disk: int, priority: int, after: object | None, counters: LayerCounters | None) -> CopyTicket:
         """Copy layer ``j``'s ``experts`` (store ``rows``, -1 on disk) into rows ``slots`` of ``dst`` as one job."""
-        n = int(experts.shape[0])
         if counters is not None:
-            counters.h2d_bytes += n * self.layout.record_bytes
-            counters.disk_bytes += from_disk * self.layout.record_bytes
+            counters.h2d_bytes += experts.shape[0] * self._record_bytes
+            if from_disk:
+                counters.disk_bytes += from_disk * self._record_bytes
         if not from_disk:
             return self.copies.copy_records(dst, self.store.buffers[j], slots, rows, priority, after)
         return self.copies.copy_many([(dst[s], self._source(j, e), after)
@@ -331,15 +347,8 @@ class OffloadRuntime:
         return self.options.cpu_expert_gbps / self.options.h2d_gbps
 
     def _ids_on_host(self, ids: torch.Tensor) -> np.ndarray:
-        ids_h = ids.detach().cpu().numpy()
+        ids_h = ids.numpy() if ids.is_cpu else ids.cpu().numpy()  # integer ids carry no autograd
         return ids_h if ids_h.dtype == np.int64 and ids_h.flags.c_contiguous else np.ascontiguousarray(ids_h, np.int64)
-
-    def _distinct(self, ids_h: np.ndarray, order: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Distinct experts of ``ids_h`` in order of first appearance, and their token counts."""
-        if ids_h.shape[0] == 1:  # one token (batch-1 decode): its top-k ids are distinct already
-            return ids_h[0], self._ones[: ids_h.shape[1]]
-        n = control.distinct_in_order(ids_h, self._scratch_slot, order, tokens)
-        return order[:n], tokens[:n]
 
     # ------------------------------------------------------------------ one layer call
     def submit(self, j: int, work) -> _Pending:
@@ -350,77 +359,99 @@ class OffloadRuntime:
             # the next MoE layer's router on this layer's hidden state, read to the host with this call's ids:
             # on CUDA one wait (for the two routers), not two
             predicted = self.routers[j + 1](work.hidden)[0]
-            if work.ids.device.type == "cpu":  # nothing to copy
+            if work.ids.is_cpu:  # nothing to copy
                 ids_h, predicted_h = self._ids_on_host(work.ids), self._ids_on_host(predicted)
             else:
                 both = self._ids_on_host(torch.cat((work.ids, predicted.to(work.ids.dtype)), dim=0))
                 ids_h, predicted_h = both[: work.ids.shape[0]], both[work.ids.shape[0]:]
         else:
             ids_h = self._ids_on_host(work.ids)
-        order, tokens = self._distinct(ids_h, self._order, self._tokens)
         cache = self.caches[j]
-        n_gpu = 0
-        gpu_slots = gpu_experts = None
+        if self._skip_ws.size < ids_h.size:  # workspaces of the skip mask and the CPU pair lists
+            self._grow_pair_workspace(ids_h.size)
+        pairs = self._pairs_ws
+        n_gpu = n_pairs = 0
         if cache is None:  # unified memory: RAM experts are read in place, disk experts are staged
+            w = self._work
+            order = w[control.WORK_ORDER, :control.distinct_in_order(ids_h, w[control.WORK_SCRATCH],
+                                                                     w[control.WORK_ORDER], w[control.WORK_TOKENS])]
             staged = order[self.store.row_of_expert[j][order] < 0]
             cpu = staged[:0]
             counters.misses += int(staged.shape[0])
             counters.hits += int(order.shape[0] - staged.shape[0])
             table, up, down = self.unified_tables[j], *self._store_views[j]
+            if staged.shape[0]:
+                control.split_pairs(ids_h, cpu, staged, self._scratch_pair, self.store.row_of_expert[j],
+                                    self._skip_ws[:ids_h.size].reshape(ids_h.shape), pairs)
         else:
             table, up, down = cache.table, cache.up, cache.down
             out, counts = self._out, self._counts
             demand_job, back_job = cache.new_job(), cache.new_job()
             policy = cache.policy
-            control.classify(policy.kind, decode, order, tokens, self._cpu_limits[j], policy._I, policy._F,
-                             cache.state, self.store.row_of_expert[j], cache.table_host, demand_job, back_job,
-                             out, counts)
+            if predicted_h is not None:  # the next layer's predicted experts are admitted in the same call
+                ahead, pf_job = self.caches[j + 1], self.caches[j + 1].new_job()
+                ahead_args = (predicted_h, ahead.policy._I, ahead.policy._F, ahead.state,
+                              self.store.row_of_expert[j + 1], ahead.table_host, pf_job)
+            else:
+                ahead_args = (self._no_prediction, policy._I, policy._F, cache.state, self.store.row_of_expert[j],
+                              cache.table_host, 0)
+            # lookup, admission, the copy-or-CPU choice, slot state and table, the pair masks, the look-ahead's
+            # admission: one compiled call
+            control.layer_call(policy.kind, decode, ids_h, self._cpu_limits[j], policy._I, policy._F, cache.state,
+                               self.store.row_of_expert[j], cache.table_host, demand_job, back_job, *ahead_args,
+                               self._work, self._scratch_pair, out, counts, self._skip_ws, pairs)
             (n_gpu, n_demand, n_back, n_staged, n_cpu, n_wait, hits, misses, demand_copies, prefetch_used,
-             prefetch_wasted, from_disk) = counts.tolist()
+             prefetch_wasted, from_disk, n_pairs, n_pf, pf_wasted, pf_from_disk) = counts.tolist()
             counters.hits += hits
             counters.misses += misses
             counters.demand_copies += demand_copies
             counters.prefetch_used += prefetch_used
             counters.prefetch_wasted += prefetch_wasted
+            counters.cpu_computed += n_cpu
             if n_demand or n_back:
                 cache.mark_table_changed()
             if n_demand:  # (disk reads are counted with the demand job)
-                self._issue(j, cache, out[control.DEMAND_SLOT, :n_demand].copy(), out[control.DEMAND_EXPERT, :n_demand],
-                            out[control.DEMAND_ROW, :n_demand].copy(), from_disk, demand_job, DEMAND, counters)
+                self._issue(j, cache, out[control.DEMAND_SLOT, :n_demand], out[control.DEMAND_EXPERT, :n_demand],
+                            out[control.DEMAND_ROW, :n_demand], from_disk, demand_job, DEMAND, counters)
             if n_back:  # host records only: the CPU computes no disk expert
-                self._issue(j, cache, out[control.BACK_SLOT, :n_back].copy(), out[control.BACK_EXPERT, :n_back],
-                            out[control.BACK_ROW, :n_back].copy(), 0, back_job, PREFETCH, counters)
+                self._issue(j, cache, out[control.BACK_SLOT, :n_back], out[control.BACK_EXPERT, :n_back],
+                            out[control.BACK_ROW, :n_back], 0, back_job, PREFETCH, counters)
+            if predicted_h is not None:  # behind this call's copies, before its kernels are queued
+                ahead_counters = self.telemetry["decode"].layers[j + 1]
+                ahead_counters.prefetch_wasted += pf_wasted
+                if n_pf:
+                    ahead.mark_table_changed()
+                    self._issue(j + 1, ahead, out[control.PF_SLOT, :n_pf], out[control.PF_EXPERT, :n_pf],
+                                out[control.PF_ROW, :n_pf], pf_from_disk, pf_job, PREFETCH, ahead_counters)
+                    ahead_counters.prefetch_issued += n_pf
+                    ahead.flush_table()
             # views of the workspace: used within this call only (the look-ahead has its own workspace)
             staged, cpu = out[control.STAGED, :n_staged], out[control.CPU, :n_cpu]
-            gpu_slots, gpu_experts = out[control.GPU_SLOT, :n_gpu], out[control.GPU_EXPERT, :n_gpu]
             wait_jobs = out[control.WAIT_JOB, :n_wait].tolist() if n_wait else None
-        counters.cpu_computed += int(cpu.shape[0])
-        if predicted_h is not None:  # issued before this call's kernels are queued: the copies start earlier
-            self._prefetch(j + 1, predicted_h, self.telemetry["decode"].layers[j + 1])
 
-        skip = cpu_part = None
-        if cpu.shape[0] or staged.shape[0]:
-            skip_h = np.empty(ids_h.shape, dtype=np.bool_)
-            pair_tokens, pair_picks = np.empty(ids_h.size, np.int64), np.empty(ids_h.size, np.int64)
-            n_pairs = control.split_pairs(ids_h, cpu, staged, self._scratch_pair, skip_h, pair_tokens, pair_picks)
-            skip = torch.from_numpy(skip_h).to(work.ids.device, non_blocking=True)
+        cpu_part = None
+        # with several parts (staged rounds, the CPU) they are summed in fp32 and rounded once
+        parts = bool(staged.shape[0] or cpu.shape[0])
+        if parts:
             if n_pairs:
-                # read the CPU pairs' inputs now, before the GPU kernels below are queued behind them
-                cpu_part = self._cpu_inputs(j, work, ids_h, pair_tokens[:n_pairs], pair_picks[:n_pairs])
+                # read the CPU pairs' inputs now, before the GPU kernels below are queued behind them; on CUDA
+                # this waits for the latent projection only, so the CPU part (computed in collect) overlaps them
+                x_h, w_h = host_fp32(work.latent.detach(), work.weights.detach(), merged=not self._on_cpu)
+                listed = pairs[:control.PAIR_FLAT, :n_pairs].copy()  # the workspace is reused by the next call
+                cpu_part = _CpuPart(j, listed[control.PAIR_TOKEN], listed[control.PAIR_PICK],
+                                    listed[control.PAIR_ROW], x_h,
+                                    w_h.reshape(-1).take(pairs[control.PAIR_FLAT, :n_pairs]))
 
         if cache is not None:
             cache.flush_table()
             if wait_jobs is not None:
                 counters.stall_s += cache.wait(wait_jobs)
             if self.options.verify:
-                cache.check_resident(gpu_slots, gpu_experts)
-        # with several parts (staged rounds, the CPU) they are summed in fp32 and rounded once
-        parts = bool(staged.shape[0] or cpu.shape[0])
-        acc = None
-        if parts:
-            acc = torch.empty(work.latent.shape, dtype=torch.float32, device=work.latent.device)
+                cache.check_resident(out[control.GPU_SLOT, :n_gpu], out[control.GPU_EXPERT, :n_gpu])
+        acc = torch.empty_like(work.latent, dtype=torch.float32) if parts else None
         written = cache is None or n_gpu > 0  # the slot-bank launch writes every row of acc
         if written:
+            skip = self._to_device(self._skip_ws[:ids_h.size].reshape(ids_h.shape), work.ids.device) if parts else None
             acc = self._gemm(work.latent, up, down, table, work.ids, work.weights, skip, out=acc,
                              pair_norms=work.pair_norms)
             if cache is not None:
@@ -441,8 +472,6 @@ class OffloadRuntime:
         """
         n = self.options.staging_slots
         part = None
-        codes = np.empty(ids_h.shape, dtype=np.int8)
-        none = staged[:0]
         for start in range(0, staged.shape[0], n):
             chunk = staged[start:start + n]
             rows = self.store.row_of_expert[j][chunk]
@@ -450,12 +479,11 @@ class OffloadRuntime:
                                 int((rows < 0).sum()), DEMAND, self.staging_marker, counters)
             counters.demand_copies += int(chunk.shape[0])
             counters.stall_s += ticket.order_before_compute()
-            self.staging_table_host.fill(-1)
-            self.staging_table_host[chunk] = self._staging_rows[:chunk.shape[0]]
+            skip_h = np.empty(ids_h.shape, dtype=np.bool_)  # every pair but this round's
+            control.staging_round(ids_h, chunk, self._staging_rows, self.staging_table_host, skip_h)
             if self._staging_table_src is not None:
                 self.staging_table.copy_(self._staging_table_src, non_blocking=True)
-            control.mark_pairs(ids_h, chunk, none, self._scratch_pair, codes)  # this round's pairs: PAIR_CPU
-            skip = torch.from_numpy(codes == control.PAIR_GPU).to(work.ids.device, non_blocking=True)
+            skip = self._to_device(skip_h, work.ids.device)
             into = acc if first_writes and start == 0 else (part if part is not None else torch.empty_like(acc))
             self._gemm(work.latent, self.staging_up, self.staging_down, self.staging_table, work.ids,
                        work.weights, skip, out=into, pair_norms=work.pair_norms)
@@ -464,15 +492,16 @@ class OffloadRuntime:
                 acc += part
             self.staging_marker = self.copies.release_marker()
 
-    def _cpu_inputs(self, j: int, work, ids_h: np.ndarray, tokens: np.ndarray, picks: np.ndarray) -> _CpuPart:
-        """The host inputs of the CPU pairs ``(tokens, picks)`` of one call.
+    def _grow_pair_workspace(self, size: int) -> None:
+        """Room for ``size`` routed pairs in the skip-mask and CPU-pair workspaces (they grow to the largest call
+        seen; a call's views of them are used within the call only)."""
+        self._skip_ws = np.empty(size, dtype=np.bool_)
+        self._pairs_ws = np.empty((control.PAIR_ROWS, size), dtype=np.int64)
 
-        On CUDA reading the latent waits for the latent projection only: the call's GPU kernels
-        are queued after this, so the CPU part (computed in :meth:`collect`) overlaps them.
-        """
-        rows = self.store.row_of_expert[j][ids_h[tokens, picks]]  # host records only: classify copies disk experts
-        x, w = host_fp32(work.latent.detach(), work.weights.detach(), merged=work.latent.device.type != "cpu")
-        return _CpuPart(j, tokens, picks, rows, x, w[tokens, picks])
+    def _to_device(self, a: np.ndarray, device: torch.device) -> torch.Tensor:
+        """A small host array as a tensor on ``device`` (no copy on the cpu device)."""
+        t = torch.from_numpy(a)
+        return t if self._on_cpu else t.to(device, non_blocking=True)
 
     def _cpu_compute(self, part: _CpuPart, want_norms: bool,
                      into: np.ndarray | None = None) -> tuple[torch.Tensor | None, np.ndarray | None]:
@@ -495,14 +524,7 @@ class OffloadRuntime:
 
                 prepared = prepare_banks(*self._store_views[j])
             self._cpu_prepared[j] = prepared
-        if self.layout.quantized:
-            from .cpu_quant import cpu_moe_quant_prepared
-
-            cpu_moe_quant_prepared(prepared, part.x, part.tokens, part.rows, part.weights, target, norms)
-        else:
-            from .cpu_experts import cpu_moe_prepared
-
-            cpu_moe_prepared(prepared, part.x, part.tokens, part.rows, part.weights, target, norms)
+        self._cpu_call(prepared, part.x, part.tokens, part.rows, part.weights, target, norms)
         return out, norms
 
     def _looks_ahead(self, j: int) -> bool:
@@ -511,24 +533,6 @@ class OffloadRuntime:
             return False
         cache = self.caches[j]
         return cache is not None and cache.num_slots > len(cache.static)
-
-    def _prefetch(self, j: int, ids_h: np.ndarray, counters: LayerCounters) -> None:
-        """Admit and copy layer ``j``'s predicted experts ``ids_h [T, k]`` (host) that have no slot."""
-        cache = self.caches[j]
-        predicted, _ = self._distinct(ids_h, self._order_pf, self._tokens_pf)
-        job = cache.new_job()
-        out, counts = self._out_pf, self._counts_pf
-        policy = cache.policy
-        control.admit_predicted(policy.kind, predicted, policy._I, policy._F, cache.state, self.store.row_of_expert[j],
-                                cache.table_host, job, out, counts)
-        counters.prefetch_wasted += int(counts[control.PREFETCH_WASTED])
-        n = int(counts[control.N_DEMAND])
-        if n:
-            cache.mark_table_changed()
-            self._issue(j, cache, out[control.DEMAND_SLOT, :n].copy(), out[control.DEMAND_EXPERT, :n],
-                        out[control.DEMAND_ROW, :n].copy(), int(counts[control.N_FROM_DISK]), job, PREFETCH, counters)
-            counters.prefetch_issued += n
-            cache.flush_table()
 
     def collect(self, j: int, pending: _Pending, work) -> torch.Tensor:
         out = pending.out
@@ -545,4 +549,4 @@ class OffloadRuntime:
                 work.pair_norms[torch.from_numpy(part.tokens).to(dev, non_blocking=True),
                                 torch.from_numpy(part.picks).to(dev, non_blocking=True)] = (
                     torch.from_numpy(norms).to(dev, non_blocking=True))
-        return out.to(work.latent.dtype)
+        return out if out.dtype == work.latent.dtype else out.to(work.latent.dtype)

@@ -109,9 +109,11 @@ class SlotCache:
             ticket = self.jobs.get(job)
             if ticket is None:  # landed already
                 continue
-            stalled += ticket.order_before_compute()
-            if ticket.done():
-                self._landed(job)
+            if not ticket.done():  # (a look-ahead copy issued a layer earlier has usually landed: no wait to queue)
+                stalled += ticket.order_before_compute()
+                if not ticket.done():
+                    continue
+            self._landed(job)
         return stalled
 
     # ------------------------------------------------------------------ table

@@ -31,6 +31,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from .control import copy_rows
+
 DEMAND, PREFETCH = 0, 1
 
 
@@ -70,7 +72,9 @@ class CopyEngine:
 
     def copy_records(self, dst: torch.Tensor, src: torch.Tensor, dst_rows: np.ndarray, src_rows: np.ndarray,
                      priority: int = DEMAND, after: object | None = None) -> CopyTicket:
-        """``dst[dst_rows[i]] = src[src_rows[i]]`` for record matrices (slot bank <- store buffer) as one job."""
+        """``dst[dst_rows[i]] = src[src_rows[i]]`` for record matrices (slot bank <- store buffer) as one job.
+
+        The caller may reuse the row arrays once this returns (an engine that copies later keeps its own)."""
         return self.copy_many([(dst[d], src[s], after) for d, s in zip(dst_rows.tolist(), src_rows.tolist())],
                               priority)
 
@@ -223,13 +227,11 @@ class ThreadCopyEngine(CopyEngine):
 
     def copy_records(self, dst: torch.Tensor, src: torch.Tensor, dst_rows: np.ndarray, src_rows: np.ndarray,
                      priority: int = DEMAND, after: object | None = None) -> CopyTicket:
-        from .control import copy_rows
-
         d, s = self._bytes(dst), self._bytes(src)
         if d.shape[1] != s.shape[1]:
             raise ValueError(f"records of {s.shape[1]} bytes cannot be copied into slots of {d.shape[1]} bytes")
-        dst_rows = np.ascontiguousarray(dst_rows, dtype=np.int64)
-        src_rows = np.ascontiguousarray(src_rows, dtype=np.int64)
+        dst_rows = np.array(dst_rows, dtype=np.int64)  # own copies: the copy runs later, the caller reuses its arrays
+        src_rows = np.array(src_rows, dtype=np.int64)
         return self._push(lambda: copy_rows(d, s, dst_rows, src_rows), dst_rows.size * s.shape[1], priority)
 
     def _run(self) -> None:

@@ -113,16 +113,16 @@ def test_in_flight_experts_are_never_evicted_and_prefetched_slots_count_use_and_
     disk_row = np.arange(E, dtype=np.int64)
     control.admit_predicted(cache.kind, np.array([3, 4, 5, 6], np.int64), cache._I, cache._F, state, disk_row,
                             table, 7, out, counts)
-    assert counts[control.N_DEMAND] == 4 and (state[control.PREFETCHED] == 1).all()
+    assert counts[control.N_PF] == 4 and (state[control.PREFETCHED] == 1).all()
     # all four in flight (job 7): a new prediction finds no victim
     control.admit_predicted(cache.kind, np.array([9], np.int64), cache._I, cache._F, state, disk_row, table, 8,
                             out, counts)
-    assert counts[control.N_DEMAND] == 0 and cache.lookup(9) is None
+    assert counts[control.N_PF] == 0 and cache.lookup(9) is None
     control.job_landed(state, 7)
     # landed and unused: a guess can now be replaced, and the replaced guess is counted as wasted
     control.admit_predicted(cache.kind, np.array([9], np.int64), cache._I, cache._F, state, disk_row, table, 8,
                             out, counts)
-    assert counts[control.N_DEMAND] == 1 and counts[control.PREFETCH_WASTED] == 1
+    assert counts[control.N_PF] == 1 and counts[control.PF_WASTED] == 1
     evicted = {3, 4, 5, 6} - set(cache.resident())
     assert len(evicted) == 1 and table[evicted.pop()] == -1 and table[9] >= 0
     # a hit on a prefetched slot counts it used, once
@@ -131,23 +131,31 @@ def test_in_flight_experts_are_never_evicted_and_prefetched_slots_count_use_and_
     assert c[control.PREFETCH_USED] == 1 and c2[control.PREFETCH_USED] == 0
 
 
-def test_mark_pairs_and_distinct_in_order_match_numpy():
+def test_distinct_in_order_matches_numpy():
     rng = np.random.default_rng(0)
-    scratch8, scratch64 = np.zeros(E, np.int8), np.full(E, -1, np.int64)
+    scratch64 = np.full(E, -1, np.int64)
     for T in (1, 3, 17):
         ids = rng.integers(0, E, (T, K)).astype(np.int64)
-        cpu = rng.choice(E, 4, replace=False).astype(np.int64)
-        staged = np.setdiff1d(rng.choice(E, 4, replace=False), cpu).astype(np.int64)
-        codes = np.full(ids.shape, 9, np.int8)
-        control.mark_pairs(ids, cpu, staged, scratch8, codes)
-        expect = np.where(np.isin(ids, cpu), control.PAIR_CPU, np.where(np.isin(ids, staged), control.PAIR_STAGED, 0))
-        assert np.array_equal(codes, expect) and not scratch8.any()
         order, tokens = np.empty(E, np.int64), np.empty(E, np.int64)
         n = control.distinct_in_order(ids, scratch64, order, tokens)
         uniq, first, cnt = np.unique(ids.reshape(-1), return_index=True, return_counts=True)
         by_first = np.argsort(first, kind="stable")
         assert order[:n].tolist() == uniq[by_first].tolist() and tokens[:n].tolist() == cnt[by_first].tolist()
         assert (scratch64 == -1).all()
+
+
+def test_staging_round_table_names_exactly_the_round_and_skips_every_other_pair():
+    rng = np.random.default_rng(1)
+    table = np.full(E, 3, np.int32)  # stale entries of an earlier round must go
+    for T in (1, 4):
+        ids = rng.integers(0, E, (T, K)).astype(np.int64)
+        chunk = np.unique(ids)[:3].astype(np.int64)
+        slots = np.array([5, 0, 2, 9], np.int64)
+        skip = np.zeros(ids.shape, np.bool_)
+        control.staging_round(ids, chunk, slots, table, skip)
+        expect = np.full(E, -1, np.int32)
+        expect[chunk] = slots[:3]
+        assert np.array_equal(table, expect) and np.array_equal(skip, ~np.isin(ids, chunk))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.uint8])
@@ -170,17 +178,86 @@ def test_record_copies_on_the_copy_thread_move_exactly_the_named_rows(dtype):
 def test_split_pairs_marks_skipped_pairs_and_lists_cpu_pairs_in_row_major_order():
     rng = np.random.default_rng(4)
     scratch = np.zeros(E, np.int8)
+    disk_row = rng.permutation(E).astype(np.int64)
     for T in (1, 6):
         ids = rng.integers(0, E, (T, K)).astype(np.int64)
         cpu = np.unique(ids)[:3].astype(np.int64)
         staged = np.setdiff1d(np.unique(ids), cpu)[:2].astype(np.int64)
         skip = np.zeros(ids.shape, np.bool_)
-        tokens, picks = np.full(ids.size, -1, np.int64), np.full(ids.size, -1, np.int64)
-        n = control.split_pairs(ids, cpu, staged, scratch, skip, tokens, picks)
+        pairs = np.full((control.PAIR_ROWS, ids.size + 3), -1, np.int64)
+        n = control.split_pairs(ids, cpu, staged, scratch, disk_row, skip, pairs)
         assert np.array_equal(skip, np.isin(ids, cpu) | np.isin(ids, staged)) and not scratch.any()
         expect_t, expect_p = np.nonzero(np.isin(ids, cpu))
         assert n == expect_t.size
-        assert tokens[:n].tolist() == expect_t.tolist() and picks[:n].tolist() == expect_p.tolist()
+        assert pairs[control.PAIR_TOKEN, :n].tolist() == expect_t.tolist()
+        assert pairs[control.PAIR_PICK, :n].tolist() == expect_p.tolist()
+        assert pairs[control.PAIR_ROW, :n].tolist() == disk_row[ids[expect_t, expect_p]].tolist()
+        assert pairs[control.PAIR_FLAT, :n].tolist() == (expect_t * K + expect_p).tolist()
+        assert (pairs[:, n:] == -1).all()
+
+
+@pytest.mark.parametrize("decode", [True, False])
+def test_layer_call_is_distinct_then_classify_then_split_pairs_then_the_look_ahead(decode):
+    """The fused call the runtime makes equals its parts run one after the other, on twin states (this layer
+    and the next one, whose predicted experts it admits)."""
+    rng = np.random.default_rng(5)
+    disk_row = np.arange(E, dtype=np.int64)
+    disk_row[[7, 30]] = -1
+    a, b = fresh("lru", 9), fresh("lru", 9)
+    a_next, b_next = fresh("lru", 6, static=(3,)), fresh("lru", 6, static=(3,))
+    admitted = 0
+    for step in range(40):
+        T = 1 if step % 2 else 3
+        ids = np.stack([rng.choice(E, K, replace=False) for _ in range(T)]).astype(np.int64)
+        predicted = (np.stack([rng.choice(E, K, replace=False) for _ in range(T)]).astype(np.int64)
+                     if decode and step % 4 else np.empty((0, 1), np.int64))
+        limit = 2.0 if step % 3 else 0.0
+        jobs = (3 * step + 100, 3 * step + 101, 3 * step + 102)
+        # the parts
+        order, tokens = np.empty(E, np.int64), np.empty(E, np.int64)
+        n = control.distinct_in_order(ids, np.full(E, -1, np.int64), order, tokens)
+        c, lists = run_classify(*a, order[:n], tokens[:n], limit, disk_row, decode=decode, jobs=jobs[:2])
+        skip_a = np.zeros(ids.shape, np.bool_)
+        pairs_a = np.zeros((control.PAIR_ROWS, ids.size), np.int64)
+        n_pairs = 0
+        if lists["cpu"] or lists["staged"]:
+            cpu, staged = np.asarray(lists["cpu"], np.int64), np.asarray(lists["staged"], np.int64)
+            n_pairs = control.split_pairs(ids, cpu, staged, np.zeros(E, np.int8), disk_row, skip_a, pairs_a)
+        out_a = np.zeros((control.OUT_ROWS, E + 1), np.int64)
+        counts_a = np.zeros(control.N_COUNTS, np.int64)
+        if predicted.shape[0]:
+            m = control.distinct_in_order(predicted, np.full(E, -1, np.int64), order, tokens)
+            cache_n, state_n, table_n = a_next
+            control.admit_predicted(cache_n.kind, order[:m], cache_n._I, cache_n._F, state_n, disk_row, table_n,
+                                    jobs[2], out_a, counts_a)
+        # the fused call
+        cache, state, table = b
+        cache_n, state_n, table_n = b_next
+        out = np.full((control.OUT_ROWS, E + 1), -7, dtype=np.int64)
+        counts = np.zeros(control.N_COUNTS, dtype=np.int64)
+        skip_b = np.zeros(ids.size + 4, np.bool_)  # workspaces larger than the call, as the runtime's grow
+        pairs_b = np.zeros((control.PAIR_ROWS, ids.size + 4), np.int64)
+        work, scratch_pair = control.new_work(E), np.zeros(E, np.int8)
+        control.layer_call(cache.kind, decode, ids, limit, cache._I, cache._F, state, disk_row, table, *jobs[:2],
+                           predicted, cache_n._I, cache_n._F, state_n, disk_row, table_n, jobs[2],
+                           work, scratch_pair, out, counts, skip_b, pairs_b)
+        assert counts.tolist()[:control.N_PAIRS] == c[:control.N_PAIRS] and counts[control.N_PAIRS] == n_pairs
+        assert np.array_equal(a[1], state) and np.array_equal(a[2], table)
+        if lists["cpu"] or lists["staged"]:  # (else the mask is not written: no pair is skipped)
+            assert np.array_equal(skip_a.reshape(-1), skip_b[:ids.size])
+        assert np.array_equal(pairs_a[:, :n_pairs], pairs_b[:, :n_pairs])
+        pf = [control.N_PF, control.PF_WASTED, control.N_PF_FROM_DISK]
+        assert counts[pf].tolist() == counts_a[pf].tolist()
+        k = counts[control.N_PF]
+        admitted += k
+        rows = slice(control.PF_SLOT, control.PF_ROW + 1)
+        assert np.array_equal(out[rows, :k], out_a[rows, :k])
+        assert np.array_equal(a_next[1], state_n) and np.array_equal(a_next[2], table_n)
+        assert np.array_equal(a_next[0]._I, cache_n._I) and np.array_equal(a_next[0]._F, cache_n._F)
+        assert (work[control.WORK_SCRATCH] == -1).all() and not scratch_pair.any()
+        for state_ in (a[1], state, a_next[1], state_n):  # copies land between calls
+            state_[control.JOB] = -1
+    assert (admitted > 0) == decode  # the look-ahead admitted experts (decode only)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
