@@ -104,7 +104,7 @@ def host_fp32(latent: torch.Tensor, weights: torch.Tensor, *, merged: bool) -> t
     device-to-host copy of both side by side (one wait on CUDA instead of two)."""
     if not merged:
         return _host_view(latent), _host_view(weights)
-    both = torch.cat((latent.float(), weights.float()), dim=1).cpu().numpy()
+    both = torch.cat((latent.detach().float(), weights.detach().float()), dim=1).cpu().numpy()
     return np.ascontiguousarray(both[:, : latent.shape[1]]), np.ascontiguousarray(both[:, latent.shape[1]:])
 
 
@@ -115,7 +115,7 @@ def _host_view(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu", torch.float32).contiguous().numpy()
 
 
-@dataclass
+@dataclass(slots=True)
 class _CpuPart:
     """The CPU pairs of one layer call, read to the host in ``submit`` and computed in ``collect``."""
 
@@ -127,7 +127,7 @@ class _CpuPart:
     weights: np.ndarray  # [P] fp32 routing weights
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     """What ``submit`` started and ``collect`` finishes."""
 
@@ -194,6 +194,7 @@ class OffloadRuntime:
             self.staging_table_host = np.full(store.num_experts, -1, dtype=np.int32)
             self._staging_table_src = torch.from_numpy(self.staging_table_host)
         self._staging_rows = np.arange(options.staging_slots, dtype=np.int64)
+        self._staging_src_rows = np.empty(options.staging_slots, dtype=np.int64)  # a round's store records
         self.staging_marker: object | None = None
         # host workspaces of the compiled bookkeeping (runtime.control), reused by every call
         E = store.num_experts
@@ -436,7 +437,7 @@ class OffloadRuntime:
             if n_pairs:
                 # read the CPU pairs' inputs now, before the GPU kernels below are queued behind them; on CUDA
                 # this waits for the latent projection only, so the CPU part (computed in collect) overlaps them
-                x_h, w_h = host_fp32(work.latent.detach(), work.weights.detach(), merged=not self._on_cpu)
+                x_h, w_h = host_fp32(work.latent, work.weights, merged=not self._on_cpu)
                 listed = pairs[:control.PAIR_FLAT, :n_pairs].copy()  # the workspace is reused by the next call
                 cpu_part = _CpuPart(j, listed[control.PAIR_TOKEN], listed[control.PAIR_PICK],
                                     listed[control.PAIR_ROW], x_h,
@@ -474,13 +475,16 @@ class OffloadRuntime:
         part = None
         for start in range(0, staged.shape[0], n):
             chunk = staged[start:start + n]
-            rows = self.store.row_of_expert[j][chunk]
-            ticket = self._copy(j, self.staging, self._staging_rows[:chunk.shape[0]], chunk, rows,
-                                int((rows < 0).sum()), DEMAND, self.staging_marker, counters)
-            counters.demand_copies += int(chunk.shape[0])
+            m = chunk.shape[0]
+            # the table names this round's experts, the mask skips every other pair (the workspace's mask of the
+            # call was read by the slot-bank launch already)
+            skip_h = self._skip_ws[:ids_h.size].reshape(ids_h.shape)
+            from_disk = control.staging_round(ids_h, chunk, self._staging_rows, self.store.row_of_expert[j],
+                                              self.staging_table_host, skip_h, self._staging_src_rows)
+            ticket = self._copy(j, self.staging, self._staging_rows[:m], chunk, self._staging_src_rows[:m], from_disk,
+                                DEMAND, self.staging_marker, counters)
+            counters.demand_copies += m
             counters.stall_s += ticket.order_before_compute()
-            skip_h = np.empty(ids_h.shape, dtype=np.bool_)  # every pair but this round's
-            control.staging_round(ids_h, chunk, self._staging_rows, self.staging_table_host, skip_h)
             if self._staging_table_src is not None:
                 self.staging_table.copy_(self._staging_table_src, non_blocking=True)
             skip = self._to_device(skip_h, work.ids.device)

@@ -293,17 +293,24 @@ def split_pairs(ids: np.ndarray, cpu: np.ndarray, staged: np.ndarray, scratch: n
 
 
 @njit
-def staging_round(ids: np.ndarray, chunk: np.ndarray, slots: np.ndarray, table: np.ndarray, skip: np.ndarray) -> None:
+def staging_round(ids: np.ndarray, chunk: np.ndarray, slots: np.ndarray, disk_row: np.ndarray, table: np.ndarray,
+                  skip: np.ndarray, rows: np.ndarray) -> int:
     """One staging round: the staging table (``table``, expert -> staging slot) names exactly the experts of
-    ``chunk`` (in ``slots``), and ``skip [T, k]`` (bool) is set for every routed pair of ``ids`` it does not hold.
+    ``chunk`` (in ``slots``), ``skip [T, k]`` (bool) is set for every routed pair of ``ids`` it does not hold, and
+    ``rows`` gets each expert's store record (``disk_row``, -1 on disk). Returns how many are on disk.
     """
     for e in range(table.shape[0]):
         table[e] = -1
+    on_disk = 0
     for i in range(chunk.shape[0]):
         table[chunk[i]] = slots[i]
+        rows[i] = disk_row[chunk[i]]
+        if rows[i] < 0:
+            on_disk += 1
     for t in range(ids.shape[0]):
         for j in range(ids.shape[1]):
             skip[t, j] = table[ids[t, j]] < 0
+    return on_disk
 
 
 @njit
@@ -377,7 +384,7 @@ def warm_up() -> None:
     skip = np.empty(ids.shape, dtype=np.bool_)
     split_pairs(ids, ids[0, :1], ids[0, 1:], np.zeros(experts, np.int8), rows, skip,
                 np.empty((PAIR_ROWS, ids.size), np.int64))
-    staging_round(ids, ids[0, :1], rows[:1], table, skip)
+    staging_round(ids, ids[0, :1], rows[:1], rows, table, skip, np.empty(2, np.int64))
     distinct_in_order(ids, np.full(experts, -1, np.int64), np.empty(experts, np.int64), np.empty(experts, np.int64))
     buf = np.zeros((2, 8), dtype=np.uint8)
     copy_rows(buf, buf, np.zeros(1, np.int64), np.ones(1, np.int64))

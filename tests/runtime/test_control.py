@@ -151,11 +151,15 @@ def test_staging_round_table_names_exactly_the_round_and_skips_every_other_pair(
         ids = rng.integers(0, E, (T, K)).astype(np.int64)
         chunk = np.unique(ids)[:3].astype(np.int64)
         slots = np.array([5, 0, 2, 9], np.int64)
+        disk_row = rng.permutation(E).astype(np.int64)
+        disk_row[chunk[1]] = -1
         skip = np.zeros(ids.shape, np.bool_)
-        control.staging_round(ids, chunk, slots, table, skip)
+        rows = np.full(5, -9, np.int64)
+        on_disk = control.staging_round(ids, chunk, slots, disk_row, table, skip, rows)
         expect = np.full(E, -1, np.int32)
         expect[chunk] = slots[:3]
         assert np.array_equal(table, expect) and np.array_equal(skip, ~np.isin(ids, chunk))
+        assert rows[:3].tolist() == disk_row[chunk].tolist() and on_disk == 1 and (rows[3:] == -9).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.uint8])
