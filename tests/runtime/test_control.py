@@ -168,7 +168,9 @@ def test_record_copies_on_the_copy_thread_move_exactly_the_named_rows(dtype):
     dst = torch.full((5, 33), 7, dtype=torch.int32).to(dtype)
     engine = ThreadCopyEngine(delay=lambda: 0.002)
     try:
-        ticket = engine.copy_records(dst, src, np.array([4, 0, 2]), np.array([11, 3, 3]), DEMAND)
+        dst_rows, src_rows = np.array([4, 0, 2]), np.array([11, 3, 3])
+        ticket = engine.copy_records(dst, src, dst_rows, src_rows, DEMAND)
+        dst_rows[:], src_rows[:] = 1, 0  # the caller may reuse its arrays once the call returns (workspace rows)
         ticket.wait()
         assert ticket.done() and ticket.nbytes == 3 * 33 * dst.element_size()
         assert torch.equal(dst[4], src[11]) and torch.equal(dst[0], src[3]) and torch.equal(dst[2], src[3])
