@@ -274,9 +274,13 @@ class OffloadRuntime:
     # ------------------------------------------------------------------ step boundaries (StepListener)
     def begin_step(self, input_ids: torch.Tensor, is_decode: bool) -> None:
         self._is_decode = is_decode
-        for cache in self.caches:
-            if cache is not None:
-                cache.poll()
+        try:
+            for cache in self.caches:
+                if cache is not None:
+                    cache.poll()
+        except BaseException:
+            self.repair(range(len(self.caches)))
+            raise
 
     def end_step(self) -> None:
         pass
@@ -353,6 +357,32 @@ class OffloadRuntime:
 
     # ------------------------------------------------------------------ one layer call
     def submit(self, j: int, work) -> _Pending:
+        try:
+            return self._submit(j, work)
+        except BaseException:  # an error or Ctrl-C mid-call (a notebook carries on): no slot may be left stale
+            self.repair((j, j + 1))
+            raise
+
+    def repair(self, layers) -> None:
+        """Make every slot of ``layers`` whose copy was never issued or failed hold its expert again: copied now
+        and waited for (a second failure raises). Called when a layer call or a step boundary raised, so that a
+        caught error or an interrupt cannot leave a slot the policy counts as resident computed from stale
+        bytes; the error itself is re-raised by the caller."""
+        for j in layers:
+            cache = self.caches[j] if 0 <= j < len(self.caches) else None
+            if cache is None:
+                continue
+            lost = cache.lost_slots()
+            if not lost.size:
+                continue
+            experts = cache.state[control.EXPERT, lost]
+            rows = self.store.row_of_expert[j][experts]
+            self._copy(j, cache.bank, lost, experts, rows, int((rows < 0).sum()), DEMAND, cache.marker, None).wait()
+            cache.state[control.JOB, lost] = -1
+            cache.mark_table_changed()
+            cache.flush_table()
+
+    def _submit(self, j: int, work) -> _Pending:
         decode = work.is_decode
         counters = self.telemetry["decode" if decode else "prefill"].layers[j]  # counted in place
         predicted_h = None
@@ -443,6 +473,10 @@ class OffloadRuntime:
                                     listed[control.PAIR_ROW], x_h,
                                     w_h.reshape(-1).take(pairs[control.PAIR_FLAT, :n_pairs]))
 
+        written = cache is None or n_gpu > 0  # the slot-bank launch writes every row of acc
+        # its mask goes to the device ahead of the waits for copies below (on CUDA a small copy on the compute stream)
+        skip = (self._to_device(self._skip_ws[:ids_h.size].reshape(ids_h.shape), work.ids.device)
+                if written and parts else None)
         if cache is not None:
             cache.flush_table()
             if wait_jobs is not None:
@@ -450,9 +484,7 @@ class OffloadRuntime:
             if self.options.verify:
                 cache.check_resident(out[control.GPU_SLOT, :n_gpu], out[control.GPU_EXPERT, :n_gpu])
         acc = torch.empty_like(work.latent, dtype=torch.float32) if parts else None
-        written = cache is None or n_gpu > 0  # the slot-bank launch writes every row of acc
         if written:
-            skip = self._to_device(self._skip_ws[:ids_h.size].reshape(ids_h.shape), work.ids.device) if parts else None
             acc = self._gemm(work.latent, up, down, table, work.ids, work.weights, skip, out=acc,
                              pair_norms=work.pair_norms)
             if cache is not None:

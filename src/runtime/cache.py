@@ -99,8 +99,24 @@ class SlotCache:
                     self._landed(job)
 
     def _landed(self, job: int) -> None:
+        ticket = self.jobs[job]
+        if ticket.error is not None:  # its slots hold no expert: the runtime repairs them (OffloadRuntime.repair)
+            raise RuntimeError(f"MoE layer {self.moe_index}: an expert copy failed: {ticket.error}") from ticket.error
         del self.jobs[job]
         control.job_landed(self.state, job)
+
+    def lost_slots(self) -> np.ndarray:
+        """Slots whose copy job was never issued (an error or interrupt between admission and issue) or failed:
+        the policy and the table say they hold their expert, their bytes do not. Their jobs are forgotten."""
+        jobs = self.state[control.JOB]
+        lost = []
+        for s in np.flatnonzero(jobs >= 0).tolist():
+            ticket = self.jobs.get(int(jobs[s]))
+            if ticket is None or (ticket.done() and ticket.error is not None):
+                lost.append(s)
+        for job in {int(jobs[s]) for s in lost}:
+            self.jobs.pop(job, None)
+        return np.asarray(lost, dtype=np.int64)
 
     def wait(self, jobs: Sequence[int]) -> float:
         """Order compute after the copy jobs ``jobs`` (host wait on the CPU device); returns seconds stalled."""

@@ -37,7 +37,10 @@ DEMAND, PREFETCH = 0, 1
 
 
 class CopyTicket:
-    """Completion of one copy. ``nbytes`` is what it moved."""
+    """Completion of one copy. ``nbytes`` is what it moved; ``error``, once done, what made it fail (None: it
+    landed)."""
+
+    error: BaseException | None = None
 
     def __init__(self, nbytes: int) -> None:
         self.nbytes = nbytes

@@ -27,6 +27,11 @@ def run_classify(cache, state, table, order, tokens, cpu_limit, disk_row, decode
     counts = np.zeros(control.N_COUNTS, dtype=np.int64)
     control.classify(cache.kind, decode, np.asarray(order, np.int64), np.asarray(tokens, np.int64), cpu_limit,
                      cache._I, cache._F, state, disk_row, table, jobs[0], jobs[1], out, counts)
+    return counts.tolist(), lists_of(out, counts)
+
+
+def lists_of(out, counts):
+    """classify's output lists by name, from its output rows and counts."""
     c = counts.tolist()
 
     def row(r, n):
@@ -37,7 +42,7 @@ def run_classify(cache, state, table, order, tokens, cpu_limit, disk_row, decode
              "demand_row": (control.DEMAND_ROW, control.N_DEMAND), "back": (control.BACK_EXPERT, control.N_BACK),
              "back_s": (control.BACK_SLOT, control.N_BACK), "staged": (control.STAGED, control.N_STAGED),
              "cpu": (control.CPU, control.N_CPU), "wait": (control.WAIT_JOB, control.N_WAIT)}
-    return c, {name: row(r, n) for name, (r, n) in names.items()}
+    return {name: row(r, n) for name, (r, n) in names.items()}
 
 
 @pytest.mark.parametrize("policy", POLICY_NAMES)
@@ -202,15 +207,16 @@ def test_split_pairs_marks_skipped_pairs_and_lists_cpu_pairs_in_row_major_order(
         assert (pairs[:, n:] == -1).all()
 
 
+@pytest.mark.parametrize("policy", POLICY_NAMES)
 @pytest.mark.parametrize("decode", [True, False])
-def test_layer_call_is_distinct_then_classify_then_split_pairs_then_the_look_ahead(decode):
+def test_layer_call_is_distinct_then_classify_then_split_pairs_then_the_look_ahead(decode, policy):
     """The fused call the runtime makes equals its parts run one after the other, on twin states (this layer
     and the next one, whose predicted experts it admits)."""
     rng = np.random.default_rng(5)
     disk_row = np.arange(E, dtype=np.int64)
     disk_row[[7, 30]] = -1
-    a, b = fresh("lru", 9), fresh("lru", 9)
-    a_next, b_next = fresh("lru", 6, static=(3,)), fresh("lru", 6, static=(3,))
+    a, b = fresh(policy, 9), fresh(policy, 9)
+    a_next, b_next = fresh(policy, 6, static=(3,)), fresh(policy, 6, static=(3,))
     admitted = 0
     for step in range(40):
         T = 1 if step % 2 else 3
@@ -248,7 +254,9 @@ def test_layer_call_is_distinct_then_classify_then_split_pairs_then_the_look_ahe
                            predicted, cache_n._I, cache_n._F, state_n, disk_row, table_n, jobs[2],
                            work, scratch_pair, out, counts, skip_b, pairs_b)
         assert counts.tolist()[:control.N_PAIRS] == c[:control.N_PAIRS] and counts[control.N_PAIRS] == n_pairs
+        assert lists_of(out, counts) == lists  # every output list: slots to compute, copies, staged, CPU, waits
         assert np.array_equal(a[1], state) and np.array_equal(a[2], table)
+        assert np.array_equal(a[0]._I, cache._I) and np.array_equal(a[0]._F, cache._F)
         if lists["cpu"] or lists["staged"]:  # (else the mask is not written: no pair is skipped)
             assert np.array_equal(skip_a.reshape(-1), skip_b[:ids.size])
         assert np.array_equal(pairs_a[:, :n_pairs], pairs_b[:, :n_pairs])
@@ -263,7 +271,7 @@ def test_layer_call_is_distinct_then_classify_then_split_pairs_then_the_look_ahe
         assert (work[control.WORK_SCRATCH] == -1).all() and not scratch_pair.any()
         for state_ in (a[1], state, a_next[1], state_n):  # copies land between calls
             state_[control.JOB] = -1
-    assert (admitted > 0) == decode  # the look-ahead admitted experts (decode only)
+    assert (admitted > 0) == (decode and policy != "static")  # the look-ahead admitted experts (decode only)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -12,6 +12,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from residency.runtime.copies import DEMAND
 
 from residency import OffloadedNemotron
 from residency.errors import BudgetError
@@ -137,6 +138,42 @@ def test_random_copy_delays_never_break_residency(case, seed):
             assert counts["prefetch_precision"] == (used / issued if issued else None)
             assert counts["prefetch_recall"] == (used / (used + misses) if used + misses else None)
         assert experts["prefetch_used"] > 0 and 0 < experts["prefetch_recall"] < 1
+    finally:
+        model.runtime.close()
+
+
+@pytest.mark.parametrize("failure", ["raised at issue", "failed on the copy thread", "interrupted"])
+def test_after_a_failed_or_interrupted_copy_the_model_still_gives_the_resident_answers(case, failure):
+    """An error or Ctrl-C between a slot's admission and its copy, or a copy that fails on the copy thread, is
+    reported, and the slots it left without their expert are filled again: a notebook that catches it and
+    carries on still gets exact answers."""
+    folder, resident, ids, logits, tokens = case
+    model = load(folder, budgets(resident.config)["few"])
+    engine = model.runtime.copies
+    real = engine.copy_records
+    calls = [0]
+
+    def failing(dst, src, dst_rows, src_rows, priority=DEMAND, after=None):
+        if dst is not model.runtime.staging:  # a copy into a layer's slots (staging slots are refilled every round)
+            calls[0] += 1
+        if calls[0] == 3 and dst is not model.runtime.staging:
+            if failure == "raised at issue":
+                raise OSError("injected copy error")
+            if failure == "interrupted":
+                raise KeyboardInterrupt
+            return engine.copy(torch.zeros(3), torch.zeros(4), priority)  # fails on the copy thread; slots unfilled
+        return real(dst, src, dst_rows, src_rows, priority, after)
+
+    engine.copy_records = failing
+    try:
+        expected = {"raised at issue": (OSError, "injected copy error"), "interrupted": (KeyboardInterrupt, None),
+                    "failed on the copy thread": (RuntimeError, "copy failed")}[failure]
+        with pytest.raises(expected[0], match=expected[1]):
+            model.generate(ids, max_new_tokens=NEW_TOKENS, temperature=0, stop_at_eos=False)
+        assert calls[0] >= 3
+        engine.copy_records = real
+        assert rel(model(ids), logits) <= 1e-5
+        assert torch.equal(model.generate(ids, max_new_tokens=NEW_TOKENS, temperature=0, stop_at_eos=False), tokens)
     finally:
         model.runtime.close()
 
