@@ -315,3 +315,19 @@ def test_plan_embeddings_flag(tmp_path, capsys):
     assert "embeddings must be one of ('auto', 'device', 'host'), got 'gpu'" in err
     err = refused(capsys, *PLAN, "--gpu", "spark", "--embeddings", "host")
     assert "unified memory: host and GPU share one pool" in err
+
+
+def test_help_and_planning_from_a_config_do_not_load_torch(tmp_path):
+    """`residency --help` and planning for a GPU from a config alone start in a fraction of a second: torch
+    (over a second to import) is only loaded by commands that run a model or read tensors."""
+    import subprocess
+
+    argv = ["plan", "--config", "nemotron-3-super", "--gpu", "RTX 4090", "--out", str(tmp_path / "p.json")]
+    script = ("import sys\n"
+              "import residency.cli as cli\n"
+              "cli.build_parser()\n"
+              f"assert cli.main({argv!r}) == 0\n"
+              "print('torch' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "False"

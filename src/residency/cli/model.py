@@ -14,11 +14,13 @@ import importlib.util
 import sys
 import tempfile
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..config import NemotronHConfig
 from ..errors import InputError
+
+if TYPE_CHECKING:  # torch is imported where a command runs, so `residency --help` and planning start fast
+    import torch
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -168,6 +170,8 @@ def run_offloaded_demo(resident, folder: Path, ids: torch.Tensor, expected: torc
         predicted = model.slots.predicted_hit_rate
         print(f"decode hit rate: measured {measured}, predicted by the plan "
               f"{'n/a' if predicted is None else f'{100 * predicted:.1f} %'}")
+        import torch
+
         same = torch.equal(out, expected)
         print(f"same tokens as the resident run: {'yes' if same else 'NO'}")
         if not same:

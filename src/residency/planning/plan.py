@@ -37,7 +37,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -45,7 +45,6 @@ from .. import __version__
 from ..config import DENSE_DTYPES, EXPERT_DTYPES, ConfigError, NemotronHConfig
 from ..errors import BudgetError, FileFormatError, ModelMismatchError
 from ..files import load_json, save_json
-from ..profiling.trace import RoutingTrace
 from ..runtime.policy import POLICY_NAMES
 from ..sizes import Budget, format_bytes, parse_budget
 from .allocate import (
@@ -68,6 +67,9 @@ from .cost import (
 )
 from .hardware import DEFAULT_HOST, GpuSpec, HostSpec, lookup_gpu
 from .memory import KV_DTYPE_BYTES, MemoryBreakdown, MemoryComponent, account_memory, embedding_table_bytes
+
+if TYPE_CHECKING:  # a trace is only read when one is given: planning from a config alone needs no torch
+    from ..profiling.trace import RoutingTrace
 
 __all__ = [
     "PLAN_FORMAT_VERSION",
