@@ -28,10 +28,12 @@ layer:
 4. Look-ahead (decode): the next MoE layer's router applied to this layer's normalised hidden
    state predicts its experts (read to the host together with the call's own ids: one wait on
    CUDA); predicted experts without a slot are admitted (never over a pinned or in-flight
-   expert) and copied at prefetch priority behind every demand copy, before the call's kernels
-   are queued.
+   expert), in the same compiled call as this layer's own bookkeeping (:func:`control.layer_call`),
+   and copied at prefetch priority behind every demand copy, before the call's kernels are queued.
 
-Exactness: routing is never changed; every routed pair is computed once, on the GPU or the CPU.
+Exactness: routing is never changed; every routed pair is computed once, on the GPU or the CPU. A
+copy that failed, or one never issued because an error or interrupt came between a slot's
+admission and its copy, is repaired (:meth:`OffloadRuntime.repair`) before the error propagates.
 """
 
 from __future__ import annotations

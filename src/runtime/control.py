@@ -2,11 +2,12 @@
 
 A layer call's host work used to be a Python loop per expert (lookup, admission, the copy-or-CPU
 choice, slot state, slot-table updates, telemetry) and grew with the number of misses. Here it is
-one numba call, :func:`classify`, over flat arrays, so its cost barely depends on how many experts
-miss; the Python caller then issues at most one copy job per priority and one kernel launch.
-:func:`admit_predicted` does the same for a look-ahead prefetch, :func:`split_pairs` builds the
-per-pair mask the kernel reads and the CPU part's pair lists, and :func:`staging_round` the staging
-table and mask of one round.
+one numba call, :func:`layer_call`, over flat arrays, so its cost barely depends on how many experts
+miss; the Python caller then issues at most one copy job per priority and one kernel launch. It
+runs, in order: :func:`distinct_in_order` (the call's experts), :func:`classify` (lookup,
+admission and the copy-or-CPU choice), :func:`split_pairs` (the per-pair mask the kernel reads and
+the CPU part's pair lists) and, for a look-ahead, :func:`admit_predicted` on the next layer's
+state. :func:`staging_round` sets the staging table, mask and records of one staging round.
 
 Slot state of a layer lives in one ``int64 [STATE_ROWS, slots]`` array (see :data:`EXPERT` ..
 :data:`PREFETCHED`); the policy's own state (``I``, ``F`` of :class:`residency.runtime.policy.ExpertCache`)
