@@ -458,7 +458,7 @@ class OffloadRuntime:
                                 out[control.PF_ROW, :n_pf], pf_from_disk, pf_job, PREFETCH, ahead_counters)
                     ahead_counters.prefetch_issued += n_pf
                     ahead.flush_table()
-            # views of the workspace: used within this call only (the look-ahead has its own workspace)
+            # views of the workspace: used within this call only
             staged, cpu = out[control.STAGED, :n_staged], out[control.CPU, :n_cpu]
             wait_jobs = out[control.WAIT_JOB, :n_wait].tolist() if n_wait else None
 
