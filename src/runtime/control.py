@@ -361,7 +361,8 @@ def job_landed(state: np.ndarray, job: int) -> None:
 
 
 def warm_up() -> None:
-    """Compile (or load from numba's cache) every function here for the argument types the runtime passes.
+    """Compile (or load from numba's cache) every function the runtime calls, for the argument types it passes
+    (:func:`classify` and :func:`admit_predicted` it reaches through :func:`layer_call` only).
 
     The runtime calls this at construction, so the first decode step is not the one that pays for
     compilation.
@@ -376,11 +377,9 @@ def warm_up() -> None:
     counts = np.zeros(N_COUNTS, dtype=np.int64)
     ids = np.array([[0, 1]], dtype=np.int64)
     rows = np.arange(experts, dtype=np.int64)
-    classify(K_LRU, True, ids[0], np.ones(2, np.int64), 0.0, I, F, state, rows, table, 1, 2, out, counts)
     layer_call(K_LRU, True, ids, 0.0, I, F, state, rows, table, 4, 5, ids, I, F, state, rows, table, 6,
                new_work(experts), np.zeros(experts, np.int8), out, counts, np.empty(ids.size, np.bool_),
                np.empty((PAIR_ROWS, ids.size), np.int64))
-    admit_predicted(K_LRU, ids[0], I, F, state, rows, table, 3, out, counts)
     job_landed(state, 1)
     skip = np.empty(ids.shape, dtype=np.bool_)
     split_pairs(ids, ids[0, :1], ids[0, 1:], np.zeros(experts, np.int8), rows, skip,
