@@ -159,11 +159,11 @@ def run_case(slots_per_layer: int, prefetch: bool, steps: int, seed: int = 0, st
                 ids = routers[j](None)[0]
                 work = Work(ids, torch.rand(1, TOP_K), x, x)
                 kernel_s[0] = router_s[0] = cpu_kernel_s[0] = cpu_part_s[0] = 0.0
-                stall_before = runtime.telemetry["decode"].layers[j].stall_s
+                stall_before = runtime.telemetry["decode"].stall_s[j]
                 t0 = time.perf_counter()
                 runtime.collect(j, runtime.submit(j, work), work)
                 total = time.perf_counter() - t0
-                stall = runtime.telemetry["decode"].layers[j].stall_s - stall_before
+                stall = runtime.telemetry["decode"].stall_s[j] - stall_before
                 if step >= 20:
                     per_step.append(total - kernel_s[0] - cpu_kernel_s[0] - router_s[0] - stall)
                     per_step_cpu.append(cpu_part_s[0] - cpu_kernel_s[0])

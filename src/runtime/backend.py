@@ -46,12 +46,13 @@ import torch
 
 from ..kernels import moe_gather_gemm, moe_gather_gemm_quant
 from . import control
+from . import telemetry as tm
 from .cache import SlotCache
 from .copies import DEMAND, PREFETCH, CopyEngine, CopyTicket, CudaCopyEngine, ThreadCopyEngine
 from .ledger import DeviceLedger
 from .policy import LRU
 from .store import HostExpertStore
-from .telemetry import LayerCounters, Telemetry
+from .telemetry import Telemetry
 
 MODES = ("cuda", "unified", "cpu")
 CPU_CHOICES = ("auto", True, False)
@@ -128,6 +129,10 @@ class _CpuPart:
     x: np.ndarray  # [T, L] fp32 latent activations
     weights: np.ndarray  # [P] fp32 routing weights
 
+    def own_pairs(self) -> None:
+        """Copy the pair lists, views of the runtime's workspace until now, before that is reused."""
+        self.tokens, self.picks, self.rows = self.tokens.copy(), self.picks.copy(), self.rows.copy()
+
 
 @dataclass(slots=True)
 class _Pending:
@@ -135,7 +140,6 @@ class _Pending:
 
     out: torch.Tensor  # [T, L] GPU part (latent dtype)
     cpu: _CpuPart | None
-    counters: LayerCounters
 
 
 class OffloadRuntime:
@@ -208,6 +212,9 @@ class OffloadRuntime:
         self._no_prediction = np.empty((0, 1), dtype=np.int64)  # layer_call's look-ahead input when there is none
         self._skip_ws = np.empty(0, dtype=np.bool_)  # see _grow_pair_workspace
         self._pairs_ws = np.empty((control.PAIR_ROWS, 0), dtype=np.int64)
+        self._skip_views: dict[tuple[int, ...], torch.Tensor] = {}  # see _skip_tensor
+        self._open_part: _CpuPart | None = None  # a CPU part submitted, not yet collected
+        self._ahead = [self._looks_ahead(j) for j in range(store.num_layers + 1)]  # per layer: predicted?
         self._on_cpu = self.device.type == "cpu"
         self._store_views = [(store.up(j), store.down(j)) for j in range(store.num_layers)]  # up / down of each layer
         self._cpu_prepared: list = [None] * store.num_layers  # the CPU kernels' checked view of each layer's store
@@ -242,7 +249,7 @@ class OffloadRuntime:
             slots = cache.assign_static(job)
             experts = np.asarray(cache.static, dtype=np.int64)
             rows = self.store.row_of_expert[j][experts]
-            tickets.append(self._issue(j, cache, slots, experts, rows, int((rows < 0).sum()), job, DEMAND, None))
+            tickets.append(self._issue(j, cache, slots, experts, rows, int((rows < 0).sum()), job, DEMAND))
             cache.flush_table()
         for t in tickets:
             t.wait()
@@ -291,8 +298,7 @@ class OffloadRuntime:
     def stats(self) -> dict:
         total = Telemetry.for_layers(self.store.num_layers)
         for phase in self.telemetry.values():
-            for mine, theirs in zip(total.layers, phase.layers):
-                mine.add(theirs)
+            total.add(phase)
         out = total.as_dict()
         out["by_phase"] = {name: t.as_dict() for name, t in self.telemetry.items()}
         return out
@@ -312,21 +318,18 @@ class OffloadRuntime:
         return self.store.record(j, expert)
 
     def _copy(self, j: int, dst: torch.Tensor, slots: np.ndarray, experts: np.ndarray, rows: np.ndarray,
-              from_disk: int, priority: int, after: object | None, counters: LayerCounters | None) -> CopyTicket:
-        """Copy layer ``j``'s ``experts`` (store ``rows``, -1 on disk) into rows ``slots`` of ``dst`` as one job."""
-        if counters is not None:
-            counters.h2d_bytes += experts.shape[0] * self._record_bytes
-            if from_disk:
-                counters.disk_bytes += from_disk * self._record_bytes
+              from_disk: int, priority: int, after: object | None) -> CopyTicket:
+        """Copy layer ``j``'s ``experts`` (store ``rows``, -1 on disk) into rows ``slots`` of ``dst`` as one job
+        (its bytes are counted by the caller)."""
         if not from_disk:
             return self.copies.copy_records(dst, self.store.buffers[j], slots, rows, priority, after)
         return self.copies.copy_many([(dst[s], self._source(j, e), after)
                                       for s, e in zip(slots.tolist(), experts.tolist())], priority)
 
     def _issue(self, j: int, cache: SlotCache, slots: np.ndarray, experts: np.ndarray, rows: np.ndarray,
-               from_disk: int, job: int, priority: int, counters: LayerCounters | None) -> CopyTicket:
+               from_disk: int, job: int, priority: int) -> CopyTicket:
         """Issue job ``job`` (its slots' state already says so): ``experts`` into ``slots`` of the layer's bank."""
-        ticket = self._copy(j, cache.bank, slots, experts, rows, from_disk, priority, cache.marker, counters)
+        ticket = self._copy(j, cache.bank, slots, experts, rows, from_disk, priority, cache.marker)
         cache.started(job, ticket)
         return ticket
 
@@ -354,8 +357,10 @@ class OffloadRuntime:
         return self.options.cpu_expert_gbps / self.options.h2d_gbps
 
     def _ids_on_host(self, ids: torch.Tensor) -> np.ndarray:
-        ids_h = ids.numpy() if ids.is_cpu else ids.cpu().numpy()  # integer ids carry no autograd
-        return ids_h if ids_h.dtype == np.int64 and ids_h.flags.c_contiguous else np.ascontiguousarray(ids_h, np.int64)
+        """Routing ids as a C-contiguous int64 host array (a view on the cpu device). Integer ids carry no autograd."""
+        if ids.dtype is torch.int64 and ids.is_contiguous():
+            return ids.numpy() if ids.is_cpu else ids.cpu().numpy()
+        return np.ascontiguousarray(ids.cpu().numpy(), np.int64)
 
     # ------------------------------------------------------------------ one layer call
     def submit(self, j: int, work) -> _Pending:
@@ -379,16 +384,17 @@ class OffloadRuntime:
                 continue
             experts = cache.state[control.EXPERT, lost]
             rows = self.store.row_of_expert[j][experts]
-            self._copy(j, cache.bank, lost, experts, rows, int((rows < 0).sum()), DEMAND, cache.marker, None).wait()
+            self._copy(j, cache.bank, lost, experts, rows, int((rows < 0).sum()), DEMAND, cache.marker).wait()
             cache.state[control.JOB, lost] = -1
             cache.mark_table_changed()
             cache.flush_table()
 
     def _submit(self, j: int, work) -> _Pending:
         decode = work.is_decode
-        counters = self.telemetry["decode" if decode else "prefill"].layers[j]  # counted in place
+        phase = self.telemetry["decode" if decode else "prefill"]
+        tel = phase.rows[j]  # this layer's counters, added to in place (by layer_call, mostly)
         predicted_h = None
-        if decode and self._looks_ahead(j + 1):
+        if decode and self._ahead[j + 1]:
             # the next MoE layer's router on this layer's hidden state, read to the host with this call's ids:
             # on CUDA one wait (for the two routers), not two
             predicted = self.routers[j + 1](work.hidden)[0]
@@ -400,6 +406,9 @@ class OffloadRuntime:
         else:
             ids_h = self._ids_on_host(work.ids)
         cache = self.caches[j]
+        if self._open_part is not None:  # a CPU part not collected yet still reads the pair workspace: let go
+            self._open_part.own_pairs()
+            self._open_part = None
         if self._skip_ws.size < ids_h.size:  # workspaces of the skip mask and the CPU pair lists
             self._grow_pair_workspace(ids_h.size)
         pairs = self._pairs_ws
@@ -410,8 +419,8 @@ class OffloadRuntime:
                                                                      w[control.WORK_ORDER], w[control.WORK_TOKENS])]
             staged = order[self.store.row_of_expert[j][order] < 0]
             cpu = staged[:0]
-            counters.misses += int(staged.shape[0])
-            counters.hits += int(order.shape[0] - staged.shape[0])
+            tel[tm.MISSES] += staged.shape[0]
+            tel[tm.HITS] += order.shape[0] - staged.shape[0]
             table, up, down = self.unified_tables[j], *self._store_views[j]
             if staged.shape[0]:
                 control.split_pairs(ids_h, cpu, staged, self._scratch_pair, self.store.row_of_expert[j],
@@ -425,64 +434,58 @@ class OffloadRuntime:
                 ahead, pf_job = self.caches[j + 1], self.caches[j + 1].new_job()
                 ahead_args = (predicted_h, ahead.policy._I, ahead.policy._F, ahead.state,
                               self.store.row_of_expert[j + 1], ahead.table_host, pf_job)
+                tel_next = self.telemetry["decode"].rows[j + 1]
             else:
                 ahead_args = (self._no_prediction, policy._I, policy._F, cache.state, self.store.row_of_expert[j],
                               cache.table_host, 0)
+                tel_next = tel
             # lookup, admission, the copy-or-CPU choice, slot state and table, the pair masks, the look-ahead's
-            # admission: one compiled call
+            # admission, the telemetry: one compiled call
             control.layer_call(policy.kind, decode, ids_h, self._cpu_limits[j], policy._I, policy._F, cache.state,
                                self.store.row_of_expert[j], cache.table_host, demand_job, back_job, *ahead_args,
-                               self._work, self._scratch_pair, out, counts, self._skip_ws, pairs)
-            (n_gpu, n_demand, n_back, n_staged, n_cpu, n_wait, hits, misses, demand_copies, prefetch_used,
-             prefetch_wasted, from_disk, n_pairs, n_pf, pf_wasted, pf_from_disk) = counts.tolist()
-            counters.hits += hits
-            counters.misses += misses
-            counters.demand_copies += demand_copies
-            counters.prefetch_used += prefetch_used
-            counters.prefetch_wasted += prefetch_wasted
-            counters.cpu_computed += n_cpu
+                               self._work, self._scratch_pair, out, counts, self._skip_ws, pairs, tel, tel_next,
+                               self._record_bytes)
+            c = counts.tolist()
+            n_gpu, n_demand, n_back, n_staged, n_cpu, n_wait = c[:control.HITS]
             if n_demand or n_back:
                 cache.mark_table_changed()
-            if n_demand:  # (disk reads are counted with the demand job)
+            if n_demand:
                 self._issue(j, cache, out[control.DEMAND_SLOT, :n_demand], out[control.DEMAND_EXPERT, :n_demand],
-                            out[control.DEMAND_ROW, :n_demand], from_disk, demand_job, DEMAND, counters)
+                            out[control.DEMAND_ROW, :n_demand], c[control.N_FROM_DISK], demand_job, DEMAND)
             if n_back:  # host records only: the CPU computes no disk expert
                 self._issue(j, cache, out[control.BACK_SLOT, :n_back], out[control.BACK_EXPERT, :n_back],
-                            out[control.BACK_ROW, :n_back], 0, back_job, PREFETCH, counters)
+                            out[control.BACK_ROW, :n_back], 0, back_job, PREFETCH)
             if predicted_h is not None:  # behind this call's copies, before its kernels are queued
-                ahead_counters = self.telemetry["decode"].layers[j + 1]
-                ahead_counters.prefetch_wasted += pf_wasted
+                n_pf = c[control.N_PF]
                 if n_pf:
                     ahead.mark_table_changed()
                     self._issue(j + 1, ahead, out[control.PF_SLOT, :n_pf], out[control.PF_EXPERT, :n_pf],
-                                out[control.PF_ROW, :n_pf], pf_from_disk, pf_job, PREFETCH, ahead_counters)
-                    ahead_counters.prefetch_issued += n_pf
+                                out[control.PF_ROW, :n_pf], c[control.N_PF_FROM_DISK], pf_job, PREFETCH)
                     ahead.flush_table()
             # views of the workspace: used within this call only
             staged, cpu = out[control.STAGED, :n_staged], out[control.CPU, :n_cpu]
+            n_pairs = c[control.N_PAIRS] if n_cpu else 0
             wait_jobs = out[control.WAIT_JOB, :n_wait].tolist() if n_wait else None
 
         cpu_part = None
         # with several parts (staged rounds, the CPU) they are summed in fp32 and rounded once
         parts = bool(staged.shape[0] or cpu.shape[0])
-        if parts:
-            if n_pairs:
-                # read the CPU pairs' inputs now, before the GPU kernels below are queued behind them; on CUDA
-                # this waits for the latent projection only, so the CPU part (computed in collect) overlaps them
-                x_h, w_h = host_fp32(work.latent, work.weights, merged=not self._on_cpu)
-                listed = pairs[:control.PAIR_FLAT, :n_pairs].copy()  # the workspace is reused by the next call
-                cpu_part = _CpuPart(j, listed[control.PAIR_TOKEN], listed[control.PAIR_PICK],
-                                    listed[control.PAIR_ROW], x_h,
-                                    w_h.reshape(-1).take(pairs[control.PAIR_FLAT, :n_pairs]))
+        if n_pairs:
+            # read the CPU pairs' inputs now, before the GPU kernels below are queued behind them; on CUDA
+            # this waits for the latent projection only, so the CPU part (computed in collect) overlaps them
+            x_h, w_h = host_fp32(work.latent, work.weights, merged=not self._on_cpu)
+            listed = pairs[:, :n_pairs]  # views of the workspace (see own_pairs)
+            cpu_part = _CpuPart(j, listed[control.PAIR_TOKEN], listed[control.PAIR_PICK], listed[control.PAIR_ROW],
+                                x_h, w_h.reshape(-1).take(listed[control.PAIR_FLAT]))
+            self._open_part = cpu_part
 
         written = cache is None or n_gpu > 0  # the slot-bank launch writes every row of acc
         # its mask goes to the device ahead of the waits for copies below (on CUDA a small copy on the compute stream)
-        skip = (self._to_device(self._skip_ws[:ids_h.size].reshape(ids_h.shape), work.ids.device)
-                if written and parts else None)
+        skip = self._skip_tensor(ids_h.shape, work.ids.device) if written and parts else None
         if cache is not None:
             cache.flush_table()
             if wait_jobs is not None:
-                counters.stall_s += cache.wait(wait_jobs)
+                phase.stall_s[j] += cache.wait(wait_jobs)
             if self.options.verify:
                 cache.check_resident(out[control.GPU_SLOT, :n_gpu], out[control.GPU_EXPERT, :n_gpu])
         acc = torch.empty_like(work.latent, dtype=torch.float32) if parts else None
@@ -496,11 +499,11 @@ class OffloadRuntime:
         elif not staged.shape[0]:
             acc.zero_()  # only CPU pairs: their sum is added in collect
         if staged.shape[0]:
-            self._staged(j, work, ids_h, staged, acc, counters, first_writes=not written)
-        return _Pending(acc, cpu_part, counters)
+            self._staged(j, work, ids_h, staged, acc, phase, first_writes=not written)
+        return _Pending(acc, cpu_part)
 
     def _staged(self, j: int, work, ids_h: np.ndarray, staged: np.ndarray, acc: torch.Tensor,
-                counters: LayerCounters, first_writes: bool = False) -> None:
+                phase: Telemetry, first_writes: bool = False) -> None:
         """Add ``staged`` experts into the fp32 ``acc``, through the staging slots, as many per round as there are.
 
         ``first_writes``: nothing was written into ``acc`` yet, so the first round's launch writes it directly.
@@ -516,12 +519,15 @@ class OffloadRuntime:
             from_disk = control.staging_round(ids_h, chunk, self._staging_rows, self.store.row_of_expert[j],
                                               self.staging_table_host, skip_h, self._staging_src_rows)
             ticket = self._copy(j, self.staging, self._staging_rows[:m], chunk, self._staging_src_rows[:m], from_disk,
-                                DEMAND, self.staging_marker, counters)
-            counters.demand_copies += m
-            counters.stall_s += ticket.order_before_compute()
+                                DEMAND, self.staging_marker)
+            tel = phase.rows[j]
+            tel[tm.DEMAND_COPIES] += m
+            tel[tm.H2D_BYTES] += m * self._record_bytes
+            tel[tm.DISK_BYTES] += from_disk * self._record_bytes
+            phase.stall_s[j] += ticket.order_before_compute()
             if self._staging_table_src is not None:
                 self.staging_table.copy_(self._staging_table_src, non_blocking=True)
-            skip = self._to_device(skip_h, work.ids.device)
+            skip = self._skip_tensor(ids_h.shape, work.ids.device)
             into = acc if first_writes and start == 0 else (part if part is not None else torch.empty_like(acc))
             self._gemm(work.latent, self.staging_up, self.staging_down, self.staging_table, work.ids,
                        work.weights, skip, out=into, pair_norms=work.pair_norms)
@@ -532,13 +538,21 @@ class OffloadRuntime:
 
     def _grow_pair_workspace(self, size: int) -> None:
         """Room for ``size`` routed pairs in the skip-mask and CPU-pair workspaces (they grow to the largest call
-        seen; a call's views of them are used within the call only)."""
+        seen; a call's views of the mask are used within the call, the CPU part's views of the pair lists until
+        it is collected or the next call begins, see :meth:`_CpuPart.own_pairs`)."""
         self._skip_ws = np.empty(size, dtype=np.bool_)
         self._pairs_ws = np.empty((control.PAIR_ROWS, size), dtype=np.int64)
+        self._skip_views.clear()
 
-    def _to_device(self, a: np.ndarray, device: torch.device) -> torch.Tensor:
-        """A small host array as a tensor on ``device`` (no copy on the cpu device)."""
-        t = torch.from_numpy(a)
+    def _skip_tensor(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """The skip-mask workspace's first ``T * k`` entries as a ``[T, k]`` tensor on ``device``: on the cpu device
+        a view of the workspace (kept per shape, so a decode step builds none), else a copy on the device."""
+        t = self._skip_views.get(shape)
+        if t is None:
+            if len(self._skip_views) > 64:  # (prefill chunks of many lengths)
+                self._skip_views.clear()
+            n = shape[0] * shape[1]
+            t = self._skip_views[shape] = torch.from_numpy(self._skip_ws[:n].reshape(shape))
         return t if self._on_cpu else t.to(device, non_blocking=True)
 
     def _cpu_compute(self, part: _CpuPart, want_norms: bool,
@@ -576,7 +590,9 @@ class OffloadRuntime:
         out = pending.out
         part = pending.cpu
         if part is not None:  # on CUDA the GPU runs this call's kernels and the shared expert meanwhile
-            if out.device.type == "cpu":  # the cpu device: added straight into the fp32 sum of the parts
+            if part is self._open_part:
+                self._open_part = None
+            if self._on_cpu:  # the cpu device: added straight into the fp32 sum of the parts
                 _, norms = self._cpu_compute(part, work.pair_norms is not None, into=out.numpy())
             else:
                 cpu_out, norms = self._cpu_compute(part, work.pair_norms is not None)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import telemetry as tm
 from .policy import _HEAD, _access, _admit, _key, njit
 
 # ---------------------------------------------------------------------- slot state rows
@@ -178,7 +179,7 @@ def layer_call(kind: int, decode: bool, ids: np.ndarray, cpu_limit: float, I: np
                predicted: np.ndarray, I_next: np.ndarray, F_next: np.ndarray, state_next: np.ndarray,
                disk_row_next: np.ndarray, table_next: np.ndarray, pf_job: int, work: np.ndarray,
                scratch_pair: np.ndarray, out: np.ndarray, counts: np.ndarray, skip: np.ndarray,
-               pairs: np.ndarray) -> None:
+               pairs: np.ndarray, tel: np.ndarray, tel_next: np.ndarray, record_bytes: int) -> None:
     """The whole bookkeeping of one layer call over its routed ids ``ids [T, k]``, in one call.
 
     The call's distinct experts in order of first appearance go through :func:`classify`; then,
@@ -190,6 +191,11 @@ def layer_call(kind: int, decode: bool, ids: np.ndarray, cpu_limit: float, I: np
     Look-ahead (when ``predicted [T', k]``, the next MoE layer's predicted ids, is not empty): its
     distinct experts are admitted into the next layer (``*_next``, job ``pf_job``) by
     :func:`admit_predicted`, after this call's own lookups.
+
+    Telemetry is counted here too: the call's row of :attr:`residency.runtime.telemetry.Telemetry.counts`
+    (``tel``) gets its hits, misses, copies issued (and their bytes at ``record_bytes`` each, disk
+    reads among them) and CPU-computed experts; the next layer's row (``tel_next``) its look-ahead
+    copies and the unused ones they displaced.
 
     ``work`` is an ``int64 [WORK_ROWS, num_experts]`` workspace (:func:`new_work`: its
     ``WORK_SCRATCH`` row -1, as it is again on return), ``scratch_pair`` an ``int8 [num_experts]``
@@ -208,6 +214,18 @@ def layer_call(kind: int, decode: bool, ids: np.ndarray, cpu_limit: float, I: np
         m = distinct_in_order(predicted, work[WORK_SCRATCH], order_pf, tokens)  # (tokens: not needed any more)
         admit_predicted(kind, order_pf[:m], I_next, F_next, state_next, disk_row_next, table_next, pf_job, out,
                         counts)
+        tel_next[tm.PREFETCH_ISSUED] += counts[N_PF]
+        tel_next[tm.PREFETCH_WASTED] += counts[PF_WASTED]
+        tel_next[tm.H2D_BYTES] += counts[N_PF] * record_bytes
+        tel_next[tm.DISK_BYTES] += counts[N_PF_FROM_DISK] * record_bytes
+    tel[tm.HITS] += counts[HITS]
+    tel[tm.MISSES] += counts[MISSES]
+    tel[tm.DEMAND_COPIES] += counts[DEMAND_COPIES]
+    tel[tm.PREFETCH_USED] += counts[PREFETCH_USED]
+    tel[tm.PREFETCH_WASTED] += counts[PREFETCH_WASTED]
+    tel[tm.CPU_COMPUTED] += counts[N_CPU]
+    tel[tm.H2D_BYTES] += (counts[N_DEMAND] + counts[N_BACK]) * record_bytes
+    tel[tm.DISK_BYTES] += counts[N_FROM_DISK] * record_bytes
 
 
 @njit
@@ -377,9 +395,10 @@ def warm_up() -> None:
     counts = np.zeros(N_COUNTS, dtype=np.int64)
     ids = np.array([[0, 1]], dtype=np.int64)
     rows = np.arange(experts, dtype=np.int64)
+    tel = np.zeros((2, len(tm.COUNTER_NAMES)), dtype=np.int64)
     layer_call(K_LRU, True, ids, 0.0, I, F, state, rows, table, 4, 5, ids, I, F, state, rows, table, 6,
                new_work(experts), np.zeros(experts, np.int8), out, counts, np.empty(ids.size, np.bool_),
-               np.empty((PAIR_ROWS, ids.size), np.int64))
+               np.empty((PAIR_ROWS, ids.size), np.int64), tel[0], tel[1], 8)
     job_landed(state, 1)
     skip = np.empty(ids.shape, dtype=np.bool_)
     split_pairs(ids, ids[0, :1], ids[0, 1:], np.zeros(experts, np.int8), rows, skip,

@@ -18,15 +18,22 @@ Counts are per distinct expert per MoE layer per forward call: at batch-1 decode
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
+
+import numpy as np
 
 COUNTER_NAMES = ("hits", "misses", "demand_copies", "prefetch_issued", "prefetch_used", "prefetch_wasted",
                  "cpu_computed", "h2d_bytes", "disk_bytes")
+#: columns of :attr:`Telemetry.counts`, in the order of :data:`COUNTER_NAMES`
+(HITS, MISSES, DEMAND_COPIES, PREFETCH_ISSUED, PREFETCH_USED, PREFETCH_WASTED, CPU_COMPUTED, H2D_BYTES,
+ DISK_BYTES) = range(len(COUNTER_NAMES))
 
 
 @dataclass
 class LayerCounters:
+    """One MoE layer's counters (or a sum of layers'), as :meth:`Telemetry.as_dict` reports them."""
+
     hits: int = 0
     misses: int = 0
     demand_copies: int = 0
@@ -43,24 +50,39 @@ class LayerCounters:
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
-@dataclass
 class Telemetry:
-    """Per-layer counters; :meth:`as_dict` is ``stats()["experts"]``."""
+    """Per-layer counters of one phase (prefill or decode); :meth:`as_dict` is ``stats()["experts"]``.
 
-    layers: list[LayerCounters] = field(default_factory=list)
+    ``counts [layers, len(COUNTER_NAMES)]`` (int64) is added to in place: a layer call's row
+    (``rows[j]``, a view made once) is passed to the runtime's compiled bookkeeping, which counts
+    there (no Python work per counter per call); ``stall_s`` (a list, one float per layer) holds
+    the host seconds spent waiting for copies.
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        self.counts = np.zeros((num_layers, len(COUNTER_NAMES)), dtype=np.int64)
+        self.rows = list(self.counts)
+        self.stall_s = [0.0] * num_layers
 
     @classmethod
     def for_layers(cls, n: int) -> Telemetry:
-        return cls([LayerCounters() for _ in range(n)])
+        return cls(n)
+
+    @property
+    def layers(self) -> list[LayerCounters]:
+        """A snapshot of every layer's counters."""
+        return [LayerCounters(*row, stall_s=stall) for row, stall in zip(self.counts.tolist(), self.stall_s)]
+
+    def add(self, other: Telemetry) -> None:
+        self.counts += other.counts
+        self.stall_s = [a + b for a, b in zip(self.stall_s, other.stall_s)]
 
     def total(self) -> LayerCounters:
-        out = LayerCounters()
-        for layer in self.layers:
-            out.add(layer)
-        return out
+        return LayerCounters(*self.counts.sum(axis=0).tolist(), stall_s=sum(self.stall_s))
 
     def reset(self) -> None:
-        self.layers = [LayerCounters() for _ in self.layers]
+        self.counts[:] = 0  # in place: the row views stay valid
+        self.stall_s = [0.0] * len(self.stall_s)
 
     def as_dict(self) -> dict[str, Any]:
         total = with_rates(asdict(self.total()))

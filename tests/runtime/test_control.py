@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from residency.runtime import control
+from residency.runtime import telemetry as tm
 from residency.runtime.copies import DEMAND, ThreadCopyEngine
 from residency.runtime.policy import POLICY_NAMES, make_policy
 
@@ -218,6 +219,8 @@ def test_layer_call_is_distinct_then_classify_then_split_pairs_then_the_look_ahe
     a, b = fresh(policy, 9), fresh(policy, 9)
     a_next, b_next = fresh(policy, 6, static=(3,)), fresh(policy, 6, static=(3,))
     admitted = 0
+    RB = 48  # record bytes
+    tel_a, tel = np.zeros((2, len(tm.COUNTER_NAMES)), np.int64), np.zeros((2, len(tm.COUNTER_NAMES)), np.int64)
     for step in range(40):
         T = 1 if step % 2 else 3
         ids = np.stack([rng.choice(E, K, replace=False) for _ in range(T)]).astype(np.int64)
@@ -252,7 +255,22 @@ def test_layer_call_is_distinct_then_classify_then_split_pairs_then_the_look_ahe
         work, scratch_pair = control.new_work(E), np.zeros(E, np.int8)
         control.layer_call(cache.kind, decode, ids, limit, cache._I, cache._F, state, disk_row, table, *jobs[:2],
                            predicted, cache_n._I, cache_n._F, state_n, disk_row, table_n, jobs[2],
-                           work, scratch_pair, out, counts, skip_b, pairs_b)
+                           work, scratch_pair, out, counts, skip_b, pairs_b, tel[0], tel[1], RB)
+        # the telemetry the call counted: this layer's lookups and copies, the next layer's look-ahead copies
+        C = control
+        tel_a[0, tm.HITS] += c[C.HITS]
+        tel_a[0, tm.MISSES] += c[C.MISSES]
+        tel_a[0, tm.DEMAND_COPIES] += c[C.DEMAND_COPIES]
+        tel_a[0, tm.PREFETCH_USED] += c[C.PREFETCH_USED]
+        tel_a[0, tm.PREFETCH_WASTED] += c[C.PREFETCH_WASTED]
+        tel_a[0, tm.CPU_COMPUTED] += len(lists["cpu"])
+        tel_a[0, tm.H2D_BYTES] += (len(lists["demand"]) + len(lists["back"])) * RB
+        tel_a[0, tm.DISK_BYTES] += sum(disk_row[e] < 0 for e in lists["demand"]) * RB
+        tel_a[1, tm.PREFETCH_ISSUED] += counts_a[C.N_PF]
+        tel_a[1, tm.PREFETCH_WASTED] += counts_a[C.PF_WASTED]
+        tel_a[1, tm.H2D_BYTES] += counts_a[C.N_PF] * RB
+        tel_a[1, tm.DISK_BYTES] += counts_a[C.N_PF_FROM_DISK] * RB
+        assert np.array_equal(tel, tel_a), (tel, tel_a)
         assert counts.tolist()[:control.N_PAIRS] == c[:control.N_PAIRS] and counts[control.N_PAIRS] == n_pairs
         assert lists_of(out, counts) == lists  # every output list: slots to compute, copies, staged, CPU, waits
         assert np.array_equal(a[1], state) and np.array_equal(a[2], table)
@@ -272,6 +290,9 @@ def test_layer_call_is_distinct_then_classify_then_split_pairs_then_the_look_ahe
         for state_ in (a[1], state, a_next[1], state_n):  # copies land between calls
             state_[control.JOB] = -1
     assert (admitted > 0) == (decode and policy != "static")  # the look-ahead admitted experts (decode only)
+    assert tel[0, tm.HITS] > 0 and tel[0, tm.MISSES] > 0
+    assert (tel[0, tm.H2D_BYTES] > 0) == (decode and policy != "static")  # (only a decode call admits experts)
+    assert (tel[1, tm.PREFETCH_ISSUED] > 0) == (admitted > 0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -156,3 +156,45 @@ def test_rows_of_disk_experts_are_minus_one():
     layout = ExpertLayout(2, 2, torch.float32)
     store = HostExpertStore(layout, 1, 6, disk=[[1, 4]])
     assert np.array_equal(store.row_of_expert[0], [0, -1, 1, 2, -1, 3])
+
+
+class _Work:
+    """What an MoE layer hands the runtime (the attributes of residency.model.moe.ExpertWork)."""
+
+    def __init__(self, ids, weights, latent):
+        self.ids, self.weights, self.latent, self.hidden = ids, weights, latent, latent
+        self.pair_norms = None
+        self.is_decode = True
+
+
+def test_cpu_parts_of_calls_submitted_before_either_is_collected_keep_their_own_pairs():
+    """The CPU pair lists are views of a workspace the next call reuses: a call submitted before the previous
+    one is collected must not change what that one computes."""
+    from residency.runtime.backend import LayerSlotPlan, OffloadRuntime, RuntimeOptions
+
+    layers, experts, k = 2, 12, 3
+    layout = ExpertLayout(6, 5, torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    works = [_Work(torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(3)]),
+                   torch.rand(3, k, generator=gen), torch.randn(3, 5, generator=gen)) for _ in range(layers)]
+
+    def runtime():
+        store = HostExpertStore(layout, layers, experts)
+        g = torch.Generator().manual_seed(1)
+        for buf in store.buffers:
+            buf.copy_(torch.randn(buf.shape, generator=g))
+        plans = [LayerSlotPlan((), 0, "cpu") for _ in range(layers)]
+        return OffloadRuntime(store, plans, DeviceLedger(torch.device("cpu"), None),
+                              RuntimeOptions(mode="cpu", prefetch=False, cpu_experts=True), None, k)
+
+    one_by_one, interleaved = runtime(), runtime()
+    try:
+        expect = [one_by_one.collect(j, one_by_one.submit(j, w), w).clone() for j, w in enumerate(works)]
+        pending = [interleaved.submit(j, w) for j, w in enumerate(works)]
+        got = [interleaved.collect(j, p, w) for j, (p, w) in enumerate(zip(pending, works))]
+        assert one_by_one.stats()["cpu_computed"] > 0 and expect[0].abs().sum() > 0
+        for a, b in zip(expect, got):
+            torch.testing.assert_close(b, a, rtol=0, atol=0)
+    finally:
+        one_by_one.close()
+        interleaved.close()
