@@ -216,17 +216,22 @@ class OffloadRuntime:
         self._open_part: _CpuPart | None = None  # a CPU part submitted, not yet collected
         self._ahead = [self._looks_ahead(j) for j in range(store.num_layers + 1)]  # per layer: predicted?
         self._on_cpu = self.device.type == "cpu"
+        # whether the slot tables the kernels read are device copies of the host tables the bookkeeping writes (CUDA,
+        # or mirror_tables): else nothing is flushed
+        self._mirrored = not self._on_cpu or options.mirror_tables
         self._store_views = [(store.up(j), store.down(j)) for j in range(store.num_layers)]  # up / down of each layer
         self._cpu_prepared: list = [None] * store.num_layers  # the CPU kernels' checked view of each layer's store
         # the CPU expert kernels of the store's format (imported here: their modules load numba kernels)
+        # (their unchecked entries: the runtime builds the inputs with the right types and shapes itself)
         if self.layout.quantized:
-            from .cpu_quant import cpu_moe_quant_prepared
+            from .cpu_quant import run_prepared_quant
 
-            self._cpu_call = cpu_moe_quant_prepared
+            self._cpu_call = run_prepared_quant
         else:
-            from .cpu_experts import cpu_moe_prepared
+            from .cpu_experts import run_prepared
 
-            self._cpu_call = cpu_moe_prepared
+            self._cpu_call = run_prepared
+        self._no_norms = np.empty(0, dtype=np.float32)  # the CPU kernels' norms argument when none are wanted
         control.warm_up()  # compile the bookkeeping now, not in the first decode step
         if max(self._cpu_limits) > 0:
             self._warm_cpu_kernels()
@@ -329,8 +334,11 @@ class OffloadRuntime:
     def _issue(self, j: int, cache: SlotCache, slots: np.ndarray, experts: np.ndarray, rows: np.ndarray,
                from_disk: int, job: int, priority: int) -> CopyTicket:
         """Issue job ``job`` (its slots' state already says so): ``experts`` into ``slots`` of the layer's bank."""
-        ticket = self._copy(j, cache.bank, slots, experts, rows, from_disk, priority, cache.marker)
-        cache.started(job, ticket)
+        if from_disk:
+            ticket = self._copy(j, cache.bank, slots, experts, rows, from_disk, priority, cache.marker)
+        else:  # (the common case, without _copy's call)
+            ticket = self.copies.copy_records(cache.bank, self.store.buffers[j], slots, rows, priority, cache.marker)
+        cache.jobs[job] = ticket
         return ticket
 
     def _gemm(self, *args, **kwargs) -> torch.Tensor:
@@ -447,7 +455,7 @@ class OffloadRuntime:
                                self._record_bytes)
             c = counts.tolist()
             n_gpu, n_demand, n_back, n_staged, n_cpu, n_wait = c[:control.HITS]
-            if n_demand or n_back:
+            if self._mirrored and (n_demand or n_back):
                 cache.mark_table_changed()
             if n_demand:
                 self._issue(j, cache, out[control.DEMAND_SLOT, :n_demand], out[control.DEMAND_EXPERT, :n_demand],
@@ -458,10 +466,11 @@ class OffloadRuntime:
             if predicted_h is not None:  # behind this call's copies, before its kernels are queued
                 n_pf = c[control.N_PF]
                 if n_pf:
-                    ahead.mark_table_changed()
                     self._issue(j + 1, ahead, out[control.PF_SLOT, :n_pf], out[control.PF_EXPERT, :n_pf],
                                 out[control.PF_ROW, :n_pf], c[control.N_PF_FROM_DISK], pf_job, PREFETCH)
-                    ahead.flush_table()
+                    if self._mirrored:
+                        ahead.mark_table_changed()
+                        ahead.flush_table()
             # views of the workspace: used within this call only
             staged, cpu = out[control.STAGED, :n_staged], out[control.CPU, :n_cpu]
             n_pairs = c[control.N_PAIRS] if n_cpu else 0
@@ -476,19 +485,22 @@ class OffloadRuntime:
             x_h, w_h = host_fp32(work.latent, work.weights, merged=not self._on_cpu)
             listed = pairs[:, :n_pairs]  # views of the workspace (see own_pairs)
             cpu_part = _CpuPart(j, listed[control.PAIR_TOKEN], listed[control.PAIR_PICK], listed[control.PAIR_ROW],
-                                x_h, w_h.reshape(-1).take(listed[control.PAIR_FLAT]))
+                                x_h, w_h.take(listed[control.PAIR_FLAT]))  # (take flattens a C array)
             self._open_part = cpu_part
 
         written = cache is None or n_gpu > 0  # the slot-bank launch writes every row of acc
         # its mask goes to the device ahead of the waits for copies below (on CUDA a small copy on the compute stream)
         skip = self._skip_tensor(ids_h.shape, work.ids.device) if written and parts else None
         if cache is not None:
-            cache.flush_table()
+            if self._mirrored:
+                cache.flush_table()
             if wait_jobs is not None:
                 phase.stall_s[j] += cache.wait(wait_jobs)
             if self.options.verify:
                 cache.check_resident(out[control.GPU_SLOT, :n_gpu], out[control.GPU_EXPERT, :n_gpu])
-        acc = torch.empty_like(work.latent, dtype=torch.float32) if parts else None
+        # (C-contiguous whatever the latent's strides: the CPU kernels add into it as a [T, L] array)
+        acc = (torch.empty_like(work.latent, dtype=torch.float32, memory_format=torch.contiguous_format)
+               if parts else None)
         if written:
             acc = self._gemm(work.latent, up, down, table, work.ids, work.weights, skip, out=acc,
                              pair_norms=work.pair_norms)
@@ -563,7 +575,7 @@ class OffloadRuntime:
         """
         out = torch.zeros(part.x.shape, dtype=torch.float32) if into is None else None
         target = out.numpy() if into is None else into
-        norms = np.full(part.tokens.size, np.nan, dtype=np.float32) if want_norms else None
+        norms = np.full(part.tokens.size, np.nan, dtype=np.float32) if want_norms else self._no_norms
         j = part.layer
         prepared = self._cpu_prepared[j]
         if prepared is None:  # checked once per layer: the store's buffers never change
@@ -577,7 +589,7 @@ class OffloadRuntime:
                 prepared = prepare_banks(*self._store_views[j])
             self._cpu_prepared[j] = prepared
         self._cpu_call(prepared, part.x, part.tokens, part.rows, part.weights, target, norms)
-        return out, norms
+        return out, norms if want_norms else None
 
     def _looks_ahead(self, j: int) -> bool:
         """Whether decode calls predict layer ``j``'s experts (it exists and has dynamic slots to fill)."""

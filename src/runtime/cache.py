@@ -72,13 +72,9 @@ class SlotCache:
 
     # ------------------------------------------------------------------ jobs
     def new_job(self) -> int:
-        """A fresh job id for slots about to be filled (registered with :meth:`started` once issued)."""
+        """A fresh job id for slots about to be filled (in ``jobs`` with its ticket once issued)."""
         self._next_job += 1
         return self._next_job
-
-    def started(self, job: int, ticket: CopyTicket) -> None:
-        """Job ``job`` (already written into its slots' state) was issued as ``ticket``."""
-        self.jobs[job] = ticket
 
     def assign_static(self, job: int) -> np.ndarray:
         """State and table for the static experts in slots ``0 .. len(static)-1`` (job ``job``); returns the slots."""

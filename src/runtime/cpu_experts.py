@@ -430,10 +430,15 @@ def cpu_moe_prepared(banks: PreparedBanks, x: np.ndarray, pairs_token: np.ndarra
     caller guarantees ``0 <= token < T`` and ``0 <= expert < num_experts``.
     """
     norms = check_prepared_call(x, out, banks.latent, pairs_token, pairs_expert, pairs_weight, pair_norms)
-    if norms is None:
-        return
-    x = x.view()
-    x.flags.writeable = False
+    if norms is not None:
+        run_prepared(banks, x, pairs_token, pairs_expert, pairs_weight, out, norms)
+
+
+def run_prepared(banks: PreparedBanks, x: np.ndarray, pairs_token: np.ndarray, pairs_expert: np.ndarray,
+                 pairs_weight: np.ndarray, out: np.ndarray, norms: np.ndarray) -> None:
+    """:func:`cpu_moe_prepared` without its checks, for the offload runtime, whose inputs have those types by
+    construction (its latent and sum buffers, its pair lists): at least one pair, ``norms`` empty when not
+    wanted. Wrong types or shapes here read or write out of bounds."""
     _cpu_moe_kernel(x, banks.up, banks.up_expert_stride, banks.up_row_stride, banks.down, banks.down_expert_stride,
                     banks.down_row_stride, banks.inter, pairs_token, pairs_expert, pairs_weight, out, norms,
                     banks.up_rows_per_task, banks.down_rows_per_task)

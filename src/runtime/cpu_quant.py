@@ -869,10 +869,17 @@ def cpu_moe_quant_prepared(records: PreparedRecords, x: np.ndarray, pairs_token:
     int64 / float32 of one length); indices are *not* range-checked: the caller guarantees
     ``0 <= token < T`` and ``0 <= record < num_records``.
     """
+    norms = check_prepared_call(x, out, records.layout.width, pairs_token, pairs_record, pairs_weight, pair_norms)
+    if norms is not None:
+        run_prepared_quant(records, x, pairs_token, pairs_record, pairs_weight, out, norms)
+
+
+def run_prepared_quant(records: PreparedRecords, x: np.ndarray, pairs_token: np.ndarray, pairs_record: np.ndarray,
+                       pairs_weight: np.ndarray, out: np.ndarray, norms: np.ndarray) -> None:
+    """:func:`cpu_moe_quant_prepared` without its checks, for the offload runtime, whose inputs have those types
+    by construction: at least one pair, ``norms`` empty when not wanted. Wrong types or shapes here read or
+    write out of bounds."""
     r = records
-    norms = check_prepared_call(x, out, r.layout.width, pairs_token, pairs_record, pairs_weight, pair_norms)
-    if norms is None:
-        return
     e2m1, e4m3, t16 = r.tables
     _cpu_moe_quant_kernel(x, r.flat, r.words, r.floats, r.halves, r.layout.record_bytes, _FORMAT_TAGS[r.fmt], r.fmt,
                           r.layout.inner, r.up_params, r.down_params, r.layout.spec.symmetric, r.scale_bits, e2m1,
