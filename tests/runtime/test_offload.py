@@ -79,6 +79,13 @@ def test_offloaded_equals_resident(case, size, cpu, prefetch):
             assert experts["cpu_computed"] == experts["misses"]
         if not cpu:
             assert experts["cpu_computed"] == 0
+            # every byte moved is one record per demand copy (staging included) or look-ahead copy, per layer too
+            record = model.runtime.layout.record_bytes
+            for counts in [experts, *experts["per_layer"]]:
+                assert counts["h2d_bytes"] == (counts["demand_copies"] + counts["prefetch_issued"]) * record
+        else:  # ... plus the background copies of admitted CPU misses
+            assert experts["h2d_bytes"] >= (experts["demand_copies"] + experts["prefetch_issued"]) * (
+                model.runtime.layout.record_bytes)
         if not prefetch:
             assert experts["prefetch_issued"] == 0
         # batch-1 decode: every step looks up top_k distinct experts per MoE layer
