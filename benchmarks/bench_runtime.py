@@ -13,8 +13,8 @@ slot-table updates, skip masks and telemetry (the look-ahead router's own comput
 Each case runs twice: with the cpu device's copy thread (a copy's hand-over to that thread and the
 GIL is part of the cost) and with copies done inline at issue (the runtime's own work per miss, as
 on CUDA where a copy is an asynchronous stream operation). With misses computed on the CPU, the
-part of it spent in the CPU part's call around its stubbed kernel (the prepared call and its
-checks, the sum's buffer) is also shown on its own. Every case runs ``--repeats`` times,
+part of it spent in the CPU part's call around its stubbed kernel (the calls into it, the norms
+and sum arguments) is also shown on its own. Every case runs ``--repeats`` times,
 interleaved with the others; the table gives the run with the lowest median and the range of
 the runs' medians (on a shared machine, load from elsewhere only ever adds time). Target:
 <= 25 us per MoE layer per decode step.
@@ -128,7 +128,7 @@ def run_case(slots_per_layer: int, prefetch: bool, steps: int, seed: int = 0, st
 
     backend_module.moe_gather_gemm = timed_kernel
     # misses computed on the CPU: the compiled expert kernel is stubbed too (its compute is not bookkeeping;
-    # the Python around it, checks included, is)
+    # the Python around it is)
     cpu_kernel_s = [0.0]
     real_cpu_kernel = cpu_experts_module._cpu_moe_kernel
 
@@ -138,7 +138,7 @@ def run_case(slots_per_layer: int, prefetch: bool, steps: int, seed: int = 0, st
         cpu_kernel_s[0] += time.perf_counter() - t0
 
     cpu_experts_module._cpu_moe_kernel = timed_cpu_kernel
-    # the CPU part's set-up around that kernel (prepared call, its checks, the result's add) is timed apart too
+    # the CPU part's set-up around that kernel (the call into it, its buffers) is timed apart too
     cpu_part_s = [0.0]
     real_cpu_compute = runtime._cpu_compute
 

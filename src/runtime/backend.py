@@ -138,7 +138,7 @@ class _CpuPart:
 class _Pending:
     """What ``submit`` started and ``collect`` finishes."""
 
-    out: torch.Tensor  # [T, L] GPU part (latent dtype)
+    out: torch.Tensor  # [T, L] GPU part: latent dtype, or fp32 when staged or CPU parts are added to it
     cpu: _CpuPart | None
 
 

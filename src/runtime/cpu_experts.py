@@ -316,7 +316,8 @@ def _span(bank: np.ndarray) -> tuple[np.ndarray, int, int]:
     item = bank.itemsize
     e_stride, row_stride = bank.strides[0] // item, bank.strides[1] // item
     length = (bank.shape[0] - 1) * e_stride + (bank.shape[1] - 1) * row_stride + bank.shape[2]
-    # Read-only, like x below: the kernel never writes them, and one array type means one compilation.
+    # Read-only: the kernel never writes them, and one array type means one compilation (x and out are passed
+    # as the caller has them: writable, from the runtime).
     span = np.lib.stride_tricks.as_strided(bank, shape=(length,), strides=(item,), writeable=False)
     return span, e_stride, row_stride
 
@@ -442,8 +443,6 @@ def run_prepared(banks: PreparedBanks, x: np.ndarray, pairs_token: np.ndarray, p
     _cpu_moe_kernel(x, banks.up, banks.up_expert_stride, banks.up_row_stride, banks.down, banks.down_expert_stride,
                     banks.down_row_stride, banks.inter, pairs_token, pairs_expert, pairs_weight, out, norms,
                     banks.up_rows_per_task, banks.down_rows_per_task)
-
-
 
 
 def _upcast(bank: np.ndarray) -> torch.Tensor:

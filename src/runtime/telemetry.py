@@ -14,6 +14,10 @@ Counts are per distinct expert per MoE layer per forward call: at batch-1 decode
 - ``cpu_computed``: missed experts computed on the CPU from host memory;
 - ``h2d_bytes``: bytes copied host → device; ``disk_bytes``: bytes read from the checkpoint on demand;
 - ``stall_s``: host time spent waiting for copies (on CUDA the wait is on the device and shows as 0).
+
+Copies are counted when a layer call decides them, before they are issued: if the call then
+raises, the copies it had not issued yet stay counted, and :meth:`OffloadRuntime.repair
+<residency.runtime.backend.OffloadRuntime.repair>` moves their bytes before the error reaches the caller.
 """
 
 from __future__ import annotations
