@@ -22,7 +22,7 @@ raises, the copies it had not issued yet stay counted, and :meth:`OffloadRuntime
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -48,10 +48,6 @@ class LayerCounters:
     h2d_bytes: int = 0
     disk_bytes: int = 0
     stall_s: float = 0.0
-
-    def add(self, other: LayerCounters) -> None:
-        for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
 class Telemetry:
@@ -92,12 +88,6 @@ class Telemetry:
         total = with_rates(asdict(self.total()))
         total["per_layer"] = [with_rates(asdict(layer)) for layer in self.layers]
         return total
-
-    @property
-    def hit_rate(self) -> float | None:
-        t = self.total()
-        looked = t.hits + t.misses
-        return t.hits / looked if looked else None
 
 
 def with_rates(counts: dict[str, Any]) -> dict[str, Any]:
