@@ -31,6 +31,10 @@ layer:
    expert), in the same compiled call as this layer's own bookkeeping (:func:`control.layer_call`),
    and copied at prefetch priority behind every demand copy, before the call's kernels are queued.
 
+Unified memory: the kernels read the store's records in place through a fixed table; experts left
+on disk are staged. A layer with no expert on disk needs no host decision in a one-token call, so
+there its routing ids are not read on the host at all (hits are the token's top-k experts).
+
 Exactness: routing is never changed; every routed pair is computed once, on the GPU or the CPU. A
 copy that failed, or one never issued because an error or interrupt came between a slot's
 admission and its copy, is repaired (:meth:`OffloadRuntime.repair`) before the error propagates.
@@ -215,6 +219,8 @@ class OffloadRuntime:
         self._skip_views: dict[tuple[int, ...], torch.Tensor] = {}  # see _skip_tensor
         self._open_part: _CpuPart | None = None  # a CPU part submitted, not yet collected
         self._ahead = [self._looks_ahead(j) for j in range(store.num_layers + 1)]  # per layer: predicted?
+        # per layer: unified memory with no expert on disk (a call never stages, see _submit)
+        self._in_place = [options.mode == "unified" and bool((rows >= 0).all()) for rows in store.row_of_expert]
         self._on_cpu = self.device.type == "cpu"
         # whether the slot tables the kernels read are device copies of the host tables the bookkeeping writes (CUDA,
         # or mirror_tables): else nothing is flushed
@@ -401,6 +407,13 @@ class OffloadRuntime:
         decode = work.is_decode
         phase = self.telemetry["decode" if decode else "prefill"]
         tel = phase.rows[j]  # this layer's counters, added to in place (by layer_call, mostly)
+        if self._in_place[j] and work.ids.shape[0] == 1:
+            # unified memory with every expert of the layer in RAM, one token: the kernel reads the store in place
+            # through its fixed table and the token's top-k experts are distinct hits, so nothing is read on the
+            # host (no device-to-host wait in a decode step)
+            tel[tm.HITS] += work.ids.shape[1]
+            return _Pending(self._gemm(work.latent, *self._store_views[j], self.unified_tables[j], work.ids,
+                                       work.weights, None, pair_norms=work.pair_norms), None)
         predicted_h = None
         if decode and self._ahead[j + 1]:
             # the next MoE layer's router on this layer's hidden state, read to the host with this call's ids:

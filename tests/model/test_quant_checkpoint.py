@@ -112,6 +112,15 @@ def test_quantized_logits_equal_the_dequantized_model_resident_and_offloaded(cas
     assert rel(cpu(IDS), expected) <= 1e-5 and cpu.stats()["experts"]["cpu_computed"] > 0
     runtime.close()
     cpu.runtime.close()
+    # unified memory with every packed record in RAM: decode steps read the store in place, no host routing
+    everything = need.total + 2 * ckpt.total_bytes
+    unified = OffloadedNemotron.from_pretrained(folder, device="cpu", vram_budget=f"{everything}B", quiet=True,
+                                                runtime_options={"mode": "unified"})
+    assert all(unified.runtime._in_place)
+    assert torch.equal(unified.generate(IDS, max_new_tokens=4, temperature=0, stop_at_eos=False),
+                       reference.generate(IDS, max_new_tokens=4, temperature=0, stop_at_eos=False))
+    assert unified.stats()["experts"]["by_phase"]["decode"]["hits"] == 3 * c.num_experts_per_tok * c.num_moe_layers
+    unified.runtime.close()
 
 
 def test_dense_modules_stay_quantized_and_compute_bit_for_bit(quantized, tmp_path):

@@ -116,6 +116,29 @@ def test_unified_mode_reads_the_store_in_place_and_equals_resident(case, cpu_exp
         model.runtime.close()
 
 
+def test_unified_decode_with_every_expert_in_ram_reads_no_routing_on_the_host(case, monkeypatch):
+    """With every expert in RAM a unified-memory decode step needs no host decision: its MoE layers read no
+    routing ids on the host (on a GPU, no device-to-host wait per layer), count the token's top-k experts as
+    hits and still give the resident answers."""
+    folder, resident, ids, logits, tokens = case
+    record = fixed_bytes(resident.config, torch.float32, context=CONTEXT).layout.record_bytes
+    model = load(folder, budgets(resident.config)["all"] + 8 * record, runtime_options={"mode": "unified"})
+    try:
+        runtime = model.runtime
+        assert all(runtime._in_place)  # (the budget holds every expert)
+        read, real = [], runtime._ids_on_host
+        monkeypatch.setattr(runtime, "_ids_on_host", lambda t: read.append(tuple(t.shape)) or real(t))
+        assert rel(model(ids), logits) <= 1e-5
+        assert torch.equal(model.generate(ids, max_new_tokens=NEW_TOKENS, temperature=0, stop_at_eos=False), tokens)
+        assert read and all(shape[0] > 1 for shape in read)  # only the prompt's calls read their ids
+        decode = model.stats()["experts"]["by_phase"]["decode"]
+        c = resident.config
+        assert decode["hits"] == c.num_experts_per_tok * c.num_moe_layers * (NEW_TOKENS - 1)
+        assert decode["misses"] == decode["h2d_bytes"] == decode["disk_bytes"] == 0
+    finally:
+        runtime.close()
+
+
 def test_a_budget_below_the_smallest_feasible_is_refused_with_the_breakdown(case):
     folder, resident, *_ = case
     smallest = budgets(resident.config)["smallest"]
