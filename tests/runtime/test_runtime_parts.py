@@ -198,3 +198,30 @@ def test_cpu_parts_of_calls_submitted_before_either_is_collected_keep_their_own_
     finally:
         one_by_one.close()
         interleaved.close()
+
+
+def test_record_copies_through_copy_many_use_each_matrix_rows_made_once():
+    """The CUDA engine's record copies (the base CopyEngine.copy_records) copy the right rows, through row views
+    made once per bank or buffer, and never serve one matrix's views for another."""
+    from residency.runtime.copies import CopyEngine, CopyTicket
+
+    class Synchronous(CopyEngine):
+        def __init__(self):
+            self.sources = []
+
+        def copy_many(self, jobs, priority=DEMAND):
+            for dst, src, _ in jobs:
+                dst.copy_(src)
+                self.sources.append(src)
+            return CopyTicket(0)
+
+    engine = Synchronous()
+    src = torch.arange(40 * 6, dtype=torch.float32).reshape(40, 6)
+    for _ in range(2):
+        dst = torch.full((5, 6), float("nan"))
+        engine.copy_records(dst, src, np.array([4, 0, 2]), np.array([7, 39, 0]))
+        assert torch.equal(dst[[4, 0, 2]], src[[7, 39, 0]]) and dst[[1, 3]].isnan().all()
+    assert engine.sources[0] is engine.sources[3]  # the same row view both times
+    other = src + 1000  # another buffer: its own rows
+    engine.copy_records(dst, other, np.array([1]), np.array([7]))
+    assert torch.equal(dst[1], other[7])
