@@ -308,3 +308,34 @@ def test_on_cuda_offloaded_tokens_equal_the_resident_run(tmp_path, cpu_experts):
             assert model.stats()["memory"]["device_allocated_bytes"] <= budget
         finally:
             model.runtime.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_unified_mode_equals_the_resident_run_and_decodes_without_host_routing(tmp_path, monkeypatch):
+    """Unified mode on a CUDA device (on a discrete GPU the store is device memory; the code path is DGX Spark's):
+    with part of the experts on disk it stages them; with every expert in RAM its decode steps read no routing
+    ids on the host. bf16: tokens compared (greedy), logits to bf16 tolerance."""
+    folder = write_tiny_checkpoint(tmp_path / "ckpt", seed=5, dtype=torch.bfloat16, **CONFIGS["tiny"])
+    resident = OffloadedNemotron.from_pretrained(folder, device="cuda")
+    ids = torch.randint(3, 256, (1, 21), generator=torch.Generator().manual_seed(0))
+    logits = resident(ids)
+    tokens = resident.generate(ids, max_new_tokens=32, temperature=0, stop_at_eos=False).cpu()
+    fixed = fixed_bytes(resident.config, torch.bfloat16, context=CONTEXT)
+    total = resident.config.num_moe_layers * resident.config.n_routed_experts
+    for share in (0.5, 1.5):  # (with margin: unified mode keeps the embedding table in the one pool)
+        budget = fixed.total + int(share * total) * fixed.layout.record_bytes
+        model = OffloadedNemotron.from_pretrained(folder, device="unified", vram_budget=f"{budget}B",
+                                                  context=CONTEXT, quiet=True)
+        runtime = model.runtime
+        try:
+            assert runtime.options.mode == "unified" and all(runtime._in_place) == (share > 1)
+            read, real = [], runtime._ids_on_host
+            monkeypatch.setattr(runtime, "_ids_on_host",
+                                lambda t, read=read, real=real: read.append(tuple(t.shape)) or real(t))
+            assert rel(model(ids).float().cpu(), logits.float().cpu()) <= 2e-3, share
+            got = model.generate(ids, max_new_tokens=32, temperature=0, stop_at_eos=False).cpu()
+            assert torch.equal(got, tokens), share
+            assert any(shape[0] == 1 for shape in read) == (share < 1), share  # one-token calls read ids?
+        finally:
+            runtime.close()
