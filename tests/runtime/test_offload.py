@@ -282,21 +282,28 @@ def test_bf16_offloaded_parts_are_summed_in_fp32_and_rounded_once(tmp_path):
             model.runtime.close()
 
 
+def cuda_reference(tmp_path, new_tokens):
+    """The tiny checkpoint in bf16, resident on CUDA: (folder, prompt, its logits, ``new_tokens`` greedy tokens,
+    ``budget_for(share)``: the bytes that hold that share of all experts besides what runs anyway)."""
+    folder = write_tiny_checkpoint(tmp_path / "ckpt", seed=5, dtype=torch.bfloat16, **CONFIGS["tiny"])
+    resident = OffloadedNemotron.from_pretrained(folder, device="cuda")
+    ids = torch.randint(3, 256, (1, 21), generator=torch.Generator().manual_seed(0))
+    logits = resident(ids)
+    tokens = resident.generate(ids, max_new_tokens=new_tokens, temperature=0, stop_at_eos=False).cpu()
+    fixed = fixed_bytes(resident.config, torch.bfloat16, context=CONTEXT)
+    total = resident.config.num_moe_layers * resident.config.n_routed_experts
+    return folder, ids, logits, tokens, lambda share: fixed.total + int(share * total) * fixed.layout.record_bytes
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("cpu_experts", [False, True])
 def test_on_cuda_offloaded_tokens_equal_the_resident_run(tmp_path, cpu_experts):
     """The CUDA path: copy streams and events, release markers, slot tables copied from their host copies,
     staging rounds and look-ahead; bf16, so tokens are compared (greedy) and logits to bf16 tolerance."""
-    folder = write_tiny_checkpoint(tmp_path / "ckpt", seed=5, dtype=torch.bfloat16, **CONFIGS["tiny"])
-    resident = OffloadedNemotron.from_pretrained(folder, device="cuda")
-    ids = torch.randint(3, 256, (1, 21), generator=torch.Generator().manual_seed(0))
-    logits = resident(ids)
-    tokens = resident.generate(ids, max_new_tokens=48, temperature=0, stop_at_eos=False).cpu()
-    fixed = fixed_bytes(resident.config, torch.bfloat16, context=CONTEXT)
-    total = resident.config.num_moe_layers * resident.config.n_routed_experts
+    folder, ids, logits, tokens, budget_for = cuda_reference(tmp_path, 48)
     for share in (0.0, 0.25, 1.0):
-        budget = fixed.total + int(share * total) * fixed.layout.record_bytes
+        budget = budget_for(share)
         model = OffloadedNemotron.from_pretrained(folder, device="cuda", vram_budget=f"{budget}B", context=CONTEXT,
                                                   cpu_experts=cpu_experts, quiet=True)
         try:
@@ -316,16 +323,9 @@ def test_on_cuda_unified_mode_equals_the_resident_run_and_decodes_without_host_r
     """Unified mode on a CUDA device (on a discrete GPU the store is device memory; the code path is DGX Spark's):
     with part of the experts on disk it stages them; with every expert in RAM its decode steps read no routing
     ids on the host. bf16: tokens compared (greedy), logits to bf16 tolerance."""
-    folder = write_tiny_checkpoint(tmp_path / "ckpt", seed=5, dtype=torch.bfloat16, **CONFIGS["tiny"])
-    resident = OffloadedNemotron.from_pretrained(folder, device="cuda")
-    ids = torch.randint(3, 256, (1, 21), generator=torch.Generator().manual_seed(0))
-    logits = resident(ids)
-    tokens = resident.generate(ids, max_new_tokens=32, temperature=0, stop_at_eos=False).cpu()
-    fixed = fixed_bytes(resident.config, torch.bfloat16, context=CONTEXT)
-    total = resident.config.num_moe_layers * resident.config.n_routed_experts
+    folder, ids, logits, tokens, budget_for = cuda_reference(tmp_path, 32)
     for share in (0.5, 1.5):  # (with margin: unified mode keeps the embedding table in the one pool)
-        budget = fixed.total + int(share * total) * fixed.layout.record_bytes
-        model = OffloadedNemotron.from_pretrained(folder, device="unified", vram_budget=f"{budget}B",
+        model = OffloadedNemotron.from_pretrained(folder, device="unified", vram_budget=f"{budget_for(share)}B",
                                                   context=CONTEXT, quiet=True)
         runtime = model.runtime
         try:
