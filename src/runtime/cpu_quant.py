@@ -726,12 +726,7 @@ def _check(x: Any, layout: ExpertRecordLayout, records: Any, pairs_token: Any, p
         raise ValueError(f"out must be a writeable array shaped like x {x.shape}, got {out.shape}")
     if x.shape[1] != layout.width:
         raise ValueError(f"x has {x.shape[1]} features, the experts take {layout.width}")
-    bank = _as_array(records, "records")
-    if bank.ndim != 2 or bank.dtype != np.uint8 or bank.shape[1] != layout.record_bytes or not bank.flags.c_contiguous:
-        raise ValueError(f"records must be a C-contiguous [records, {layout.record_bytes}] uint8 array, got "
-                         f"{bank.shape} {bank.dtype}")
-    if bank.ctypes.data % 16:
-        raise ValueError("records must start at a 16-byte aligned address (the runtime's buffers are)")
+    bank = _check_records(layout, records)
     tokens, recs, weights = (np.asarray(_as_array(a, n)) for a, n in
                              ((pairs_token, "pairs_token"), (pairs_record, "pairs_record"),
                               (pairs_weight, "pairs_weight")))
@@ -847,17 +842,22 @@ def _prepare(layout: ExpertRecordLayout, bank: np.ndarray) -> PreparedRecords:
         np.float32({_NVFP4: 1.0 / _E2M1_SHIFT, _FP8: 1.0 / _E4M3_SHIFT, _W4A16: 1.0}[fmt]))
 
 
-def prepare_records(layout: ExpertRecordLayout, records: Any) -> PreparedRecords:
-    """Check a layer's records once (as :func:`cpu_moe_quant` does every call) and derive the kernel's
-    constants, for repeated :func:`cpu_moe_quant_prepared` calls: a store's buffers never change, and
-    the checks and set-up cost about 25 µs a call."""
+def _check_records(layout: ExpertRecordLayout, records: Any) -> np.ndarray:
+    """``records`` as the C-contiguous, 16-byte aligned ``[records, record_bytes]`` uint8 array the kernel reads."""
     bank = _as_array(records, "records")
     if bank.ndim != 2 or bank.dtype != np.uint8 or bank.shape[1] != layout.record_bytes or not bank.flags.c_contiguous:
         raise ValueError(f"records must be a C-contiguous [records, {layout.record_bytes}] uint8 array, got "
                          f"{bank.shape} {bank.dtype}")
     if bank.ctypes.data % 16:
         raise ValueError("records must start at a 16-byte aligned address (the runtime's buffers are)")
-    return _prepare(layout, bank)
+    return bank
+
+
+def prepare_records(layout: ExpertRecordLayout, records: Any) -> PreparedRecords:
+    """Check a layer's records once (as :func:`cpu_moe_quant` does every call) and derive the kernel's
+    constants, for repeated :func:`cpu_moe_quant_prepared` calls: a store's buffers never change, and
+    the checks and set-up cost about 25 µs a call."""
+    return _prepare(layout, _check_records(layout, records))
 
 
 def cpu_moe_quant_prepared(records: PreparedRecords, x: np.ndarray, pairs_token: np.ndarray,
