@@ -105,8 +105,9 @@ def check(arch: int) -> list[dict]:
 
 
 def _quant_variants(record, table) -> None:
-    """The quantized MoE kernels: decode per format (and W4A16 asymmetric), prefill per format in bf16, and
-    NVFP4 prefill in fp32 (8 decode + 8 prefill variants)."""
+    """The quantized MoE kernels: decode per format (and W4A16 asymmetric), prefill per format in bf16 (W4A16 with
+    its group scales per tile and with dequantized tiles), and NVFP4 prefill in fp32 (8 decode + 10 prefill
+    variants)."""
     import triton.language as tl
 
     from .moe import quant_gather_gemm_kernels as quant
@@ -134,21 +135,25 @@ def _quant_variants(record, table) -> None:
                 num_warps=tile.num_warps, num_stages=tile.num_stages,
             )  # fmt: skip
     prefill = table.config("prefill", 256)
-    variants = [(name, "bf16") for name in ("nvfp4", "fp8", "w4a16-asym")] + [("nvfp4", "fp32")]
-    for name, dtype in variants:
+    # (name, dtype, W4A16 scales per tile: the usual groups; dequantized tiles: groups no tile of 16+ divides)
+    variants = [("nvfp4", "bf16", False), ("fp8", "bf16", False), ("w4a16-asym", "bf16", True),
+                ("w4a16-asym", "bf16", False), ("nvfp4", "fp32", False)]
+    for name, dtype, per_tile in variants:
         fmt, pack, data, scale, scale2, zero, sym = formats[name]
         compute = tl.bfloat16 if dtype == "bf16" else tl.float32
+        label = f"{name}.{dtype}" + (".dequantized-tiles" if fmt == 2 and not per_tile else "")
         for proj, tile, a, c, row_div in (("up", prefill.up, f"*{dtype}", f"*{dtype}", TOP_K),
                                           ("down", prefill.down, f"*{dtype}", "*fp32", 1)):  # fmt: skip
             record(
-                f"quant.prefill.{name}.{dtype}.{proj}", quant.moe_quant_gemm_prefill_kernel,
+                f"quant.prefill.{label}.{proj}", quant.moe_quant_gemm_prefill_kernel,
                 {"a": a, "data": data, "scale": scale, "scale2": scale2, "zero": zero, "c": c,
                  "sorted_pair_ids": "*i32", "block_slot": "*i32", "num_rows": "*i32", "topk_weights": "*fp32",
                  "N": "i32D", "K": "i32D", "GROUP": "i32D", "P": "i32", "num_blocks": "i32", "stride_am": "i32D",
                  "stride_ak": "i32", **strides},
                 {"stride_ak": 1, "A_ROW_DIV": row_div, "RELU2": proj == "up", "MUL_WEIGHT": proj == "down",
                  "FORMAT": fmt, "PACK": pack, "SYMMETRIC": sym, "COMPUTE_DTYPE": compute,
-                 "DOT_PRECISION": "tf32" if dtype == "bf16" else "ieee", "BLOCK_M": prefill.BLOCK_M,
+                 "DOT_PRECISION": "tf32" if dtype == "bf16" else "ieee", "SCALE_PER_TILE": per_tile,
+                 "BLOCK_M": prefill.BLOCK_M,
                  "BLOCK_N": tile.BLOCK_N, "BLOCK_K": tile.BLOCK_K, "GROUP_M": tile.GROUP_M},
                 num_warps=tile.num_warps, num_stages=tile.num_stages,
             )  # fmt: skip

@@ -149,6 +149,70 @@ def test_missing_expert_raises_when_checked_and_poisons_unchecked(path, device):
     assert out[hit].isnan().all() and not out[~hit].isnan().any()
 
 
+@pytest.mark.parametrize("name", ["w4a16-g8-asym", "w4a16-g12"])
+def test_w4a16_groups_no_dot_tile_divides_dequantize_then_dot(name, device, monkeypatch):
+    """On a GPU, W4A16 groups that no K tile of at least 16 divides take the dequantize-then-dot tiles (the
+    interpreter would take any tile): that branch of the prefill kernel, run here, equals the reference too."""
+    import residency.kernels.moe.quant_gather_gemm as quant_gemm
+
+    monkeypatch.setattr(quant_gemm, "_scale_tiles", lambda w, block_k: (block_k, False))
+    problem = make_problem(SPECS[name], *shapes_for(name)[1], device=device)
+    assert_close(run(problem, "prefill"), moe_gather_gemm_quant_reference(*problem))
+
+
+def test_prefill_tiles_keep_w4a16_scales_out_of_the_dot(monkeypatch):
+    """The K tile of the quantized prefill: W4A16 tiles lie in one scale group where a power of two >= 16 divides
+    the group (its scale then multiplies the tile's fp32 product), else the configured tile dequantizes."""
+    import residency.kernels.moe.quant_gather_gemm as quant_gemm
+
+    def tiles(spec, block_k, k=256):
+        layout = ExpertRecordLayout(spec, 32, k)
+        return quant_gemm._scale_tiles(layout.up(torch.zeros(1, layout.record_bytes, dtype=torch.uint8)), block_k)
+
+    w4 = lambda group: QuantSpec("w4a16", group_size=group)  # noqa: E731
+    assert tiles(w4(12), 16) == (4, True)  # the interpreter takes any tile
+    monkeypatch.setattr(quant_gemm, "interpret_mode", lambda: False)
+    assert tiles(w4(128), 64) == (64, True) and tiles(w4(128), 256) == (128, True)
+    assert tiles(w4(32), 64) == (32, True) and tiles(w4(48), 64) == (16, True)
+    assert tiles(w4(8), 32) == (32, False) and tiles(w4(12), 16) == (16, False)
+    assert tiles(w4(None), 64) == (64, True) and tiles(w4(64), 32, k=40) == (32, True)  # one group per row
+    assert tiles(QuantSpec("nvfp4"), 64) == (64, False) and tiles(QuantSpec("fp8"), 32) == (32, False)
+
+
+def test_dequantized_tiles_are_exact_in_16_bits():
+    """What the prefill kernel hands a 16-bit ``tl.dot``: every E2M1 x E4M3 product (NVFP4 without its per-tensor
+    scale), every E4M3 value (FP8 without its scale) and every q - z (W4A16 without its group scale) is exact in
+    bf16 and fp16, so on a GPU only the intermediate is rounded."""
+    e2m1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    e2m1 = torch.cat([e2m1, -e2m1])
+    e4m3 = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
+    e4m3 = e4m3[e4m3.isfinite()]
+    q_minus_z = torch.arange(-15, 16, dtype=torch.float32)
+    for values in ((e2m1[:, None] * e4m3[None, :]).flatten(), e4m3, q_minus_z):
+        for dtype in (torch.bfloat16, torch.float16):
+            assert torch.equal(values.to(dtype).float(), values)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["nvfp4", "fp8", "w4a16-g16"])
+def test_bf16_prefill_on_cuda_rounds_only_the_intermediate(name):
+    """bf16 activations on a GPU: the prefill kernel rounds h to bf16 and no weight (its scales multiply the fp32
+    products), so with an fp32 ``out`` it equals the reference that rounds h alike, far inside the ~1e-3 that rounding
+    the dequantized weights to bf16 would give."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from residency.kernels.moe.quant_gather_gemm import quant_intermediate_dtype
+
+    x, up, down, table, ids, weights = make_problem(SPECS[name], 64, 256, 512, 16, 20, 4, device="cuda")
+    x = x.to(torch.bfloat16)
+    assert quant_intermediate_dtype(x, up, down, table, ids) == torch.bfloat16
+    out = torch.empty(x.shape, dtype=torch.float32, device="cuda")
+    moe_gather_gemm_quant(x, up, down, table, ids, weights, out=out, path="prefill")
+    rounded = moe_gather_gemm_quant_reference(x, up, down, table, ids, weights, out=torch.empty_like(out),
+                                              intermediate=torch.bfloat16)
+    assert_close(out, rounded, tol=3e-4)
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_bf16_activations(path, device):
     x, up, down, table, ids, weights = make_problem(SPECS["nvfp4"], 5, 32, 48, 10, 12, 3, device=device)

@@ -11,7 +11,8 @@ output ``y[p] = w[p] * down[slot] @ relu(up[slot] @ x[t]) ** 2`` into an fp32 wo
   bandwidth floor when the pairs of a step hit distinct experts.
 - Prefill: pairs are grouped by expert and padded to BLOCK_M rows (``align.py``); each BLOCK_M
   block loads one expert's tiles and runs ``tl.dot`` with fp32 accumulators. The up GEMM gathers x
-  rows by token and stores ``h`` in the compute dtype; the down GEMM multiplies by the routing
+  rows by token and stores ``h`` in the compute dtype (bf16 for bf16 banks on a GPU:
+  :func:`intermediate_dtype` says which, for a given call); the down GEMM multiplies by the routing
   weight in fp32 in its epilogue.
 
 Pairs with id -1 or ``skip`` set contribute nothing (another path computes them). An active pair
@@ -188,11 +189,7 @@ def prefill_pairs(
     num_pairs, top_k = topk_ids.numel(), topk_ids.shape[1]
     latent, inter = x.shape[1], up_bank.shape[1]
     aligned = align_pairs(topk_ids, slot_of_expert, config.BLOCK_M, skip)
-    # the interpreter computes bf16 wrongly, so it always gets fp32 operands
-    if interpreting or torch.float32 in (x.dtype, up_bank.dtype, down_bank.dtype):
-        compute, precision = torch.float32, "ieee"
-    else:
-        compute, precision = up_bank.dtype, "tf32"
+    compute, precision = prefill_compute(x, up_bank, down_bank)
     h = torch.empty(num_pairs, inter, dtype=compute, device=x.device)  # [P, I]
     y = torch.empty(num_pairs, latent, dtype=torch.float32, device=x.device)  # [P, L]
     from .gather_gemm_kernels import moe_gemm_prefill_kernel
@@ -213,6 +210,41 @@ def prefill_pairs(
             num_warps=tile.num_warps, num_stages=tile.num_stages,
         )  # fmt: skip
     return y
+
+
+def prefill_compute(x: torch.Tensor, up_bank: torch.Tensor, down_bank: torch.Tensor) -> tuple[torch.dtype, str]:
+    """The dtype the prefill path feeds ``tl.dot`` (and stores the intermediate ``h`` in) and the dot's input
+    precision: the banks' 16-bit dtype on a GPU; fp32 (``"ieee"``) when any operand is fp32, and always in the
+    interpreter, which computes bf16 wrongly."""
+    if interpret_mode() or torch.float32 in (x.dtype, up_bank.dtype, down_bank.dtype):
+        return torch.float32, "ieee"
+    return up_bank.dtype, "tf32"
+
+
+def intermediate_dtype(
+    x: torch.Tensor,
+    up_bank: torch.Tensor,
+    down_bank: torch.Tensor,
+    slot_of_expert: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    path: str = "auto",
+    backend: str | None = None,
+) -> torch.dtype:
+    """The dtype :func:`moe_gather_gemm`, given these arguments, keeps the intermediate ``relu(up @ x)^2`` in.
+
+    fp32 (the torch reference, the decode path, fp32 operands), except on the prefill path of the Triton
+    kernels with 16-bit banks on a GPU: there ``h`` is rounded to the banks' dtype (to nearest even), the
+    operand type ``tl.dot`` takes for the down projection. A caller that computes some of a call's pairs
+    elsewhere rounds its intermediate the same way, so that every pair of the call follows the same
+    arithmetic (the offload runtime's CPU experts, ``residency.runtime.cpu_experts``).
+    """
+    if not use_triton(backend, x, up_bank, down_bank, slot_of_expert, topk_ids):
+        return torch.float32
+    if path == "auto":
+        table = table_for(x.device, x.shape[1], up_bank.shape[1], up_bank.dtype)
+        path = table.choose_path(topk_ids.shape[0], topk_ids.shape[1], slot_of_expert.shape[0])
+    return torch.float32 if path == "decode" else prefill_compute(x, up_bank, down_bank)[0]
 
 
 def reduce_pairs(

@@ -9,8 +9,12 @@ of records. Decode: one program per (pair, row tile) streams the expert's packed
 dequantizes them in registers (fp32 products and sums). Prefill: pairs grouped by expert
 (``align.py``), each B tile dequantized in registers and fed to ``tl.dot`` in the compute dtype
 (fp32 in the interpreter and for fp32 activations, bf16 for bf16 activations on a GPU) with fp32
-accumulators. W4A16 decode needs a group size divisible by 8 (or one group per row); other group
-sizes run the prefill kernel for every call.
+accumulators; the tile holds values that dtype represents exactly (the per-tensor scale and W4A16
+group scales are applied to the fp32 products), so only the intermediate ``h``, stored in the
+compute dtype, is rounded (:func:`quant_intermediate_dtype`). On a GPU, W4A16 groups that no
+power-of-two K tile of at least 16 divides (groups of 8, 12 ...) are dequantized in fp32 and
+rounded to the compute dtype instead. W4A16 decode needs a group size divisible by 8 (or one
+group per row); other group sizes run the prefill kernel for every call.
 
 :func:`quant_linear` is one quantized Linear (``y = x @ W.T + b``) through the same kernels: the
 dense modules of a checkpoint that stay quantized in memory (FP8 Mamba projections, shared
@@ -31,7 +35,8 @@ from .quant_reference import check_quant_inputs, moe_gather_gemm_quant_reference
 from .reference import resolve_slots
 from .tuning import MoeConfig, table_for
 
-__all__ = ["moe_gather_gemm_quant", "quant_linear", "quant_decode_pairs", "quant_prefill_pairs"]
+__all__ = ["moe_gather_gemm_quant", "quant_linear", "quant_decode_pairs", "quant_prefill_pairs",
+           "quant_intermediate_dtype"]
 
 _FORMAT_ID = {"nvfp4": 0, "fp8": 1, "w4a16": 2}
 _PACK = {"nvfp4": 2, "fp8": 1, "w4a16": 8}
@@ -200,6 +205,29 @@ def quant_prefill_pairs(
     return y
 
 
+def quant_intermediate_dtype(
+    x: torch.Tensor,
+    up: QuantWeights,
+    down: QuantWeights,
+    slot_of_expert: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    path: str = "auto",
+    backend: str | None = None,
+) -> torch.dtype:
+    """The dtype :func:`moe_gather_gemm_quant`, given these arguments, keeps ``relu(up @ x)^2`` in: fp32, except
+    on the prefill path on a GPU with 16-bit activations, where it is their dtype (see
+    :func:`~residency.kernels.moe.gather_gemm.intermediate_dtype`)."""
+    if not use_triton(backend, x, up.data, down.data, slot_of_expert, topk_ids):
+        return torch.float32
+    if path == "auto":
+        table = table_for(x.device, x.shape[1], up.n, up.spec.format)
+        path = table.choose_path(topk_ids.shape[0], topk_ids.shape[1], slot_of_expert.shape[0])
+    if path == "decode" and not decode_supported(up, down):
+        path = "prefill"
+    return torch.float32 if path == "decode" else _compute(x)[0]
+
+
 def _compute(x: torch.Tensor) -> tuple[torch.dtype, str]:
     # the interpreter computes bf16 wrongly, so it always gets fp32 operands
     if interpret_mode() or x.dtype == torch.float32:
@@ -215,6 +243,7 @@ def _launch_prefill(a, row_div, w: QuantWeights, c, aligned, topk_weights, num_p
     if not interpret_mode() and min(tiles) < MIN_DOT_BLOCK:
         raise ValueError(f"prefill block sizes must be >= {MIN_DOT_BLOCK} on GPU (tl.dot), got {tiles}")
     fmt = w.spec.format
+    block_k, per_tile = _scale_tiles(w, tile.BLOCK_K)
     data, scale, scale2, zero, st = _operands(w)
     grid = (aligned.num_blocks * cdiv(w.n, tile.BLOCK_N),)
     moe_quant_gemm_prefill_kernel[grid](
@@ -222,10 +251,28 @@ def _launch_prefill(a, row_div, w: QuantWeights, c, aligned, topk_weights, num_p
         topk_weights, w.n, w.k, w.spec.group_of(w.k) if fmt != "fp8" else 1, num_pairs, aligned.num_blocks,
         a.stride(0), a.stride(1), *st, c.stride(0),
         A_ROW_DIV=row_div, RELU2=relu2, MUL_WEIGHT=mul_weight, FORMAT=_FORMAT_ID[fmt], PACK=_PACK[fmt],
-        SYMMETRIC=w.spec.symmetric, COMPUTE_DTYPE=_tl_dtype(compute), DOT_PRECISION=precision, BLOCK_M=block_m,
-        BLOCK_N=tile.BLOCK_N, BLOCK_K=tile.BLOCK_K, GROUP_M=tile.GROUP_M, num_warps=tile.num_warps,
-        num_stages=tile.num_stages,
+        SYMMETRIC=w.spec.symmetric, COMPUTE_DTYPE=_tl_dtype(compute), DOT_PRECISION=precision,
+        SCALE_PER_TILE=per_tile, BLOCK_M=block_m, BLOCK_N=tile.BLOCK_N, BLOCK_K=block_k, GROUP_M=tile.GROUP_M,
+        num_warps=tile.num_warps, num_stages=tile.num_stages,
     )  # fmt: skip
+
+
+def _scale_tiles(w: QuantWeights, block_k: int) -> tuple[int, bool]:
+    """The prefill kernel's K tile for ``w`` and whether each tile lies in one W4A16 scale group (its scale then
+    multiplies the tile's fp32 product, so the dot rounds no weight): the largest power of two up to
+    ``block_k`` that divides the group size, as long as ``tl.dot`` takes it (the interpreter takes any).
+    Other formats keep ``block_k``; their scales factor either way."""
+    if w.spec.format != "w4a16":
+        return block_k, False
+    group = w.spec.group_of(w.k)
+    if group >= w.k:  # one group per row: every tile lies in it
+        return block_k, True
+    tile = block_k
+    while tile > 1 and group % tile:
+        tile //= 2
+    if interpret_mode() or tile >= MIN_DOT_BLOCK:
+        return tile, True
+    return block_k, False
 
 
 def quant_linear(

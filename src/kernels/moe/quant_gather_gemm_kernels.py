@@ -180,12 +180,16 @@ def moe_quant_gemm_prefill_kernel(
     SYMMETRIC: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    SCALE_PER_TILE: tl.constexpr,  # w4a16: each K tile lies in one scale group (BLOCK_K divides GROUP, or one group)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    # grouped program order as in the float prefill kernel; each B tile [BK, BN] is dequantized in registers
+    # grouped program order as in the float prefill kernel; each B tile [BK, BN] is dequantized in registers.
+    # The dot takes what the compute dtype holds exactly: E4M3 values (fp8), E2M1 x E4M3 block scale (nvfp4:
+    # at most 6 significant bits), q - z (w4a16); the per-tensor scale multiplies the fp32 sum after the loop
+    # and a w4a16 group scale each tile's fp32 product, so a 16-bit dot rounds no weight.
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     group = GROUP_M * num_pid_n
@@ -219,22 +223,29 @@ def moe_quant_gemm_prefill_kernel(
         words = tl.load(p_data + (o_k // PACK)[:, None], mask=m_kn, other=0).to(tl.int32)  # [BK, BN]
         g = (o_k // GROUP)[:, None]
         if FORMAT == 1:
-            w = _e4m3(words & 255) * s2
+            w = _e4m3(words & 255)
         else:
             code = (words >> ((o_k % PACK) * 4)[:, None].to(tl.int32)) & 15
             if FORMAT == 0:
                 s = tl.load(p_scale + g, mask=m_kn, other=0).to(tl.int32)
-                w = (_e2m1(code) * _e4m3(s)) * s2
+                w = _e2m1(code) * _e4m3(s)
             else:
-                s = tl.load(p_scale + g, mask=m_kn, other=0.0).to(tl.float32)
                 if SYMMETRIC:
                     z = 8
                 else:
                     zw = tl.load(p_zero + g, mask=m_kn, other=0)
                     z = (zw >> ((o_n[None, :] % 8) * 4).to(tl.int32)) & 15
-                w = (code - z).to(tl.float32) * s
+                w = (code - z).to(tl.float32)
+                if not SCALE_PER_TILE:  # (group sizes no power-of-two tile divides: dequantized, then rounded)
+                    w = w * tl.load(p_scale + g, mask=m_kn, other=0.0).to(tl.float32)
         w = tl.where(m_kn, w, 0.0)
-        b_acc = tl.dot(b_a.to(COMPUTE_DTYPE), w.to(COMPUTE_DTYPE), b_acc, input_precision=DOT_PRECISION)
+        if FORMAT == 2 and SCALE_PER_TILE:
+            s = tl.load(p_scale + k0 // GROUP, mask=m_n[None, :], other=0.0).to(tl.float32)  # [1, BN]
+            b_acc += tl.dot(b_a.to(COMPUTE_DTYPE), w.to(COMPUTE_DTYPE), input_precision=DOT_PRECISION) * s
+        else:
+            b_acc = tl.dot(b_a.to(COMPUTE_DTYPE), w.to(COMPUTE_DTYPE), b_acc, input_precision=DOT_PRECISION)
+    if FORMAT != 2:
+        b_acc = b_acc * s2
     if RELU2:
         b_acc = tl.maximum(b_acc, 0.0)
         b_acc = b_acc * b_acc

@@ -59,6 +59,7 @@ def moe_gather_gemm_quant_reference(
     *,
     out: torch.Tensor | None = None,
     pair_norms: torch.Tensor | None = None,
+    intermediate: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``out[t] = sum_j w[t, j] * down[s] @ relu(up[s] @ x[t])^2`` over quantized slots, in fp32.
 
@@ -68,7 +69,8 @@ def moe_gather_gemm_quant_reference(
     check_quant_inputs(x, up, down, slot_of_expert, topk_ids, topk_weights, skip, out, pair_norms)
     return slot_loop(x, slot_of_expert, topk_ids, topk_weights, skip, out, pair_norms,
                      lambda slot: (up.slots(slice(slot, slot + 1)).dequantize()[0],  # [I, L] fp32
-                                   down.slots(slice(slot, slot + 1)).dequantize()[0]))  # [L, I] fp32
+                                   down.slots(slice(slot, slot + 1)).dequantize()[0]),  # [L, I] fp32
+                     intermediate)
 
 
 def quant_linear_reference(x: torch.Tensor, weight: QuantWeights, bias: torch.Tensor | None = None,

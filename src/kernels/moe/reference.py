@@ -120,6 +120,7 @@ def moe_gather_gemm_reference(
     *,
     out: torch.Tensor | None = None,
     pair_norms: torch.Tensor | None = None,
+    intermediate: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Torch MoE over a slot bank: one dense GEMM pair per resident expert that has tokens.
 
@@ -133,13 +134,16 @@ def moe_gather_gemm_reference(
         out: optional ``[T, L]`` tensor of x's dtype (or fp32: the accumulator unrounded) to write into.
         pair_norms: optional ``[T, k]`` fp32; the entries of the pairs computed here receive the L2
             norm of their unweighted expert output; the others are left unchanged.
+        intermediate: round ``relu(up @ x)^2`` to this dtype before the down projection (what the
+            Triton prefill path does with 16-bit banks on a GPU, see
+            :func:`~residency.kernels.moe.gather_gemm.intermediate_dtype`); None: fp32 throughout.
 
     Returns:
         ``[T, L]`` in x's dtype (``out`` when given).
     """
     check_inputs(x, up_bank, down_bank, slot_of_expert, topk_ids, topk_weights, skip, out, pair_norms)
     return slot_loop(x, slot_of_expert, topk_ids, topk_weights, skip, out, pair_norms,
-                     lambda slot: (up_bank[slot].float(), down_bank[slot].float()))
+                     lambda slot: (up_bank[slot].float(), down_bank[slot].float()), intermediate)
 
 
 def slot_loop(
@@ -151,8 +155,10 @@ def slot_loop(
     out: torch.Tensor | None,
     pair_norms: torch.Tensor | None,
     weights_of_slot: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+    intermediate: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """The reference computation given each used slot's fp32 ``(up [I, L], down [L, I])``."""
+    """The reference computation given each used slot's fp32 ``(up [I, L], down [L, I])``; ``intermediate``:
+    the dtype ``h`` is rounded to (None: fp32)."""
     slots = resolve_slots(slot_of_expert, topk_ids, skip)  # [T, k]
     top_k = topk_ids.shape[1]
     acc = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, L]
@@ -163,6 +169,8 @@ def slot_loop(
         tokens = pairs // top_k
         w_up, w_down = weights_of_slot(slot)
         h = torch.relu(x[tokens].float() @ w_up.T) ** 2  # [n, I]
+        if intermediate is not None:
+            h = h.to(intermediate).float()
         y = h @ w_down.T  # [n, L]
         if pair_norms is not None:
             pair_norms.view(-1)[pairs] = y.norm(dim=-1)
