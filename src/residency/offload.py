@@ -227,8 +227,10 @@ def miss_rates(plan: Any, mode: str, cpu_experts: str | bool, device: torch.devi
     """(host-to-device GB/s, CPU expert GB/s) the per-miss copy-or-compute choice uses.
 
     The link comes from the plan's GPU, else local detection, else :data:`DEFAULT_H2D_GBPS`. The
-    CPU rate is measured on this host (a short decode step of 4 experts of the model's shape)
-    when the choice is automatic on a CUDA device; elsewhere the choice does not need it.
+    CPU rate is measured on this host (a short decode step of 4 experts of the model's shape, in
+    the store's format: BF16, or the packed records of a quantized checkpoint, whose kernel moves
+    fewer bytes per second) when the choice is automatic on a CUDA device; elsewhere the choice
+    does not need it.
     """
     h2d = DEFAULT_H2D_GBPS
     if plan is not None and plan.gpu.h2d_gbps:
@@ -244,9 +246,15 @@ def miss_rates(plan: Any, mode: str, cpu_experts: str | bool, device: torch.devi
             pass
     cpu = DEFAULT_CPU_EXPERT_GBPS
     if cpu_experts == "auto" and mode == "cuda":
-        from .runtime.cpu_experts import measure_throughput
+        if layout.quantized:
+            from .runtime.cpu_quant import measure_quant_throughput
 
-        cpu = measure_throughput(4, latent=layout.width, intermediate=layout.inner, bank_experts=16, repeats=3)
+            cpu = measure_quant_throughput(layout.spec, 4, latent=layout.width, intermediate=layout.inner,
+                                           bank_records=16, repeats=3)
+        else:
+            from .runtime.cpu_experts import measure_throughput
+
+            cpu = measure_throughput(4, latent=layout.width, intermediate=layout.inner, bank_experts=16, repeats=3)
     return h2d, cpu
 
 

@@ -49,6 +49,8 @@ import numpy as np
 import torch
 
 from ..kernels import moe_gather_gemm, moe_gather_gemm_quant
+from ..kernels.moe.gather_gemm import intermediate_dtype
+from ..kernels.moe.quant_gather_gemm import quant_intermediate_dtype
 from . import control
 from . import telemetry as tm
 from .cache import SlotCache
@@ -132,6 +134,7 @@ class _CpuPart:
     rows: np.ndarray  # [P] its expert's record in the host store
     x: np.ndarray  # [T, L] fp32 latent activations
     weights: np.ndarray  # [P] fp32 routing weights
+    h_round: int = 0  # how the intermediate is rounded: as the GPU kernel of the call's other pairs does
 
     def own_pairs(self) -> None:
         """Copy the pair lists, views of the runtime's workspace until now, before that is reused."""
@@ -237,7 +240,14 @@ class OffloadRuntime:
             from .cpu_experts import run_prepared
 
             self._cpu_call = run_prepared
+        from .cpu_experts import rounding_code
+
+        self._rounding_code = rounding_code
         self._no_norms = np.empty(0, dtype=np.float32)  # the CPU kernels' norms argument when none are wanted
+        # the GPU kernels' prefill path keeps the intermediate relu(up @ x)^2 in 16 bits: CPU pairs of such a call are
+        # rounded alike (see _intermediate_rounding); the kernels of the cpu device keep it in fp32
+        self._gpu_kernels = self.device.type == "cuda"
+        self._intermediate_dtype = quant_intermediate_dtype if self.layout.quantized else intermediate_dtype
         control.warm_up()  # compile the bookkeeping now, not in the first decode step
         if max(self._cpu_limits) > 0:
             self._warm_cpu_kernels()
@@ -498,7 +508,8 @@ class OffloadRuntime:
             x_h, w_h = host_fp32(work.latent, work.weights, merged=not self._on_cpu)
             listed = pairs[:, :n_pairs]  # views of the workspace (see own_pairs)
             cpu_part = _CpuPart(j, listed[control.PAIR_TOKEN], listed[control.PAIR_PICK], listed[control.PAIR_ROW],
-                                x_h, w_h.take(listed[control.PAIR_FLAT]))  # (take flattens a C array)
+                                x_h, w_h.take(listed[control.PAIR_FLAT]),  # (take flattens a C array)
+                                self._intermediate_rounding(work, up, down, table) if self._gpu_kernels else 0)
             self._open_part = cpu_part
 
         written = cache is None or n_gpu > 0  # the slot-bank launch writes every row of acc
@@ -601,8 +612,15 @@ class OffloadRuntime:
 
                 prepared = prepare_banks(*self._store_views[j])
             self._cpu_prepared[j] = prepared
-        self._cpu_call(prepared, part.x, part.tokens, part.rows, part.weights, target, norms)
+        self._cpu_call(prepared, part.x, part.tokens, part.rows, part.weights, target, norms, part.h_round)
         return out, norms if want_norms else None
+
+    def _intermediate_rounding(self, work, up, down, table) -> int:
+        """How the CPU part of a layer call rounds its intermediate ``relu(up @ x)^2``: as the GPU kernel that
+        computes the call's other pairs (and the resident model's whole call) does. Its prefill path keeps it in the
+        banks' 16-bit dtype, its decode path in fp32; without this the CPU pairs of a bf16 prompt differ from the
+        resident run by more than summation order (a code of :func:`~residency.runtime.cpu_experts.rounding_code`)."""
+        return self._rounding_code(self._intermediate_dtype(work.latent, up, down, table, work.ids))
 
     def _looks_ahead(self, j: int) -> bool:
         """Whether decode calls predict layer ``j``'s experts (it exists and has dynamic slots to fill)."""

@@ -58,6 +58,7 @@ __all__ = [
     "cpu_moe_reference",
     "measure_throughput",
     "random_bf16_bits",
+    "rounding_code",
     "step_bytes",
 ]
 
@@ -66,6 +67,45 @@ LANES = 16
 _UNROLL = 4  # independent vector accumulators (hides the add latency)
 #: Weight bytes one parallel task reads per projection (a block of rows of one expert).
 _TASK_BYTES = 64 * 1024
+#: How the kernels round the intermediate ``relu(up @ x)^2`` (see :func:`rounding_code`).
+ROUND_NONE, ROUND_BF16, ROUND_FP16 = 0, 1, 2
+
+
+def rounding_code(dtype: torch.dtype | None) -> int:
+    """The kernels' code for rounding the intermediate to ``dtype``: what a GPU kernel that keeps it in 16 bits
+    does (:func:`residency.kernels.moe.gather_gemm.intermediate_dtype`); None or fp32: kept in fp32."""
+    codes = {None: ROUND_NONE, torch.float32: ROUND_NONE, torch.bfloat16: ROUND_BF16, torch.float16: ROUND_FP16}
+    if dtype not in codes:
+        raise ValueError(f"the intermediate can be rounded to bfloat16 or float16 (or kept in float32), got {dtype}")
+    return codes[dtype]
+
+
+@intrinsic
+def round_intermediate(typingctx: Any, v: Any, code: Any) -> Any:
+    """fp32 ``v`` rounded to bf16 (``code`` :data:`ROUND_BF16`) or fp16 (:data:`ROUND_FP16`), to nearest even, and
+    widened back; unchanged for :data:`ROUND_NONE`. NaN stays NaN; values past the 16-bit range become
+    infinite (fp16 subnormals as IEEE rounds them): what ``torch``'s and Triton's conversions give."""
+    if v != types.float32 or not isinstance(code, types.Integer):
+        return None
+    sig = types.float32(types.float32, code)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        value, which = args
+        f32, i32 = ir.FloatType(), ir.IntType(32)
+        bits = builder.bitcast(value, i32)
+        odd = builder.and_(builder.lshr(bits, ir.Constant(i32, 16)), ir.Constant(i32, 1))
+        rounded = builder.and_(builder.add(bits, builder.add(ir.Constant(i32, 0x7FFF), odd)),
+                               ir.Constant(i32, -65536))  # keep the high 16 bits
+        is_nan = builder.fcmp_unordered("uno", value, value)
+        bf16 = builder.select(is_nan, value, builder.bitcast(rounded, f32))
+        fp16 = builder.fpext(builder.fptrunc(value, ir.HalfType()), f32)
+        which = context.cast(builder, which, signature.args[1], types.intp)
+        intp = context.get_value_type(types.intp)
+        return builder.select(builder.icmp_signed("==", which, ir.Constant(intp, ROUND_BF16)), bf16,
+                              builder.select(builder.icmp_signed("==", which, ir.Constant(intp, ROUND_FP16)), fp16,
+                                             value))
+
+    return sig, codegen
 
 
 @intrinsic
@@ -184,13 +224,13 @@ def _add_pairs_by_token(tok: np.ndarray, wgt: np.ndarray, y: np.ndarray, out: np
 @numba.njit(parallel=True, fastmath=False, cache=True, nogil=True)
 def _cpu_moe_kernel(x: np.ndarray, up: np.ndarray, up_e: int, up_i: int, down: np.ndarray, down_e: int, down_l: int,
                     inter: int, tok: np.ndarray, exp: np.ndarray, wgt: np.ndarray, out: np.ndarray,
-                    norms: np.ndarray, rows_up: int, rows_down: int) -> None:
+                    norms: np.ndarray, rows_up: int, rows_down: int, h_round: int) -> None:
     """The phases of the module docstring. Inputs are validated by :func:`cpu_moe`.
 
     x, out: [T, L] fp32 C-contiguous. up, down: 1-D spans (uint16 or fp32) of the banks, expert
     ``e``'s row ``i`` of up at ``e * up_e + i * up_i`` (``L`` elements), its row ``l`` of down at
     ``e * down_e + l * down_l`` (``inter`` elements). tok, exp: [P] int64; wgt: [P] fp32;
-    norms: [P] fp32 or empty (not wanted).
+    norms: [P] fp32 or empty (not wanted). h_round: :func:`rounding_code` of the intermediate.
     """
     num_pairs = tok.shape[0]
     latent = x.shape[1]
@@ -211,7 +251,7 @@ def _cpu_moe_kernel(x: np.ndarray, up: np.ndarray, up_e: int, up_i: int, down: n
                 a = _row_dot(up, row, x, tok[p] * latent, latent)
                 if a < 0:  # relu that keeps NaN, like torch.relu
                     a = np.float32(0.0)
-                h[p, i] = a * a
+                h[p, i] = round_intermediate(a * a, h_round)
 
     y = np.empty((num_pairs, latent), np.float32)
     blocks_down = (latent + rows_down - 1) // rows_down
@@ -327,7 +367,7 @@ def _rows_per_task(row_bytes: int, rows: int) -> int:
 
 
 def cpu_moe(x: Any, up_bank: Any, down_bank: Any, pairs_token: Any, pairs_expert: Any, pairs_weight: Any,
-            out: Any, pair_norms: Any = None) -> np.ndarray:
+            out: Any, pair_norms: Any = None, *, intermediate: torch.dtype | None = None) -> np.ndarray:
     """Compute routed pairs on the CPU from host-memory banks and add them into ``out`` in place.
 
     Args:
@@ -340,9 +380,12 @@ def cpu_moe(x: Any, up_bank: Any, down_bank: Any, pairs_token: Any, pairs_expert
         out: ``[T, L]`` float32, C-contiguous; receives ``out[t] += sum_p w_p * y_p``. Rows of
             tokens without pairs are not touched.
         pair_norms: optional ``[P]`` float32; receives ``||y_p||`` (unweighted expert output).
+        intermediate: round ``relu(up @ x)^2`` to this dtype (bf16 or fp16, to nearest even) before the
+            down projection, as a GPU kernel that stores it in 16 bits does; None: kept in fp32.
 
     Returns ``out`` as the numpy array written (a view of a torch ``out``).
     """
+    h_round = rounding_code(intermediate)
     x = _check_activation(x, "x")
     out = _check_activation(out, "out", x.shape)
     if not out.flags.writeable:
@@ -365,7 +408,7 @@ def cpu_moe(x: Any, up_bank: Any, down_bank: Any, pairs_token: Any, pairs_expert
                              f"got {norms.shape} {norms.dtype}")
     if len(tokens) == 0:
         return out
-    cpu_moe_prepared(_prepared(up, down), x, tokens, experts, weights, out, norms)
+    cpu_moe_prepared(_prepared(up, down), x, tokens, experts, weights, out, norms, h_round)
     return out
 
 
@@ -423,8 +466,10 @@ def check_prepared_call(x: np.ndarray, out: np.ndarray, width: int, pairs_token:
 
 
 def cpu_moe_prepared(banks: PreparedBanks, x: np.ndarray, pairs_token: np.ndarray, pairs_expert: np.ndarray,
-                     pairs_weight: np.ndarray, out: np.ndarray, pair_norms: np.ndarray | None = None) -> None:
-    """:func:`cpu_moe` on prepared banks, for a caller that built its inputs itself (the offload runtime).
+                     pairs_weight: np.ndarray, out: np.ndarray, pair_norms: np.ndarray | None = None,
+                     h_round: int = ROUND_NONE) -> None:
+    """:func:`cpu_moe` on prepared banks, for a caller that built its inputs itself (the offload runtime);
+    ``h_round``: :func:`rounding_code` of ``cpu_moe``'s ``intermediate``.
 
     Only cheap checks run: ``x`` / ``out`` C-contiguous float32 ``[T, latent]``, the pair arrays
     int64 / int64 / float32 of one length. Token and expert indices are *not* range-checked: the
@@ -432,17 +477,17 @@ def cpu_moe_prepared(banks: PreparedBanks, x: np.ndarray, pairs_token: np.ndarra
     """
     norms = check_prepared_call(x, out, banks.latent, pairs_token, pairs_expert, pairs_weight, pair_norms)
     if norms is not None:
-        run_prepared(banks, x, pairs_token, pairs_expert, pairs_weight, out, norms)
+        run_prepared(banks, x, pairs_token, pairs_expert, pairs_weight, out, norms, h_round)
 
 
 def run_prepared(banks: PreparedBanks, x: np.ndarray, pairs_token: np.ndarray, pairs_expert: np.ndarray,
-                 pairs_weight: np.ndarray, out: np.ndarray, norms: np.ndarray) -> None:
+                 pairs_weight: np.ndarray, out: np.ndarray, norms: np.ndarray, h_round: int = ROUND_NONE) -> None:
     """:func:`cpu_moe_prepared` without its checks, for the offload runtime, whose inputs have those types by
     construction (its latent and sum buffers, its pair lists): at least one pair, ``norms`` empty when not
     wanted. Wrong types or shapes here read or write out of bounds."""
     _cpu_moe_kernel(x, banks.up, banks.up_expert_stride, banks.up_row_stride, banks.down, banks.down_expert_stride,
                     banks.down_row_stride, banks.inter, pairs_token, pairs_expert, pairs_weight, out, norms,
-                    banks.up_rows_per_task, banks.down_rows_per_task)
+                    banks.up_rows_per_task, banks.down_rows_per_task, h_round)
 
 
 def _upcast(bank: np.ndarray) -> torch.Tensor:
@@ -453,7 +498,7 @@ def _upcast(bank: np.ndarray) -> torch.Tensor:
 
 
 def cpu_moe_reference(x: Any, up_bank: Any, down_bank: Any, pairs_token: Any, pairs_expert: Any, pairs_weight: Any,
-                      out: Any, pair_norms: Any = None) -> np.ndarray:
+                      out: Any, pair_norms: Any = None, *, intermediate: torch.dtype | None = None) -> np.ndarray:
     """:func:`cpu_moe` through the torch slot-bank reference (same arguments, same in-place effect).
 
     The experts used are widened to fp32 and put in a slot bank; each pair becomes one row of
@@ -475,7 +520,8 @@ def cpu_moe_reference(x: Any, up_bank: Any, down_bank: Any, pairs_token: Any, pa
     norms = torch.zeros((len(tokens), 1), dtype=torch.float32)
     rows = moe_gather_gemm_reference(
         torch.from_numpy(x)[torch.from_numpy(tokens)], _upcast(up[used]), _upcast(down[used]), slot_of_expert,
-        torch.from_numpy(experts)[:, None], torch.from_numpy(weights)[:, None], pair_norms=norms)
+        torch.from_numpy(experts)[:, None], torch.from_numpy(weights)[:, None], pair_norms=norms,
+        intermediate=intermediate)
     total = torch.zeros(x.shape, dtype=torch.float32).index_add_(0, torch.from_numpy(tokens), rows)
     touched = np.unique(tokens)
     out[touched] += total.numpy()[touched]

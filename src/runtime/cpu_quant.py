@@ -81,7 +81,17 @@ from numba.extending import intrinsic, overload
 from ..kernels.moe.quant_formats import E2M1_VALUES, ExpertRecordLayout
 
 # the float CPU kernel's fixed-order 16-lane fp32 dot product, run grouping, token sum and input reading
-from .cpu_experts import LANES, _add_pairs_by_token, _as_array, _group_starts, _row_dot, check_prepared_call
+from .cpu_experts import (
+    LANES,
+    ROUND_NONE,
+    _add_pairs_by_token,
+    _as_array,
+    _group_starts,
+    _row_dot,
+    check_prepared_call,
+    round_intermediate,
+    rounding_code,
+)
 
 __all__ = ["cpu_moe_quant", "cpu_moe_quant_prepared", "prepare_records", "PreparedRecords", "cpu_moe_quant_reference",
            "code_tables", "measure_quant_throughput"]
@@ -635,8 +645,9 @@ def _cpu_moe_quant_kernel(x: np.ndarray, bank: np.ndarray, words: np.ndarray, fl
                           pj_down: np.ndarray, symmetric: bool, scale_bits: int, e2m1: np.ndarray,
                           e4m3: np.ndarray, t16: np.ndarray, tok: np.ndarray, rec: np.ndarray, wgt: np.ndarray,
                           out: np.ndarray, norms: np.ndarray, rows_up: int, rows_down: int,
-                          x_scale: np.float32) -> None:
-    """The module docstring's phases; ``pj_up`` / ``pj_down``: each projection's parameters (``_P_*``)."""
+                          x_scale: np.float32, h_round: int) -> None:
+    """The module docstring's phases; ``pj_up`` / ``pj_down``: each projection's parameters (``_P_*``);
+    ``h_round``: :func:`~residency.runtime.cpu_experts.rounding_code` of the intermediate."""
     num_pairs = tok.shape[0]
     latent = x.shape[1]
     by_rec = np.argsort(rec, kind="mergesort")
@@ -676,7 +687,7 @@ def _cpu_moe_quant_kernel(x: np.ndarray, bank: np.ndarray, words: np.ndarray, fl
                     a = res[v]
                     if a < 0:  # relu that keeps NaN, like torch.relu
                         a = np.float32(0.0)
-                    h[by_rec[q + v], at] = (a * a) * x_scale
+                    h[by_rec[q + v], at] = round_intermediate(a * a, h_round) * x_scale
             q += nv
 
     hf = h.ravel()
@@ -780,7 +791,8 @@ def _projection_params(layout: ExpertRecordLayout, proj: str) -> np.ndarray:
 
 
 def cpu_moe_quant(x: Any, layout: ExpertRecordLayout, records: Any, pairs_token: Any, pairs_record: Any,
-                  pairs_weight: Any, out: Any, pair_norms: Any = None) -> np.ndarray:
+                  pairs_weight: Any, out: Any, pair_norms: Any = None, *,
+                  intermediate: torch.dtype | None = None) -> np.ndarray:
     """Compute routed pairs on the CPU from quantized host records and add them into ``out`` in place.
 
     Args:
@@ -792,9 +804,11 @@ def cpu_moe_quant(x: Any, layout: ExpertRecordLayout, records: Any, pairs_token:
             ``records``) of each pair; pairs_weight: ``[P]`` routing weights.
         out: ``[T, L]`` float32; receives ``out[t] += sum_p w_p * y_p``.
         pair_norms: optional ``[P]`` float32; receives ``||y_p||`` (unweighted expert output).
+        intermediate: as :func:`~residency.runtime.cpu_experts.cpu_moe`'s (a GPU prefill kernel's 16-bit ``h``).
 
     Returns ``out`` as the numpy array written.
     """
+    h_round = rounding_code(intermediate)
     x, out, bank, tokens, recs, weights = _check(x, layout, records, pairs_token, pairs_record, pairs_weight, out)
     norms = np.empty(0, np.float32)
     if pair_norms is not None:
@@ -803,7 +817,7 @@ def cpu_moe_quant(x: Any, layout: ExpertRecordLayout, records: Any, pairs_token:
             raise ValueError(f"pair_norms must be a contiguous float32 [{len(tokens)}] array")
     if len(tokens) == 0:
         return out
-    cpu_moe_quant_prepared(_prepare(layout, bank), x, tokens, recs, weights, out, norms)
+    cpu_moe_quant_prepared(_prepare(layout, bank), x, tokens, recs, weights, out, norms, h_round)
     return out
 
 
@@ -862,8 +876,9 @@ def prepare_records(layout: ExpertRecordLayout, records: Any) -> PreparedRecords
 
 def cpu_moe_quant_prepared(records: PreparedRecords, x: np.ndarray, pairs_token: np.ndarray,
                            pairs_record: np.ndarray, pairs_weight: np.ndarray, out: np.ndarray,
-                           pair_norms: np.ndarray | None = None) -> None:
-    """:func:`cpu_moe_quant` on prepared records, for a caller that built its inputs itself (the runtime).
+                           pair_norms: np.ndarray | None = None, h_round: int = ROUND_NONE) -> None:
+    """:func:`cpu_moe_quant` on prepared records, for a caller that built its inputs itself (the runtime);
+    ``h_round``: :func:`~residency.runtime.cpu_experts.rounding_code` of ``cpu_moe_quant``'s ``intermediate``.
 
     Only cheap checks run (``x`` / ``out`` C-contiguous float32 ``[T, width]``, pair arrays int64 /
     int64 / float32 of one length); indices are *not* range-checked: the caller guarantees
@@ -871,11 +886,12 @@ def cpu_moe_quant_prepared(records: PreparedRecords, x: np.ndarray, pairs_token:
     """
     norms = check_prepared_call(x, out, records.layout.width, pairs_token, pairs_record, pairs_weight, pair_norms)
     if norms is not None:
-        run_prepared_quant(records, x, pairs_token, pairs_record, pairs_weight, out, norms)
+        run_prepared_quant(records, x, pairs_token, pairs_record, pairs_weight, out, norms, h_round)
 
 
 def run_prepared_quant(records: PreparedRecords, x: np.ndarray, pairs_token: np.ndarray, pairs_record: np.ndarray,
-                       pairs_weight: np.ndarray, out: np.ndarray, norms: np.ndarray) -> None:
+                       pairs_weight: np.ndarray, out: np.ndarray, norms: np.ndarray,
+                       h_round: int = ROUND_NONE) -> None:
     """:func:`cpu_moe_quant_prepared` without its checks, for the offload runtime, whose inputs have those types
     by construction: at least one pair, ``norms`` empty when not wanted. Wrong types or shapes here read or
     write out of bounds."""
@@ -884,11 +900,12 @@ def run_prepared_quant(records: PreparedRecords, x: np.ndarray, pairs_token: np.
     _cpu_moe_quant_kernel(x, r.flat, r.words, r.floats, r.halves, r.layout.record_bytes, _FORMAT_TAGS[r.fmt], r.fmt,
                           r.layout.inner, r.up_params, r.down_params, r.layout.spec.symmetric, r.scale_bits, e2m1,
                           e4m3, t16, pairs_token, pairs_record, pairs_weight, out, norms, r.rows_up, r.rows_down,
-                          r.x_scale)
+                          r.x_scale, h_round)
 
 
 def cpu_moe_quant_reference(x: Any, layout: ExpertRecordLayout, records: Any, pairs_token: Any, pairs_record: Any,
-                            pairs_weight: Any, out: Any, pair_norms: Any = None) -> np.ndarray:
+                            pairs_weight: Any, out: Any, pair_norms: Any = None, *,
+                            intermediate: torch.dtype | None = None) -> np.ndarray:
     """:func:`cpu_moe_quant` through the torch quantized reference (same arguments, same in-place effect)."""
     from residency.kernels.moe.quant_reference import moe_gather_gemm_quant_reference
 
@@ -900,7 +917,8 @@ def cpu_moe_quant_reference(x: Any, layout: ExpertRecordLayout, records: Any, pa
     norms = torch.zeros((len(tokens), 1), dtype=torch.float32)
     rows = moe_gather_gemm_quant_reference(
         torch.from_numpy(x)[torch.from_numpy(tokens)], layout.up(t_bank), layout.down(t_bank), table,
-        torch.from_numpy(recs)[:, None], torch.from_numpy(weights)[:, None], pair_norms=norms)
+        torch.from_numpy(recs)[:, None], torch.from_numpy(weights)[:, None], pair_norms=norms,
+        intermediate=intermediate)
     total = torch.zeros(x.shape, dtype=torch.float32).index_add_(0, torch.from_numpy(tokens), rows)
     touched = np.unique(tokens)
     out[touched] += total.numpy()[touched]

@@ -143,6 +143,60 @@ def test_torch_inputs_and_per_expert_record_views():
     assert rel_err(out.numpy(), ref) <= 1e-5
 
 
+def exact_case(seed: int, *, tokens=3, experts=5, inter=40, latent=48, pairs=9):
+    """Integer weights and activations: ``relu(up @ x)^2`` is exact in fp32 in any summation order, so rounding it
+    to 16 bits gives the same bits in the kernel and the reference, and any rounding left out shows."""
+    rng = np.random.default_rng(seed)
+    up = bank_view(torch.from_numpy(rng.integers(-5, 6, (experts, inter, latent)).astype(np.float32)).bfloat16())
+    down = bank_view(torch.from_numpy(rng.integers(-3, 4, (experts, latent, inter)).astype(np.float32)).bfloat16())
+    x = rng.integers(-3, 4, (tokens, latent)).astype(np.float32)
+    return (x, up, down, rng.integers(0, tokens, pairs), rng.integers(0, experts, pairs),
+            (rng.integers(1, 8, pairs) / 8).astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_intermediate_rounded_to_16_bits_as_the_gpu_prefill_kernel_keeps_it(dtype):
+    """``intermediate=``: h rounded to bf16 / fp16 (nearest even) before the down projection, the arithmetic of the
+    Triton prefill path on a GPU, so CPU-computed pairs of such a call follow the GPU's (see runtime.backend)."""
+    for seed in range(3):
+        x, up, down, tok, exp, w = exact_case(seed)
+        got, want, plain = (np.zeros_like(x) for _ in range(3))
+        norms, want_norms = np.zeros(len(tok), np.float32), np.zeros(len(tok), np.float32)
+        cpu_moe(x, up, down, tok, exp, w, got, norms, intermediate=dtype)
+        cpu_moe_reference(x, up, down, tok, exp, w, want, want_norms, intermediate=dtype)
+        cpu_moe(x, up, down, tok, exp, w, plain)
+        assert rel_err(got, want) <= 1e-6 and rel_err(norms, want_norms) <= 1e-6
+        assert rel_err(plain, want) > 1e-5  # the rounding is really there: h reaches 10^4, past 8 and 11 bits
+    cpu_moe(x, up, down, tok, exp, w, np.zeros_like(x), intermediate=torch.float32)  # fp32: nothing to round
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        cpu_moe(x, up, down, tok, exp, w, np.zeros_like(x), intermediate=torch.float64)
+
+
+def test_rounding_to_16_bits_is_torchs_on_every_kind_of_value():
+    """The kernels' rounding (``round_intermediate``) gives torch's conversion bits: ties to even, the largest
+    values to infinity, fp16 subnormals, NaN kept."""
+    rng = np.random.default_rng(0)
+    bits = np.concatenate([rng.integers(0, 1 << 32, 20000, dtype=np.uint64).astype(np.uint32),
+                           np.array([0x3F808000, 0x3F818000, 0x7F7FFFFF, 0x477FF000, 0x33000001, 0x7FC00000,
+                                     0xFF800000, 0x80000000], np.uint32)])
+    values = bits.view(np.float32)
+
+    @numba.njit
+    def apply(v, code):
+        out = np.empty_like(v)
+        for i in range(v.shape[0]):
+            out[i] = cpu_experts.round_intermediate(v[i], code)
+        return out
+
+    for dtype in (torch.bfloat16, torch.float16):
+        got = apply(values, cpu_experts.rounding_code(dtype))
+        want = torch.from_numpy(values).to(dtype).float().numpy()
+        nan = np.isnan(want)
+        assert np.array_equal(np.isnan(got), nan)
+        assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+    assert np.array_equal(apply(values, cpu_experts.ROUND_NONE).view(np.uint32), bits)
+
+
 def test_no_pairs_is_a_no_op():
     x, up, down, *_ = make_case(2, 3, 16, 16, bf16=False, seed=9)
     out = np.ones_like(x)

@@ -157,6 +157,45 @@ def test_fast_paths_match_the_reference_at_many_shapes(spec, latent, inter):
     assert _projection_params(layout, "up")[_P_VEC] == int(group % 16 == 0 or group >= latent)
 
 
+def exact_records(layout: ExpertRecordLayout, count: int, seed: int) -> torch.Tensor:
+    """Records whose weights are multiples of 1/8 below 8 (NVFP4 block scales 0.5 or 1, E4M3 codes in [1, 4),
+    W4A16 scale 0.5, per-tensor scales 1): with integer activations every dot product is exact in fp32."""
+    gen = torch.Generator().manual_seed(seed)
+    bank = torch.randint(0, 256, (count, layout.record_bytes), generator=gen, dtype=torch.int32).to(torch.uint8)
+    for proj in ("up", "down"):
+        w = layout.projection(bank, proj)
+        if layout.spec.format == "nvfp4":
+            w.scale.view(torch.uint8).copy_(torch.where(torch.rand(w.scale.shape, generator=gen) < 0.5, 0x30, 0x38))
+        elif layout.spec.format == "fp8":
+            data = w.data.view(torch.uint8)
+            data.copy_((data & 0x87) | torch.where(torch.rand(data.shape, generator=gen) < 0.5, 0x38, 0x40))
+        else:
+            w.scale.fill_(0.5)
+        if w.scale2 is not None:
+            w.scale2.fill_(1.0)
+    return bank
+
+
+@pytest.mark.parametrize("name", list(FAST_SPECS))
+def test_intermediate_rounded_to_16_bits_as_the_gpu_prefill_kernel_keeps_it(name):
+    """``intermediate=``: the quantized kernel rounds relu(up @ x)^2 to bf16 / fp16 as the GPU prefill kernel stores it
+    (weights and activations exact, so the rounded bits are the reference's and the rounding shows)."""
+    spec = FAST_SPECS[name]
+    layout = ExpertRecordLayout(spec, 48, 64)
+    bank = exact_records(layout, 5, seed=len(name))
+    rng = np.random.default_rng(len(name))
+    x = rng.integers(-2, 3, (4, 64)).astype(np.float32)
+    tok, rec = rng.integers(0, 4, 11), rng.integers(0, 5, 11)
+    w = (rng.integers(1, 8, 11) / 8).astype(np.float32)
+    for dtype in (torch.bfloat16, torch.float16):
+        got, want, plain = np.zeros_like(x), np.zeros_like(x), np.zeros_like(x)
+        cpu_moe_quant(x, layout, bank, tok, rec, w, got, intermediate=dtype)
+        cpu_moe_quant_reference(x, layout, bank, tok, rec, w, want, intermediate=dtype)
+        cpu_moe_quant(x, layout, bank, tok, rec, w, plain)
+        assert_close(got, want, rel=1e-6)
+        assert np.abs(plain - want).max() > 1e-5 * np.abs(want).max()  # the rounding is really there
+
+
 def edge_records(layout: ExpertRecordLayout, count: int) -> torch.Tensor:
     """Random records with the formats' extremes written in: largest and negative codes, zero scales."""
     bank = random_records(layout, count, seed=3)

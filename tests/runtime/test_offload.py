@@ -282,6 +282,101 @@ def test_bf16_offloaded_parts_are_summed_in_fp32_and_rounded_once(tmp_path):
             model.runtime.close()
 
 
+def test_cpu_pairs_round_their_intermediate_as_the_gpu_prefill_kernel_does(tmp_path, monkeypatch):
+    """bf16 on a GPU: the Triton prefill path keeps relu(up @ x)^2 in bf16, the CPU expert kernel in fp32 unless told.
+    Here the GPU's arithmetic is emulated on the cpu device (the slot-bank kernel rounds h on prefill-sized calls,
+    the runtime asks for it as on CUDA): CPU-computed misses then give the resident run's logits and greedy tokens;
+    left in fp32, the prompt's CPU pairs already differ from it by far more than bf16 summation order."""
+    import residency.kernels.moe.gather_gemm as gather_gemm
+    from residency.kernels.moe.reference import moe_gather_gemm_reference
+
+    def prefill_sized(ids, table):  # the default tuning table's path choice
+        return ids.shape[0] * ids.shape[1] * 4 > table.shape[0]
+
+    def gpu_like(x, up, down, table, ids, weights, skip=None, **kwargs):
+        kwargs["intermediate"] = torch.bfloat16 if prefill_sized(ids, table) else None
+        return moe_gather_gemm_reference(x, up, down, table, ids, weights, skip, **kwargs)
+
+    monkeypatch.setattr(gather_gemm, "moe_gather_gemm_reference", gpu_like)
+    folder = write_tiny_checkpoint(tmp_path / "ckpt", seed=5, dtype=torch.bfloat16, **CONFIGS["tiny"])
+    resident = OffloadedNemotron.from_pretrained(folder, device="cpu")
+    ids = torch.randint(3, 256, (1, 21), generator=torch.Generator().manual_seed(0))
+    logits = resident(ids)
+    tokens = resident.generate(ids, max_new_tokens=48, temperature=0, stop_at_eos=False)
+    fixed = fixed_bytes(resident.config, torch.bfloat16, context=CONTEXT)
+    errors = {}
+    for as_gpu in (True, False):
+        model = OffloadedNemotron.from_pretrained(folder, device="cpu", vram_budget=f"{fixed.total}B",
+                                                  context=CONTEXT, cpu_experts=True, quiet=True)
+        runtime = model.runtime
+        runtime._gpu_kernels = as_gpu  # ask the kernels' rounding, as on CUDA
+        runtime._intermediate_dtype = lambda x, up, down, table, ids: (
+            torch.bfloat16 if prefill_sized(ids, table) else torch.float32)
+        try:
+            errors[as_gpu] = rel(model(ids).float(), logits.float())
+            got = model.generate(ids, max_new_tokens=48, temperature=0, stop_at_eos=False)
+            assert model.stats()["experts"]["cpu_computed"] > 0
+            if as_gpu:
+                assert torch.equal(got, tokens)
+        finally:
+            runtime.close()
+    assert errors[True] <= 2e-3 and errors[False] > 10 * 2e-3, errors  # (measured: 0 and 0.11)
+
+
+def test_the_cpu_rate_of_the_automatic_miss_choice_is_measured_in_the_stores_format(monkeypatch):
+    """On CUDA, ``cpu_experts="auto"`` weighs copying a miss against computing it at this host's measured CPU rate:
+    for a quantized store that of the packed records' kernel (fewer GB/s than BF16's), at the model's shapes."""
+    import residency.offload as offload
+    import residency.runtime.cpu_experts as cpu_experts
+    import residency.runtime.cpu_quant as cpu_quant
+    from residency.kernels.moe.quant_formats import ExpertRecordLayout, QuantSpec
+    from residency.runtime.store import ExpertLayout
+
+    calls = []
+    monkeypatch.setattr(cpu_experts, "measure_throughput", lambda k, **kw: calls.append(("bf16", k, kw)) or 30.0)
+    monkeypatch.setattr(cpu_quant, "measure_quant_throughput",
+                        lambda spec, k, **kw: calls.append((spec.format, k, kw)) or 12.0)
+    cuda = torch.device("cuda")
+    assert offload.miss_rates(None, "cuda", "auto", cuda, ExpertLayout(96, 64, torch.bfloat16))[1] == 30.0
+    quant = ExpertRecordLayout(QuantSpec("nvfp4"), 96, 64)
+    assert offload.miss_rates(None, "cuda", "auto", cuda, quant)[1] == 12.0
+    assert calls == [("bf16", 4, dict(latent=64, intermediate=96, bank_experts=16, repeats=3)),
+                     ("nvfp4", 4, dict(latent=64, intermediate=96, bank_records=16, repeats=3))]
+    offload.miss_rates(None, "cuda", True, cuda, quant)  # a fixed choice measures nothing
+    offload.miss_rates(None, "cpu", "auto", torch.device("cpu"), quant)
+    assert len(calls) == 2
+
+
+def test_intermediate_dtype_is_the_one_the_triton_kernels_keep(monkeypatch):
+    """``intermediate_dtype`` / ``quant_intermediate_dtype``: fp32 for the torch reference, the interpreter and the
+    decode path; the 16-bit dtype on a GPU's prefill path (the choice the kernels make, from the tuning table)."""
+    import residency.kernels.moe.gather_gemm as gather_gemm
+    import residency.kernels.moe.quant_gather_gemm as quant_gemm
+    from residency.kernels.moe.quant_formats import ExpertRecordLayout, QuantSpec
+
+    x = torch.zeros(3, 16, dtype=torch.bfloat16)
+    up, down = torch.zeros(4, 32, 16, dtype=torch.bfloat16), torch.zeros(4, 16, 32, dtype=torch.bfloat16)
+    table = torch.arange(8, dtype=torch.int32) % 4
+    prompt, step = torch.zeros(3, 2, dtype=torch.long), torch.zeros(1, 2, dtype=torch.long)  # 3*2*4 > 8 >= 1*2*4
+    layout = ExpertRecordLayout(QuantSpec("nvfp4"), 32, 16)
+    bank = torch.zeros(4, layout.record_bytes, dtype=torch.uint8)
+    qup, qdown = layout.up(bank), layout.down(bank)
+    for ids in (prompt, step):  # on the cpu device: the torch reference, fp32
+        assert gather_gemm.intermediate_dtype(x, up, down, table, ids) == torch.float32
+        assert quant_gemm.quant_intermediate_dtype(x, qup, qdown, table, ids) == torch.float32
+    for module in (gather_gemm, quant_gemm):  # as on a GPU
+        monkeypatch.setattr(module, "use_triton", lambda backend, *tensors: True)
+        monkeypatch.setattr(module, "interpret_mode", lambda: False)
+    assert gather_gemm.intermediate_dtype(x, up, down, table, prompt) == torch.bfloat16
+    assert gather_gemm.intermediate_dtype(x, up, down, table, step) == torch.float32
+    assert gather_gemm.intermediate_dtype(x, up, down, table, step, path="prefill") == torch.bfloat16
+    assert gather_gemm.intermediate_dtype(x.float(), up.float(), down.float(), table, prompt) == torch.float32
+    assert quant_gemm.quant_intermediate_dtype(x, qup, qdown, table, prompt) == torch.bfloat16
+    assert quant_gemm.quant_intermediate_dtype(x.half(), qup, qdown, table, prompt) == torch.float16
+    assert quant_gemm.quant_intermediate_dtype(x, qup, qdown, table, step) == torch.float32
+    assert quant_gemm.quant_intermediate_dtype(x.float(), qup, qdown, table, prompt) == torch.float32
+
+
 def cuda_reference(tmp_path, new_tokens):
     """The tiny checkpoint in bf16, resident on CUDA: (folder, prompt, its logits, ``new_tokens`` greedy tokens,
     ``budget_for(share)``: the bytes that hold that share of all experts besides what runs anyway)."""
