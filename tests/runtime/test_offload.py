@@ -7,6 +7,7 @@ answer" is checked to 1e-5 relative.
 
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
@@ -434,3 +435,43 @@ def test_on_cuda_unified_mode_equals_the_resident_run_and_decodes_without_host_r
             assert any(shape[0] == 1 for shape in read) == (share < 1), share  # one-token calls read ids?
         finally:
             runtime.close()
+
+
+def test_offload_benchmark_reports_each_run_as_it_goes(load_benchmark, tmp_path, monkeypatch, capsys):
+    """``bench_offload.py`` on the cpu device (the program, not a GPU figure): one row per run with the comparison
+    to the resident run recorded in it, and its report rewritten after every row, so a run cut short keeps what it
+    measured."""
+    bench = load_benchmark("bench_offload")
+    monkeypatch.setattr(bench, "MODELS", {"tiny (32 experts, top-4)": bench.MODELS["tiny (32 experts, top-4)"]})
+    out = tmp_path / "offload"
+    bench.main(["--device", "cpu", "--tokens", "4", "--out", str(out)])
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["complete"] and [r["run"] for r in report["rows"]][:2] == ["resident", "offloaded 10 %"]
+    assert len(report["rows"]) == 6 and all(r["tokens_equal"] and r["prompt_logits_rel_err"] <= 2e-3
+                                            for r in report["rows"][1:])
+    printed = capsys.readouterr().out
+    assert printed.count("| tiny (32 experts, top-4) |") == 6 and "incomplete" not in out.with_suffix(".md").read_text()
+
+    calls = []
+    real = bench.decode_rate
+
+    def failing(model, ids, tokens):  # the third model's run fails
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("cut short")
+        return real(model, ids, tokens)
+
+    monkeypatch.setattr(bench, "decode_rate", failing)
+    with pytest.raises(RuntimeError, match="cut short"):
+        bench.main(["--device", "cpu", "--tokens", "4", "--out", str(out)])
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert not report["complete"] and len(report["rows"]) == 2
+    assert "incomplete" in out.with_suffix(".md").read_text()
+
+
+def test_first_difference_names_the_first_generated_token_that_differs(load_benchmark):
+    bench = load_benchmark("bench_offload")
+    want = torch.tensor([[5, 6, 7, 8, 9]])
+    assert bench.first_difference(want.clone(), want, prompt=2) is None
+    assert bench.first_difference(torch.tensor([[5, 6, 7, 0, 9]]), want, prompt=2) == 1
+    assert bench.first_difference(torch.tensor([[5, 6, 7]]), want, prompt=2) == 1  # stopped early
