@@ -181,6 +181,7 @@ class OffloadRuntime:
         self._is_decode = False
         if self.device.type == "cuda":  # also unified memory on a CUDA device: staging copies on streams, ordered
             self.copies: CopyEngine = CudaCopyEngine(self.device)
+            store.copy_device = self.device  # (unpinning the store waits for these streams)
         else:
             self.copies = ThreadCopyEngine(options.copy_delay)
         lay = self.layout

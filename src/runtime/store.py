@@ -88,6 +88,8 @@ class HostExpertStore:
         self.row_of_expert: list[np.ndarray] = []  # per layer: expert -> row of its record, -1 = on disk
         self.buffers: list[torch.Tensor] = []
         self._registered: list[int] = []
+        # the CUDA device whose copy streams read the pinned buffers (the runtime sets it): unpinning waits for it
+        self.copy_device: torch.device | None = None
         self.pinned = False
         self.pin_problem: str | None = None if pin else "not requested"
         disk_sets = [set(d) for d in disk] if disk is not None else [set() for _ in range(num_layers)]
@@ -120,6 +122,7 @@ class HostExpertStore:
             err = cudart.cudaHostRegister(buf.data_ptr(), buf.numel() * buf.element_size(), 1)
             code = int(err.value) if hasattr(err, "value") else int(err)
             if code != 0:
+                _clear_cuda_error()
                 self.unpin()
                 self.pin_problem = f"cudaHostRegister failed (error {code})"
                 warnings.warn(
@@ -134,7 +137,11 @@ class HostExpertStore:
         self.pin_problem = None
 
     def unpin(self) -> None:
+        """Unregister the buffers, after every copy from them on :attr:`copy_device` has finished (whatever the
+        order in which the garbage collector takes the store and the runtime apart)."""
         if self._registered:
+            if self.copy_device is not None:
+                torch.cuda.synchronize(self.copy_device)
             cudart = torch.cuda.cudart()
             for ptr in self._registered:
                 cudart.cudaHostUnregister(ptr)
@@ -194,3 +201,18 @@ class HostExpertStore:
             raise CheckpointError("the host store was not filled from a checkpoint; no disk tier to read from")
         ckpt, names = self.source
         self.layout.fill(ckpt.read_into, f"{names[layer]}.{expert}", out, has=ckpt.tensors.__contains__)
+
+
+def _clear_cuda_error() -> None:
+    """Reset the CUDA runtime's last error after a failed ``cudaHostRegister``: torch checks it after its next kernel
+    launch and would report the failed page-locking there, as that kernel's error, instead of carrying on with
+    pageable memory. (torch's ``cudart()`` binding has no ``cudaGetLastError``; the runtime library torch loaded
+    is found by name.)"""
+    import ctypes
+
+    for name in ("libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0", "libcudart.so", "cudart64_12.dll"):
+        try:
+            ctypes.CDLL(name).cudaGetLastError()
+            return
+        except (OSError, AttributeError):
+            continue

@@ -122,14 +122,46 @@ def test_failed_pinning_warns_and_falls_back_to_pageable(monkeypatch):
         def cudaHostUnregister(self, ptr):
             return 0
 
+    cleared = []
     monkeypatch.setattr(store_module.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(store_module.torch.cuda, "cudart", lambda: FakeCudart())
+    monkeypatch.setattr(store_module, "_clear_cuda_error", lambda: cleared.append(1))
     layout = ExpertLayout(4, 4, torch.float32)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         store = HostExpertStore(layout, 2, 3, pin=True)
     assert not store.pinned and "cudaHostRegister failed" in store.pin_problem
     assert any("pageable memory" in str(w.message) for w in caught)
+    # the failed call's error is taken off the CUDA runtime, or torch's next kernel launch would raise it
+    assert cleared == [1]
+
+
+def test_the_cuda_error_is_cleared_in_the_runtime_library_found(monkeypatch):
+    import ctypes
+
+    opened, cleared = [], []
+
+    class Library:
+        def cudaGetLastError(self):
+            cleared.append(1)
+
+    def cdll(name):
+        opened.append(name)
+        if name != "libcudart.so.12":
+            raise OSError(f"{name}: cannot open shared object file")
+        return Library()
+
+    monkeypatch.setattr(ctypes, "CDLL", cdll)
+    store_module._clear_cuda_error()
+    assert opened == ["libcudart.so.13", "libcudart.so.12"] and cleared == [1]
+    def missing(name):
+        opened.append(name)
+        raise OSError(f"{name}: cannot open shared object file")
+
+    opened.clear()
+    monkeypatch.setattr(ctypes, "CDLL", missing)
+    store_module._clear_cuda_error()  # no CUDA runtime at all: every name tried, nothing raised
+    assert len(opened) == 5
 
 
 def test_pinning_registers_each_buffer_at_its_exact_size(monkeypatch):
@@ -150,6 +182,30 @@ def test_pinning_registers_each_buffer_at_its_exact_size(monkeypatch):
     assert store.pinned and calls == [7 * 60, 7 * 60]
     store.unpin()
     assert not store.pinned
+
+
+def test_unpinning_waits_for_the_copy_device_first(monkeypatch):
+    """A pinned store is unregistered only after the copy streams reading it are done, in whichever order the
+    garbage collector takes the store and the runtime apart."""
+    events = []
+
+    class FakeCudart:
+        def cudaHostRegister(self, ptr, size, flags):
+            return 0
+
+        def cudaHostUnregister(self, ptr):
+            events.append("unregister")
+            return 0
+
+    monkeypatch.setattr(store_module.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(store_module.torch.cuda, "cudart", lambda: FakeCudart())
+    monkeypatch.setattr(store_module.torch.cuda, "synchronize", lambda device=None: events.append(("sync", device)))
+    store = HostExpertStore(ExpertLayout(2, 2, torch.float32), 2, 3, pin=True)
+    store.copy_device = torch.device("cuda", 1)
+    store.unpin()
+    assert events == [("sync", torch.device("cuda", 1)), "unregister", "unregister"]
+    store.unpin()  # nothing registered any more: no wait either
+    assert len(events) == 3
 
 
 def test_rows_of_disk_experts_are_minus_one():
