@@ -74,6 +74,19 @@ def test_the_plan_checks_correctness_before_tuning_and_names_the_commit(gv, tmp_
     assert gpu[gpu.index("gpu") - 1] == "-m" and "--ignore=tests/kernels" in gpu
 
 
+def test_steps_runs_a_subset_in_the_plans_order_and_refuses_unknown_names(gv, tmp_path, monkeypatch, capsys):
+    ran = []
+    monkeypatch.setattr(gv, "run_steps", lambda steps, out_dir, budget_s: ran.extend(s.name for s in steps) or [])
+    assert gv.main([str(tmp_path / "out"), "--steps", "bench_offload, install"]) == 0
+    assert ran == ["install", "bench_offload"]
+    with pytest.raises(SystemExit) as exit_info:
+        gv.main([str(tmp_path / "out"), "--steps", "install,bench_ofload"])
+    assert exit_info.value.code == 2 and "unknown step(s) bench_ofload; choose from install," in capsys.readouterr().err
+    # the MoE compile test is the compile_check step's work: the kernel tests do not run it again
+    kernels = next(s for s in gv.validation_steps(tmp_path, None) if s.name == "pytest_kernels").command
+    assert kernels[kernels.index("--deselect") + 1].endswith("::test_kernels_compile_for_gpus_without_one")
+
+
 def test_benchmark_names_the_commit_given_when_there_is_no_git(monkeypatch, load_benchmark):
     bench = load_benchmark("bench_kernels")
     machine = sys.modules[bench.git_commit.__module__]  # the shared benchmarks/_machine.py
