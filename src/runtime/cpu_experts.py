@@ -81,31 +81,59 @@ def rounding_code(dtype: torch.dtype | None) -> int:
 
 
 @intrinsic
-def round_intermediate(typingctx: Any, v: Any, code: Any) -> Any:
-    """fp32 ``v`` rounded to bf16 (``code`` :data:`ROUND_BF16`) or fp16 (:data:`ROUND_FP16`), to nearest even, and
-    widened back; unchanged for :data:`ROUND_NONE`. NaN stays NaN; values past the 16-bit range become
-    infinite (fp16 subnormals as IEEE rounds them): what ``torch``'s and Triton's conversions give."""
-    if v != types.float32 or not isinstance(code, types.Integer):
+def _float_bits(typingctx: Any, v: Any) -> Any:
+    """The bits of fp32 ``v`` as an int32."""
+    if v != types.float32:
         return None
-    sig = types.float32(types.float32, code)
 
     def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        value, which = args
-        f32, i32 = ir.FloatType(), ir.IntType(32)
-        bits = builder.bitcast(value, i32)
-        odd = builder.and_(builder.lshr(bits, ir.Constant(i32, 16)), ir.Constant(i32, 1))
-        rounded = builder.and_(builder.add(bits, builder.add(ir.Constant(i32, 0x7FFF), odd)),
-                               ir.Constant(i32, -65536))  # keep the high 16 bits
-        is_nan = builder.fcmp_unordered("uno", value, value)
-        bf16 = builder.select(is_nan, value, builder.bitcast(rounded, f32))
-        fp16 = builder.fpext(builder.fptrunc(value, ir.HalfType()), f32)
-        which = context.cast(builder, which, signature.args[1], types.intp)
-        intp = context.get_value_type(types.intp)
-        return builder.select(builder.icmp_signed("==", which, ir.Constant(intp, ROUND_BF16)), bf16,
-                              builder.select(builder.icmp_signed("==", which, ir.Constant(intp, ROUND_FP16)), fp16,
-                                             value))
+        return builder.bitcast(args[0], ir.IntType(32))
 
-    return sig, codegen
+    return types.int32(types.float32), codegen
+
+
+@intrinsic
+def _bits_float(typingctx: Any, b: Any) -> Any:
+    """The fp32 whose bits are int32 ``b``."""
+    if b != types.int32:
+        return None
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _round_mantissa(v: float, drop: int) -> float:
+    """Finite fp32 ``v`` with its low ``drop`` mantissa bits rounded off, to nearest even (a carry moves the
+    exponent, the largest values become infinite)."""
+    b = np.int64(_float_bits(np.float32(v))) & 0xFFFFFFFF
+    half = (np.int64(1) << (drop - 1)) - 1
+    b = (b + half + ((b >> drop) & 1)) & ~((np.int64(1) << drop) - 1) & 0xFFFFFFFF
+    return _bits_float(np.int32(b - (1 << 32) if b >= (1 << 31) else b))
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def round_intermediate(v: float, code: int) -> float:
+    """fp32 ``v`` rounded to bf16 (``code`` :data:`ROUND_BF16`) or fp16 (:data:`ROUND_FP16`), to nearest even, and
+    widened back; unchanged for :data:`ROUND_NONE`. NaN stays NaN; values past the 16-bit range become infinite,
+    fp16 subnormals keep their 2**-24 steps: what ``torch``'s and Triton's conversions give. Integer and fp32
+    operations only (no half-precision instructions, which a target without F16C lacks)."""
+    v = np.float32(v)
+    if code == ROUND_NONE or v != v:
+        return v
+    if code == ROUND_BF16:
+        return _round_mantissa(v, 16)
+    a = abs(v)
+    if a < np.float32(2.0**-14):  # fp16 subnormal: steps of 2**-24, rounded to even by one fp32 addition
+        steps = (a * np.float32(2.0**24) + np.float32(2.0**23)) - np.float32(2.0**23)
+        r = steps * np.float32(2.0**-24)
+    else:
+        r = _round_mantissa(a, 13)
+        if r > np.float32(65504.0):
+            r = np.float32(np.inf)
+    return -r if _float_bits(v) < 0 else r  # (the sign bit: -0.0 stays -0.0)
 
 
 @intrinsic

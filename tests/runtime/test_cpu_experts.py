@@ -178,7 +178,9 @@ def test_rounding_to_16_bits_is_torchs_on_every_kind_of_value():
     rng = np.random.default_rng(0)
     bits = np.concatenate([rng.integers(0, 1 << 32, 20000, dtype=np.uint64).astype(np.uint32),
                            np.array([0x3F808000, 0x3F818000, 0x7F7FFFFF, 0x477FF000, 0x33000001, 0x7FC00000,
-                                     0xFF800000, 0x80000000], np.uint32)])
+                                     0xFF800000, 0x80000000, 0x477FE000, 0x477FEFFF, 0x477FF000, 0x38800000,
+                                     0x387FFFFF, 0x33000000, 0x33400000, 0xB3400000, 0x00000001],
+                                    np.uint32)])  # ... 65504, 65519.99, 65520, 2**-14, 2**-25 (a tie), 1.5 * 2**-25
     values = bits.view(np.float32)
 
     @numba.njit
@@ -195,6 +197,38 @@ def test_rounding_to_16_bits_is_torchs_on_every_kind_of_value():
         assert np.array_equal(np.isnan(got), nan)
         assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
     assert np.array_equal(apply(values, cpu_experts.ROUND_NONE).view(np.uint32), bits)
+
+
+GENERIC_CHILD = """
+import json, numpy as np, torch
+from residency.runtime.cpu_experts import cpu_moe, cpu_moe_reference, bank_view
+rng = np.random.default_rng(0)
+up = bank_view(torch.from_numpy(rng.integers(-5, 6, (4, 24, 40)).astype(np.float32)).bfloat16())
+down = bank_view(torch.from_numpy(rng.integers(-3, 4, (4, 40, 24)).astype(np.float32)).bfloat16())
+x = rng.integers(-3, 4, (2, 40)).astype(np.float32)
+tok, exp, w = rng.integers(0, 2, 6), rng.integers(0, 4, 6), np.full(6, 0.5, np.float32)
+errors = {}
+for name, dtype in (("fp32", None), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+    got, want = np.zeros_like(x), np.zeros_like(x)
+    cpu_moe(x, up, down, tok, exp, w, got, intermediate=dtype)
+    cpu_moe_reference(x, up, down, tok, exp, w, want, intermediate=dtype)
+    errors[name] = float(np.abs(got - want).max() / np.abs(want).max())
+print(json.dumps(errors))
+"""
+
+
+def test_kernel_compiled_for_a_generic_x86_target_matches_the_reference(tmp_path):
+    """Compiled for a target with SSE2 only (no AVX, no F16C half-precision conversions; a fresh numba cache), the
+    kernel still runs, rounding included, and equals the reference."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "NUMBA_CPU_NAME": "generic"}
+    run = subprocess.run([sys.executable, "-c", GENERIC_CHILD], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    errors = json.loads(run.stdout.strip().splitlines()[-1])
+    assert set(errors) == {"fp32", "bf16", "fp16"} and max(errors.values()) <= 1e-6, errors
 
 
 def test_no_pairs_is_a_no_op():
