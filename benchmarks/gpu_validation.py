@@ -28,9 +28,11 @@ gives each step what is left of the budget, recording what ran, how long and how
 
 Correctness on the device comes first, then the measurements the open issues name, then tuning.
 The steps' own limits add up to more than one command's budget: ``--steps`` runs a subset (in the
-order above), so that a lease can split the plan over two commands, e.g. ``--steps
+order above; ``install_pytest`` comes with the pytest steps where it is needed), so that a lease
+can split the plan over two commands into the same ``OUT_DIR``, e.g. ``--steps
 install,compile_check,pytest_kernels,pytest_gpu,bench_offload`` and then ``--steps
-install,bench_quant_kernels,bench_dense_decode,bench_default_table,autotune_quick,bench_tuned_table``.
+install,bench_quant_kernels,bench_dense_decode,bench_default_table,autotune_quick,bench_tuned_table``:
+``summary.json`` keeps the records of earlier commands' steps that this one did not run.
 
 Writes into ``OUT_DIR``: one ``<step>.log`` per step, ``kernels.{json,md}`` and
 ``kernels_tuned.{json,md}`` from the benchmarks, ``configs/*.json``, ``compile_check.json``, and
@@ -170,6 +172,15 @@ def environment(commit: str | None) -> dict:
     return info
 
 
+def earlier_records(path: Path, replaced: set[str]) -> list[dict]:
+    """The step records of an earlier command's ``summary.json`` in the same folder, but for the steps run again."""
+    try:
+        earlier = json.loads(path.read_text())["steps"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [r for r in earlier if isinstance(r, dict) and r.get("step") not in replaced]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", help="folder for logs, results and summary.json")
@@ -186,10 +197,13 @@ def main(argv: list[str] | None = None) -> int:
         if unknown or not wanted:
             parser.error(f"--steps: unknown step(s) {', '.join(unknown) or '(none given)'}; choose from "
                          f"{', '.join(known)}")
+        if any(name.startswith("pytest_") for name in wanted):
+            wanted.append("install_pytest")  # (a step only where pytest is missing)
         steps = [s for s in steps if s.name in wanted]
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = {"environment": environment(args.commit), "budget_s": args.budget_s}
-    summary["steps"] = run_steps(steps, out_dir, args.budget_s)
+    records = run_steps(steps, out_dir, args.budget_s)
+    summary["steps"] = earlier_records(out_dir / "summary.json", {r["step"] for r in records}) + records
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     failed = [r["step"] for r in summary["steps"] if r["status"] not in ("ok", "skipped")]
     print(f"wrote {out_dir / 'summary.json'}; " + (f"not ok: {', '.join(failed)}" if failed else "all steps ok"))

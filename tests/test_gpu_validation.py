@@ -76,9 +76,25 @@ def test_the_plan_checks_correctness_before_tuning_and_names_the_commit(gv, tmp_
 
 def test_steps_runs_a_subset_in_the_plans_order_and_refuses_unknown_names(gv, tmp_path, monkeypatch, capsys):
     ran = []
-    monkeypatch.setattr(gv, "run_steps", lambda steps, out_dir, budget_s: ran.extend(s.name for s in steps) or [])
-    assert gv.main([str(tmp_path / "out"), "--steps", "bench_offload, install"]) == 0
+
+    def run(steps, out_dir, budget_s):
+        ran[:] = [s.name for s in steps]
+        return [{"step": s.name, "status": "ok"} for s in steps]
+
+    monkeypatch.setattr(gv, "run_steps", run)
+    out = tmp_path / "out"
+    assert gv.main([str(out), "--steps", "bench_offload, install"]) == 0
     assert ran == ["install", "bench_offload"]
+    # a second command into the same folder: the summary keeps the first one's records of other steps
+    assert gv.main([str(out), "--steps", "install,bench_quant_kernels"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["step"] for r in summary["steps"]] == ["bench_offload", "install", "bench_quant_kernels"]
+    # where pytest is missing and wheels were carried, the pytest steps bring their installation along
+    (tmp_path / "wheels").mkdir()
+    monkeypatch.setattr(gv, "WHEELS", tmp_path / "wheels")
+    monkeypatch.setattr(gv.importlib.util, "find_spec", lambda name: None)
+    assert gv.main([str(out), "--steps", "pytest_gpu"]) == 0
+    assert ran == ["install_pytest", "pytest_gpu"]
     with pytest.raises(SystemExit) as exit_info:
         gv.main([str(tmp_path / "out"), "--steps", "install,bench_ofload"])
     assert exit_info.value.code == 2 and "unknown step(s) bench_ofload; choose from install," in capsys.readouterr().err
