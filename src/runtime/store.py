@@ -207,10 +207,14 @@ def _clear_cuda_error() -> None:
     """Reset the CUDA runtime's last error after a failed ``cudaHostRegister``: torch checks it after its next kernel
     launch and would report the failed page-locking there, as that kernel's error, instead of carrying on with
     pageable memory. (torch's ``cudart()`` binding has no ``cudaGetLastError``; the runtime library torch loaded
-    is found by name.)"""
+    is found by name, the one of torch's CUDA version first: another runtime's error state is not torch's.)"""
     import ctypes
 
-    for name in ("libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0", "libcudart.so", "cudart64_12.dll"):
+    major = (torch.version.cuda or "").split(".")[0]
+    names = [f"libcudart.so.{major}"] if major.isdigit() else []
+    names += [n for n in ("libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0", "libcudart.so", "cudart64_12.dll")
+              if n not in names]
+    for name in names:
         try:
             ctypes.CDLL(name).cudaGetLastError()
             return

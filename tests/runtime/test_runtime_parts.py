@@ -152,8 +152,13 @@ def test_the_cuda_error_is_cleared_in_the_runtime_library_found(monkeypatch):
         return Library()
 
     monkeypatch.setattr(ctypes, "CDLL", cdll)
+    monkeypatch.setattr(store_module.torch.version, "cuda", None)  # (a CPU build of torch: the usual names in turn)
     store_module._clear_cuda_error()
     assert opened == ["libcudart.so.13", "libcudart.so.12"] and cleared == [1]
+    opened.clear()
+    monkeypatch.setattr(store_module.torch.version, "cuda", "12.8")  # torch's own runtime first
+    store_module._clear_cuda_error()
+    assert opened == ["libcudart.so.12"] and cleared == [1, 1]
     def missing(name):
         opened.append(name)
         raise OSError(f"{name}: cannot open shared object file")
