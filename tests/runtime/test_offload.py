@@ -327,11 +327,12 @@ def test_cpu_pairs_round_their_intermediate_as_the_gpu_prefill_kernel_does(tmp_p
 def test_the_cpu_rate_of_the_automatic_miss_choice_is_measured_in_the_stores_format(monkeypatch):
     """On CUDA, ``cpu_experts="auto"`` weighs copying a miss against computing it at this host's measured CPU rate:
     for a quantized store that of the packed records' kernel (fewer GB/s than BF16's), at the model's shapes."""
-    import residency.offload as offload
     import residency.runtime.cpu_experts as cpu_experts
     import residency.runtime.cpu_quant as cpu_quant
     from residency.kernels.moe.quant_formats import ExpertRecordLayout, QuantSpec
     from residency.runtime.store import ExpertLayout
+
+    import residency.offload as offload
 
     calls = []
     monkeypatch.setattr(cpu_experts, "measure_throughput", lambda k, **kw: calls.append(("bf16", k, kw)) or 30.0)
@@ -376,6 +377,11 @@ def test_intermediate_dtype_is_the_one_the_triton_kernels_keep(monkeypatch):
     assert quant_gemm.quant_intermediate_dtype(x.half(), qup, qdown, table, prompt) == torch.float16
     assert quant_gemm.quant_intermediate_dtype(x, qup, qdown, table, step) == torch.float32
     assert quant_gemm.quant_intermediate_dtype(x.float(), qup, qdown, table, prompt) == torch.float32
+    # W4A16 groups the decode kernel cannot read (not a multiple of 8) take the prefill kernel even for one token
+    odd = ExpertRecordLayout(QuantSpec("w4a16", group_size=12), 32, 48)
+    odd_bank = torch.zeros(4, odd.record_bytes, dtype=torch.uint8)
+    x48 = torch.zeros(1, 48, dtype=torch.bfloat16)
+    assert quant_gemm.quant_intermediate_dtype(x48, odd.up(odd_bank), odd.down(odd_bank), table, step) == torch.bfloat16
 
 
 def cuda_reference(tmp_path, new_tokens):

@@ -217,7 +217,9 @@ def quant_intermediate_dtype(
 ) -> torch.dtype:
     """The dtype :func:`moe_gather_gemm_quant`, given these arguments, keeps ``relu(up @ x)^2`` in: fp32, except
     on the prefill path on a GPU with 16-bit activations, where it is their dtype (see
-    :func:`~residency.kernels.moe.gather_gemm.intermediate_dtype`)."""
+    :func:`~residency.kernels.moe.gather_gemm.intermediate_dtype`). Rounding ``h`` alike is all a caller needs
+    to follow the kernel's arithmetic, except for W4A16 groups no K tile of at least 16 divides (8, 12 ...),
+    whose weights the GPU's prefill path also rounds to the 16-bit dtype (``_scale_tiles``)."""
     if not use_triton(backend, x, up.data, down.data, slot_of_expert, topk_ids):
         return torch.float32
     if path == "auto":
@@ -286,8 +288,9 @@ def quant_linear(
     """``x [..., K] @ W.T (+ bias)`` for one quantized weight (slot 0 of ``weight``), in x's dtype.
 
     Triton (CUDA, or the interpreter): the decode kernel for up to 4 rows, else the prefill GEMM,
-    fp32 accumulation, no ReLU² and no routing weight. Torch: :func:`quant_linear_reference`
-    (dequantize, round to x's dtype, ``F.linear``), what a model dequantized at load computes.
+    fp32 accumulation, no ReLU² and no routing weight; neither rounds the dequantized weight to x's
+    dtype. Torch: :func:`quant_linear_reference` (dequantize, round to x's dtype, ``F.linear``), what a
+    model dequantized at load computes; the two differ by at most that rounding of the weights.
     """
     if weight.k != x.shape[-1]:
         raise ValueError(f"x has {x.shape[-1]} features, the weight takes {weight.k}")
