@@ -160,6 +160,18 @@ def test_w4a16_groups_no_dot_tile_divides_dequantize_then_dot(name, device, monk
     assert_close(run(problem, "prefill"), moe_gather_gemm_quant_reference(*problem))
 
 
+def test_banks_the_decode_kernel_cannot_read_take_the_prefill_path_with_its_tiles():
+    import residency.kernels.moe.quant_gather_gemm as quant_gemm
+    from residency.kernels.moe.tuning import table_for
+
+    x, up, down, table, ids, weights = make_problem(SPECS["w4a16-g12"], 1, 40, 24, 20, 24, 2)
+    tuning = table_for(x.device, 40, 24, "w4a16")
+    assert quant_gemm._choose_path(x, up, down, table, ids, "auto", None) == ("prefill", tuning.config("prefill", 1))
+    assert quant_gemm._choose_path(x, up, down, table, ids, "decode", SMALL) == ("prefill", SMALL)
+    x, up, down, table, ids, weights = make_problem(SPECS["w4a16-g16"], 1, 40, 24, 20, 24, 2)  # 1 x 2 x 4 <= 20: decode
+    assert quant_gemm._choose_path(x, up, down, table, ids, "auto", None) == ("decode", tuning.config("decode", 1))
+
+
 def test_prefill_tiles_keep_w4a16_scales_out_of_the_dot(monkeypatch):
     """The K tile of the quantized prefill: W4A16 tiles lie in one scale group where a power of two >= 16 divides
     the group (its scale then multiplies the tile's fp32 product), else the configured tile dequantizes."""

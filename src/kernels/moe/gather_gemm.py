@@ -88,7 +88,7 @@ def moe_gather_gemm(
         return moe_gather_gemm_reference(
             x, up_bank, down_bank, slot_of_expert, topk_ids, topk_weights, skip, out=out, pair_norms=pair_norms
         )
-    num_tokens, top_k, latent, inter = check_inputs(
+    num_tokens, *_ = check_inputs(
         x, up_bank, down_bank, slot_of_expert, topk_ids, topk_weights, skip, out, pair_norms
     )
     if check is None:
@@ -100,11 +100,7 @@ def moe_gather_gemm(
     if num_tokens == 0:
         return out
 
-    if path == "auto" or config is None:
-        table = table_for(x.device, latent, inter, up_bank.dtype)
-        if path == "auto":
-            path = table.choose_path(num_tokens, top_k, slot_of_expert.shape[0])
-        config = config or table.config(path, num_tokens)
+    path, config = _choose_path(x, up_bank, slot_of_expert, topk_ids, path, config)
     topk_ids = topk_ids.contiguous()
     topk_weights = topk_weights.contiguous()
     skip = None if skip is None else skip.contiguous()
@@ -114,6 +110,18 @@ def moe_gather_gemm(
     weighted = pair_norms is None
     pair_out = pairs(x, up_bank, down_bank, slot_of_expert, topk_ids, topk_weights, skip, config, weighted)
     return finish_pairs(pair_out, slot_of_expert, topk_ids, topk_weights, skip, pair_norms, out)
+
+
+def _choose_path(x: torch.Tensor, up_bank: torch.Tensor, slot_of_expert: torch.Tensor, topk_ids: torch.Tensor,
+                path: str, config: MoeConfig | None) -> tuple[str, MoeConfig]:
+    """A call's path and tiles: ``path`` unless ``"auto"`` (then the tuning table's choice for its tokens, top-k
+    and experts), ``config`` unless None (then the table's tiles for that path)."""
+    if path == "auto" or config is None:
+        table = table_for(x.device, x.shape[1], up_bank.shape[1], up_bank.dtype)
+        if path == "auto":
+            path = table.choose_path(topk_ids.shape[0], topk_ids.shape[1], slot_of_expert.shape[0])
+        config = config or table.config(path, topk_ids.shape[0])
+    return path, config
 
 
 def finish_pairs(
@@ -241,9 +249,7 @@ def intermediate_dtype(
     """
     if not use_triton(backend, x, up_bank, down_bank, slot_of_expert, topk_ids):
         return torch.float32
-    if path == "auto":
-        table = table_for(x.device, x.shape[1], up_bank.shape[1], up_bank.dtype)
-        path = table.choose_path(topk_ids.shape[0], topk_ids.shape[1], slot_of_expert.shape[0])
+    path, _ = _choose_path(x, up_bank, slot_of_expert, topk_ids, path, None)
     return torch.float32 if path == "decode" else prefill_compute(x, up_bank, down_bank)[0]
 
 

@@ -76,7 +76,7 @@ def moe_gather_gemm_quant(
         return moe_gather_gemm_quant_reference(
             x, up, down, slot_of_expert, topk_ids, topk_weights, skip, out=out, pair_norms=pair_norms
         )
-    num_tokens, top_k, latent, inter = check_quant_inputs(
+    num_tokens, *_ = check_quant_inputs(
         x, up, down, slot_of_expert, topk_ids, topk_weights, skip, out, pair_norms
     )
     if check is None:
@@ -87,13 +87,7 @@ def moe_gather_gemm_quant(
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if num_tokens == 0:
         return out
-    if path == "auto" or config is None:
-        table = table_for(x.device, latent, inter, up.spec.format)
-        if path == "auto":
-            path = table.choose_path(num_tokens, top_k, slot_of_expert.shape[0])
-        config = config or table.config(path, num_tokens)
-    if path == "decode" and not decode_supported(up, down):
-        path = "prefill"
+    path, config = _choose_path(x, up, down, slot_of_expert, topk_ids, path, config)
     topk_ids = topk_ids.contiguous()
     topk_weights = topk_weights.contiguous()
     skip = None if skip is None else skip.contiguous()
@@ -101,6 +95,18 @@ def moe_gather_gemm_quant(
     weighted = pair_norms is None
     pair_out = pairs(x, up, down, slot_of_expert, topk_ids, topk_weights, skip, config, weighted)
     return finish_pairs(pair_out, slot_of_expert, topk_ids, topk_weights, skip, pair_norms, out)
+
+
+def _choose_path(x: torch.Tensor, up: QuantWeights, down: QuantWeights, slot_of_expert: torch.Tensor,
+                 topk_ids: torch.Tensor, path: str, config: MoeConfig | None) -> tuple[str, MoeConfig]:
+    """A call's path and tiles, as the float kernel's ``_choose_path`` (the table looked up by
+    format); banks the decode kernel cannot read (:func:`decode_supported`) take the prefill path and its tiles."""
+    table = table_for(x.device, x.shape[1], up.n, up.spec.format) if path == "auto" or config is None else None
+    if path == "auto":
+        path = table.choose_path(topk_ids.shape[0], topk_ids.shape[1], slot_of_expert.shape[0])
+    if path == "decode" and not decode_supported(up, down):
+        path = "prefill"
+    return path, config or table.config(path, topk_ids.shape[0])
 
 
 def decode_supported(*weights: QuantWeights) -> bool:
@@ -222,11 +228,7 @@ def quant_intermediate_dtype(
     whose weights the GPU's prefill path also rounds to the 16-bit dtype (``_scale_tiles``)."""
     if not use_triton(backend, x, up.data, down.data, slot_of_expert, topk_ids):
         return torch.float32
-    if path == "auto":
-        table = table_for(x.device, x.shape[1], up.n, up.spec.format)
-        path = table.choose_path(topk_ids.shape[0], topk_ids.shape[1], slot_of_expert.shape[0])
-    if path == "decode" and not decode_supported(up, down):
-        path = "prefill"
+    path, _ = _choose_path(x, up, down, slot_of_expert, topk_ids, path, None)
     return torch.float32 if path == "decode" else _compute(x)[0]
 
 
