@@ -147,6 +147,7 @@ class _Pending:
 
     out: torch.Tensor  # [T, L] GPU part: latent dtype, or fp32 when staged or CPU parts are added to it
     cpu: _CpuPart | None
+    out_host: np.ndarray | None = None  # the cpu device: ``out`` as an array, which the CPU part is added into
 
 
 class OffloadRuntime:
@@ -506,10 +507,13 @@ class OffloadRuntime:
         if n_pairs:
             # read the CPU pairs' inputs now, before the GPU kernels below are queued behind them; on CUDA
             # this waits for the latent projection only, so the CPU part (computed in collect) overlaps them
-            x_h, w_h = host_fp32(work.latent, work.weights, merged=not self._on_cpu)
-            listed = pairs[:, :n_pairs]  # views of the workspace (see own_pairs)
-            cpu_part = _CpuPart(j, listed[control.PAIR_TOKEN], listed[control.PAIR_PICK], listed[control.PAIR_ROW],
-                                x_h, w_h.take(listed[control.PAIR_FLAT]),  # (take flattens a C array)
+            if self._on_cpu:
+                x_h, w_h = _host_view(work.latent), _host_view(work.weights)
+            else:
+                x_h, w_h = host_fp32(work.latent, work.weights, merged=True)
+            # (the pair lists are views of the workspace, see own_pairs; take flattens a C array)
+            cpu_part = _CpuPart(j, pairs[control.PAIR_TOKEN, :n_pairs], pairs[control.PAIR_PICK, :n_pairs],
+                                pairs[control.PAIR_ROW, :n_pairs], x_h, w_h.take(pairs[control.PAIR_FLAT, :n_pairs]),
                                 self._intermediate_rounding(work, up, down, table) if self._gpu_kernels else 0)
             self._open_part = cpu_part
 
@@ -523,9 +527,15 @@ class OffloadRuntime:
                 phase.stall_s[j] += cache.wait(wait_jobs)
             if self.options.verify:
                 cache.check_resident(out[control.GPU_SLOT, :n_gpu], out[control.GPU_EXPERT, :n_gpu])
-        # (C-contiguous whatever the latent's strides: the CPU kernels add into it as a [T, L] array)
-        acc = (torch.empty_like(work.latent, dtype=torch.float32, memory_format=torch.contiguous_format)
-               if parts else None)
+        # (C-contiguous whatever the latent's strides: the CPU kernels add into it as a [T, L] array; on the cpu device
+        # made as one, which collect hands them without converting again)
+        acc_h = acc = None
+        if parts:
+            if self._on_cpu:
+                acc_h = np.empty(work.latent.shape, dtype=np.float32)
+                acc = torch.from_numpy(acc_h)
+            else:
+                acc = torch.empty_like(work.latent, dtype=torch.float32, memory_format=torch.contiguous_format)
         if written:
             acc = self._gemm(work.latent, up, down, table, work.ids, work.weights, skip, out=acc,
                              pair_norms=work.pair_norms)
@@ -537,7 +547,7 @@ class OffloadRuntime:
             acc.zero_()  # only CPU pairs: their sum is added in collect
         if staged.shape[0]:
             self._staged(j, work, ids_h, staged, acc, phase, first_writes=not written)
-        return _Pending(acc, cpu_part)
+        return _Pending(acc, cpu_part, acc_h)
 
     def _staged(self, j: int, work, ids_h: np.ndarray, staged: np.ndarray, acc: torch.Tensor,
                 phase: Telemetry, first_writes: bool = False) -> None:
@@ -637,7 +647,7 @@ class OffloadRuntime:
             if part is self._open_part:
                 self._open_part = None
             if self._on_cpu:  # the cpu device: added straight into the fp32 sum of the parts
-                _, norms = self._cpu_compute(part, work.pair_norms is not None, into=out.numpy())
+                _, norms = self._cpu_compute(part, work.pair_norms is not None, into=pending.out_host)
             else:
                 cpu_out, norms = self._cpu_compute(part, work.pair_norms is not None)
                 # from pageable memory: staged before the call returns, so the host does not wait for the GPU here
