@@ -48,6 +48,8 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
+from .jit import njit
+
 __all__ = [
     "LANES",
     "bank_view",
@@ -104,7 +106,7 @@ def _bits_float(typingctx: Any, b: Any) -> Any:
     return types.float32(types.int32), codegen
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@njit(inline="always")
 def _round_mantissa(v: float, drop: int) -> float:
     """Finite fp32 ``v`` with its low ``drop`` mantissa bits rounded off, to nearest even (a carry moves the
     exponent, the largest values become infinite)."""
@@ -114,7 +116,7 @@ def _round_mantissa(v: float, drop: int) -> float:
     return _bits_float(np.int32(b - (1 << 32) if b >= (1 << 31) else b))
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@njit(inline="always")
 def round_intermediate(v: float, code: int) -> float:
     """fp32 ``v`` rounded to bf16 (``code`` :data:`ROUND_BF16`) or fp16 (:data:`ROUND_FP16`), to nearest even, and
     widened back; unchanged for :data:`ROUND_NONE`. NaN stays NaN; values past the 16-bit range become infinite,
@@ -216,7 +218,7 @@ def _row_dot(typingctx: Any, w: Any, w_off: Any, v: Any, v_off: Any, n: Any) -> 
     return sig, codegen
 
 
-@numba.njit(cache=True, nogil=True)
+@njit
 def _group_starts(keys: np.ndarray, order: np.ndarray) -> np.ndarray:
     """Start offsets (plus the end) of the runs of equal ``keys[order]``."""
     n = order.shape[0]
@@ -230,7 +232,7 @@ def _group_starts(keys: np.ndarray, order: np.ndarray) -> np.ndarray:
     return starts[:count + 1]
 
 
-@numba.njit(cache=True, nogil=True)
+@njit
 def _add_pairs_by_token(tok: np.ndarray, wgt: np.ndarray, y: np.ndarray, out: np.ndarray) -> None:
     """``out[t] += sum_p wgt[p] * y[p]`` over each token's pairs, in the pairs' given order (fp32)."""
     latent = y.shape[1]
@@ -249,7 +251,7 @@ def _add_pairs_by_token(tok: np.ndarray, wgt: np.ndarray, y: np.ndarray, out: np
             out[t, l] += acc[l]
 
 
-@numba.njit(parallel=True, fastmath=False, cache=True, nogil=True)
+@njit(parallel=True, fastmath=False)
 def _cpu_moe_kernel(x: np.ndarray, up: np.ndarray, up_e: int, up_i: int, down: np.ndarray, down_e: int, down_l: int,
                     inter: int, tok: np.ndarray, exp: np.ndarray, wgt: np.ndarray, out: np.ndarray,
                     norms: np.ndarray, rows_up: int, rows_down: int, h_round: int) -> None:

@@ -92,6 +92,7 @@ from .cpu_experts import (
     round_intermediate,
     rounding_code,
 )
+from .jit import njit
 
 __all__ = ["cpu_moe_quant", "cpu_moe_quant_prepared", "prepare_records", "PreparedRecords", "cpu_moe_quant_reference",
            "code_tables", "measure_quant_throughput"]
@@ -478,7 +479,7 @@ _dot_w4a16_1, _dot_w4a16_4 = _make_row_dot(_W4A16, 1), _make_row_dot(_W4A16, _PA
 # ---------------------------------------------------------------------------------------------- rows
 
 
-@numba.njit(cache=True, nogil=True)
+@njit
 def _decode_row(bank: np.ndarray, words: np.ndarray, floats: np.ndarray, halves: np.ndarray, base: int, fmt: int,
                 r: int, k: int, data_off: int, scale_off: int, zero_off: int, scalar_at: int, group: int,
                 groups: int, symmetric: bool, scale_bits: int, e2m1: np.ndarray, e4m3: np.ndarray,
@@ -616,7 +617,7 @@ def _row_dots_of_format(tag, bank, words, floats, halves, base, r, pj, e2m1, e4m
     return {_NVFP4: _nvfp4_rows, _FP8: _fp8_rows, _W4A16: _w4a16_rows}.get(fmt)
 
 
-@numba.njit(cache=True, nogil=True)
+@njit
 def _exact_row_dots(fmt: int, bank: np.ndarray, words: np.ndarray, floats: np.ndarray, halves: np.ndarray, base: int,
                     r: int, pj: np.ndarray, symmetric: bool, scale_bits: int, e2m1: np.ndarray, e4m3: np.ndarray,
                     t16: np.ndarray, xs: np.ndarray, xo: np.ndarray, nv: int, res: np.ndarray, row: np.ndarray) -> None:
@@ -629,7 +630,7 @@ def _exact_row_dots(fmt: int, bank: np.ndarray, words: np.ndarray, floats: np.nd
         res[v] = _row_dot(row, 0, xs, xo[v], k)
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@njit(inline="always")
 def _staged_index(i: int, pj: np.ndarray) -> int:
     """Where input ``i`` of a projection sits in its staged activations (even-first per whole 32 when permuted)."""
     if pj[_P_PERM] == 0 or i >= 32 * pj[_P_STEPS]:
@@ -638,7 +639,7 @@ def _staged_index(i: int, pj: np.ndarray) -> int:
     return i - r + (r >> 1) + 16 * (r & 1)
 
 
-@numba.njit(parallel=True, fastmath=False, cache=True, nogil=True)
+@njit(parallel=True, fastmath=False)
 def _cpu_moe_quant_kernel(x: np.ndarray, bank: np.ndarray, words: np.ndarray, floats: np.ndarray,
                           halves: np.ndarray, record_bytes: int, tag: np.ndarray, fmt: int, inter: int,
                           pj_up: np.ndarray,

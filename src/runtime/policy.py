@@ -41,6 +41,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from .jit import HAVE_NUMBA
+from .jit import njit as _jit
+
 __all__ = [
     "POLICIES",
     "POLICY_NAMES",
@@ -57,26 +60,15 @@ __all__ = [
     "HAVE_NUMBA",
 ]
 
-try:
-    import numba
+def njit(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Compiled with numba and cached on disk (:func:`residency.runtime.jit.njit`), or the function itself when
+    numba is missing."""
+    return _jit(fn)
 
-    HAVE_NUMBA = True
 
-    def njit(fn: Callable[..., Any]) -> Callable[..., Any]:
-        """numba.njit with an on-disk cache, or the function itself when numba is missing."""
-        return numba.njit(cache=True, nogil=True)(fn)
-
-    def _inline(fn: Callable[..., Any]) -> Callable[..., Any]:
-        # Inlined at numba-IR level: a real call would incref/decref every array argument per access.
-        return numba.njit(cache=True, nogil=True, inline="always")(fn)
-
-except ImportError:  # pragma: no cover - numba is a dependency; this keeps the pure-Python path usable
-    HAVE_NUMBA = False
-
-    def njit(fn: Callable[..., Any]) -> Callable[..., Any]:
-        return fn
-
-    _inline = njit
+def _inline(fn: Callable[..., Any]) -> Callable[..., Any]:
+    # Inlined at numba-IR level: a real call would incref/decref every array argument per access.
+    return _jit(fn, inline="always")
 
 
 # Policy kinds as integers for the compiled core.
