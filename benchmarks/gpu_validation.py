@@ -1,17 +1,23 @@
-"""Every GPU check of the kernels in one run, inside a fixed time budget.
+"""Every GPU check of the project in one command, inside a fixed time budget.
 
     python benchmarks/gpu_validation.py OUT_DIR [--budget-s 540] [--commit HASH] [--steps NAME,...]
+                                        [--bundle FILE.tar.gz]
 
-GPU time is scarce and comes in short leases, so this runs the checks in order of importance and
+GPU time is scarce and comes in short leases (15 minutes of device time, the machine's start
+included, at most 10 minutes a command), so this runs the checks in order of importance and
 gives each step what is left of the budget, recording what ran, how long and how it ended:
 
 1. ``pip install --no-deps --no-build-isolation -e .`` (the machine's own torch and triton stay);
-2. ``python -m residency.kernels.compile_check`` (cubins, shared memory, spills);
-3. ``pytest tests/kernels`` compiled on the GPU (fp32 odd shapes and the bf16 ``gpu`` tests), when
-   pytest can be imported; otherwise from wheels in ``.gpu_wheels/`` when that folder was carried
-   (``pip download -d .gpu_wheels pytest`` on a machine with network, then carried), else skipped
-   with the reason in the summary; then ``pytest -m gpu`` over the rest of the suite (the offload
-   runtime on CUDA against the resident run, CUDA-graph decode, page-locked embedding rows ...);
+   ``preflight``: the versions of the libraries the steps import (``pip_list.txt`` too), failing
+   with the names of any that are missing;
+2. at the same time: numba's CPU kernels compiled into its on-disk cache (the bookkeeping, the BF16
+   and each quantized format's CPU expert kernel, one process each: compiling them costs about 90 s
+   on one core, which the offload tests and benchmark would otherwise pay in turn) and ``pytest
+   tests/kernels`` compiled on the GPU (fp32 odd shapes and the bf16 ``gpu`` tests); pytest from
+   wheels in ``.gpu_wheels/`` when it is missing and that folder was carried (``pip download -d
+   .gpu_wheels pytest`` on a machine with network), else skipped with the reason in the summary;
+3. ``pytest -m gpu`` over the rest of the suite (the offload runtime on CUDA against the resident
+   run, quantized checkpoints, CUDA-graph decode, page-locked embedding rows ...);
 4. ``benchmarks/bench_offload.py --device cuda``: per-expert fetch bandwidth against one large pinned
    copy, and offloaded decode tokens/s at several budgets against resident, naive synchronous
    on-demand copying and all misses on the CPU (``offload.{json,md}``);
@@ -24,21 +30,21 @@ gives each step what is left of the budget, recording what ran, how long and how
 7. ``benchmarks/bench_kernels.py`` with the shipped tuning table: every kernel result is checked
    against the torch reference at Super shapes in bf16 before it is timed;
 8. ``benchmarks/autotune_moe.py --quick`` into ``OUT_DIR/configs``;
-9. ``bench_kernels.py`` again with the table step 8 wrote.
+9. ``bench_kernels.py`` again with the table step 8 wrote (skipped when it wrote none).
 
 Correctness on the device comes first, then the measurements the open issues name, then tuning.
-The steps' own limits add up to more than one command's budget: ``--steps`` runs a subset (in the
-order above; ``install_pytest`` comes with the pytest steps where it is needed), so that a lease
-can split the plan over two commands into the same ``OUT_DIR``, e.g. ``--steps
-install,compile_check,pytest_kernels,pytest_gpu,bench_offload`` and then ``--steps
-install,bench_quant_kernels,bench_dense_decode,bench_default_table,autotune_quick,bench_tuned_table``:
-``summary.json`` keeps the records of earlier commands' steps that this one did not run.
+``compile_check`` (``python -m residency.kernels.compile_check``: cubins, shared memory, spills)
+needs no GPU and is not in the plan; ``--steps compile_check`` runs it. ``--steps`` runs a subset
+in the plan's order (``install_pytest`` comes with the pytest steps where it is needed);
+``summary.json`` keeps the records of earlier commands' steps into the same ``OUT_DIR`` that this
+one did not run.
 
-Writes into ``OUT_DIR``: one ``<step>.log`` per step, ``kernels.{json,md}`` and
-``kernels_tuned.{json,md}`` from the benchmarks, ``configs/*.json``, ``compile_check.json``, and
-``summary.json`` (device, versions, commit, each step's command, exit status and seconds). The
-working tree on a lent machine usually has no ``.git``: pass ``--commit`` so that the results
-name the commit they measured.
+Writes into ``OUT_DIR``: one ``<step>.log`` per step, the benchmarks' ``.json`` / ``.md`` files,
+``configs/*.json``, ``pip_list.txt`` and ``summary.json`` (device, versions, commit, each step's
+command, exit status and seconds), the summary rewritten after every step so that a command
+stopped at its limit keeps it. ``--bundle`` also packs ``OUT_DIR`` into one ``.tar.gz`` after
+every step (a lent machine returns only a few files). The working tree on a lent machine usually
+has no ``.git``: pass ``--commit`` so that the results name the commit they measured.
 """
 
 from __future__ import annotations
@@ -48,20 +54,44 @@ import datetime
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import tarfile
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 WHEELS = ROOT / ".gpu_wheels"
+#: a step given less than this many seconds of the budget is not started (it could only time out)
+MIN_STEP_S = 20.0
+#: libraries the steps import besides torch and triton (preflight names the missing ones)
+NEEDED = ("numpy", "numba", "llvmlite", "safetensors", "pytest", "hypothesis", "tokenizers", "jinja2", "transformers")
+#: the kernel tests that compile for GPUs without one (compile_check's work, which needs no GPU): not run there
+AHEAD_OF_TIME_TESTS = ("tests/kernels/test_moe_gather_gemm.py::test_kernels_compile_for_gpus_without_one",
+                       "tests/kernels/test_mamba_step.py::test_kernels_compile_for_hopper_and_ampere")
+#: the CPU kernels numba compiles: the BF16 one with the bookkeeping, and one per quantized format
+WARM = {
+    "bf16": "from residency.runtime import control, cpu_experts; control.warm_up(); "
+            "cpu_experts.measure_throughput(1, latent=64, intermediate=64, repeats=1)",
+    **{fmt: "from residency.kernels.moe.quant_formats import QuantSpec; "
+            "from residency.runtime.cpu_quant import measure_quant_throughput; "
+            f"measure_quant_throughput(QuantSpec({fmt!r}{extra}), 1, latent=256, intermediate=256, repeats=1)"
+       for fmt, extra in (("nvfp4", ""), ("fp8", ""), ("w4a16", ", group_size=128"))},
+}
 
 
 @dataclass
 class Step:
-    """One command of the validation, with the most seconds it may take."""
+    """One command of the validation, with the most seconds it may take.
+
+    Consecutive steps of the same ``group`` run at the same time (each within its own limit);
+    ``requires``: a path under the output folder that must exist when the step's turn comes, else
+    it is skipped (a step that reads what an earlier one wrote).
+    """
 
     name: str
     command: list[str]
@@ -69,76 +99,145 @@ class Step:
     env: dict[str, str] = field(default_factory=dict)
     stdout_file: str | None = None  # keep stdout apart from the log (a JSON report)
     skip_reason: str | None = None
+    group: str | None = None
+    requires: str | None = None
 
 
-def run_steps(steps: list[Step], out_dir: Path, budget_s: float, clock=time.monotonic) -> list[dict]:
+def run_steps(steps: list[Step], out_dir: Path, budget_s: float, clock: Callable[[], float] = time.monotonic,
+              on_record: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Run ``steps`` in order; each gets ``min(limit, what is left of the budget)`` seconds.
 
     A step that fails or times out does not stop the ones after it (they are independent checks);
-    a step that would get under one second is recorded as not run. Returns one record per step.
+    a step that would get under :data:`MIN_STEP_S` is recorded as not run. ``on_record`` is called with
+    the records so far after each step ends. Returns one record per step, in the steps' order.
     """
     deadline = clock() + budget_s
-    records = []
-    for step in steps:
-        record: dict = {"step": step.name, "command": " ".join(step.command)}
-        left = deadline - clock()
-        if step.skip_reason is not None:
-            record.update(status="skipped", reason=step.skip_reason)
-        elif left < 1:
-            record.update(status="not run", reason="the time budget was spent")
-        else:
-            record.update(_run(step, out_dir, min(step.limit_s, left)))
-        records.append(record)
-        print(json.dumps(record), flush=True)
-    return records
+    records: list[dict] = []
+    i = 0
+    while i < len(steps):
+        group = [steps[i]]
+        while (steps[i].group is not None and i + len(group) < len(steps)
+               and steps[i + len(group)].group == steps[i].group):
+            group.append(steps[i + len(group)])
+        i += len(group)
+        running = []
+        for step in group:
+            record: dict = {"step": step.name, "command": " ".join(step.command)}
+            left = deadline - clock()
+            if step.skip_reason is not None:
+                record.update(status="skipped", reason=step.skip_reason)
+            elif step.requires is not None and not (out_dir / step.requires).exists():
+                record.update(status="skipped", reason=f"{step.requires} was not written by an earlier step")
+            elif left < MIN_STEP_S:
+                record.update(status="not run", reason="the time budget was spent")
+            else:
+                running.append((step, record, _start(step, out_dir), min(step.limit_s, left)))
+                continue
+            _done(records, record, on_record)
+        _finish(running, records, on_record)
+    order = {s.name: n for n, s in enumerate(steps)}
+    return sorted(records, key=lambda r: order[r["step"]])
 
 
-def _run(step: Step, out_dir: Path, timeout: float) -> dict:
-    log = out_dir / f"{step.name}.log"
-    start = time.monotonic()
-    with ExitStack() as files:
-        if step.stdout_file:  # stdout is a report of its own; stderr goes to the log
-            stdout = files.enter_context(open(out_dir / step.stdout_file, "w"))
-            stderr = files.enter_context(open(log, "w"))
-        else:
-            stdout, stderr = files.enter_context(open(log, "w")), subprocess.STDOUT
-        try:
-            proc = subprocess.run(step.command, cwd=ROOT, stdout=stdout, stderr=stderr,
-                                  env={**os.environ, **step.env}, timeout=timeout)  # fmt: skip
-            status, rc = ("ok" if proc.returncode == 0 else "failed"), proc.returncode
-        except subprocess.TimeoutExpired:
-            status, rc = "timed out", None
-    return {"status": status, "returncode": rc, "seconds": round(time.monotonic() - start, 1),
-            "limit_s": round(timeout, 1), "log": log.name}  # fmt: skip
+def _done(records: list[dict], record: dict, on_record: Callable[[list[dict]], None] | None) -> None:
+    records.append(record)
+    print(json.dumps(record), flush=True)
+    if on_record is not None:
+        on_record(records)
+
+
+def _start(step: Step, out_dir: Path) -> tuple[subprocess.Popen, ExitStack, float]:
+    """Start ``step`` in a process group of its own (so a timeout also ends the processes it started)."""
+    files = ExitStack()
+    log = files.enter_context(open(out_dir / f"{step.name}.log", "w"))
+    if step.stdout_file:  # stdout is a report of its own; stderr goes to the log
+        stdout, stderr = files.enter_context(open(out_dir / step.stdout_file, "w")), log
+    else:
+        stdout, stderr = log, subprocess.STDOUT
+    proc = subprocess.Popen(step.command, cwd=ROOT, stdout=stdout, stderr=stderr, env={**os.environ, **step.env},
+                            start_new_session=True)
+    return proc, files, time.monotonic()
+
+
+def _finish(running: list, records: list[dict], on_record: Callable[[list[dict]], None] | None) -> None:
+    """Wait for the started steps, ending each that runs past its limit; record each as it ends."""
+    while running:
+        for entry in list(running):
+            step, record, (proc, files, started), limit = entry
+            elapsed = time.monotonic() - started
+            if proc.poll() is None and elapsed < limit:
+                continue
+            if proc.returncode is None:  # past its limit: end it and whatever it started
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait()
+                status, rc = "timed out", None
+            else:
+                status, rc = ("ok" if proc.returncode == 0 else "failed"), proc.returncode
+            files.close()
+            running.remove(entry)
+            record.update(status=status, returncode=rc, seconds=round(elapsed, 1), limit_s=round(limit, 1),
+                          log=f"{step.name}.log")
+            _done(records, record, on_record)
+        if running:
+            time.sleep(0.05)
 
 
 def pytest_step(python: str) -> list[Step]:
-    """The kernel tests, installing pytest from carried wheels first when it is missing."""
-    pytest = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
-    # (the MoE kernels' ahead-of-time compile test is the compile_check step: not run twice)
-    kernels = Step("pytest_kernels", [*pytest, "tests/kernels", "--deselect",
-                                      "tests/kernels/test_moe_gather_gemm.py::test_kernels_compile_for_gpus_without_one"],
-                   180)
-    gpu = Step("pytest_gpu", [*pytest, "-m", "gpu", "tests", "--ignore=tests/kernels"], 150)
+    """The kernel tests and the other GPU tests, installing pytest from carried wheels first when it is missing.
+
+    Verbose, with the slowest tests and a per-test limit where pytest-timeout is there: a log cut off by the
+    step's limit still names the test that was running."""
+    pytest = [python, "-m", "pytest", "-v", "-rfE", "--durations=15", "-p", "no:cacheprovider"]
+    if importlib.util.find_spec("pytest_timeout") is not None:
+        pytest.append("--timeout=150")
+    # (the MoE kernels' ahead-of-time compile test is compile_check's work, which needs no GPU)
+    kernels = Step("pytest_kernels", [*pytest, "tests/kernels",
+                                      *(arg for test in AHEAD_OF_TIME_TESTS for arg in ("--deselect", test))],
+                   180, group="warm")
+    gpu = Step("pytest_gpu", [*pytest, "-m", "gpu", "tests", "--ignore=tests/kernels"], 180)
     steps = []
     if importlib.util.find_spec("pytest") is None:
         if not WHEELS.is_dir():
             reason = "pytest is not installed and no .gpu_wheels/ folder was carried"
-            return [Step(s.name, s.command, 0, skip_reason=reason) for s in (kernels, gpu)]
-        offline = [python, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(WHEELS)]
+            return [Step(s.name, s.command, 0, skip_reason=reason, group=s.group) for s in (kernels, gpu)]
+        offline = [python, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-index", "--find-links",
+                   str(WHEELS)]
         steps.append(Step("install_pytest", [*offline, "pytest"], 60))
     return [*steps, kernels, gpu]
 
 
+def preflight_command(python: str) -> list[str]:
+    """Print the version of each library in :data:`NEEDED` and whether torch sees a GPU; exit 1 naming the missing."""
+    code = ("import importlib.metadata as m, importlib.util as u, json, sys\n"
+            f"needed = {NEEDED!r}\n"
+            "missing = [n for n in needed if u.find_spec(n) is None]\n"
+            "versions = {}\n"
+            "for n in ('torch', 'triton', *needed):\n"
+            "    try:\n"
+            "        versions[n] = m.version(n)\n"
+            "    except m.PackageNotFoundError:\n"
+            "        versions[n] = None\n"
+            "import torch\n"
+            "print(json.dumps({'versions': versions, 'missing': missing, 'cuda': torch.cuda.is_available()}))\n"
+            "sys.exit(f'missing: {missing}' if missing else (0 if torch.cuda.is_available() else 'no CUDA device'))\n")
+    return [python, "-c", code]
+
+
 def validation_steps(out_dir: Path, commit: str | None) -> list[Step]:
-    """The checks in order of importance, each with its own time limit."""
+    """The checks in order of importance, each with its own time limit (``compile_check`` last: not in the plan)."""
     py = sys.executable
     env = {"RESIDENCY_COMMIT": commit} if commit else {}
     tuned = {**env, "RESIDENCY_KERNEL_CONFIGS": str(out_dir / "configs")}
     bench = [py, "benchmarks/bench_kernels.py"]
     return [
-        Step("install", [py, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", "."], 120),
-        Step("compile_check", [py, "-m", "residency.kernels.compile_check"], 90, stdout_file="compile_check.json"),
+        Step("install", [py, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
+                         "--no-build-isolation", "-e", "."], 90),
+        Step("preflight", preflight_command(py), 30),
+        Step("pip_list", [py, "-m", "pip", "list", "--disable-pip-version-check"], 30, stdout_file="pip_list.txt"),
+        *[Step(f"warm_numba_{name}", [py, "-c", code], 150, group="warm") for name, code in WARM.items()],
         *pytest_step(py),
         Step("bench_offload", [py, "benchmarks/bench_offload.py", "--device", "cuda",
                                "--out", str(out_dir / "offload")], 180, env=env),
@@ -149,15 +248,34 @@ def validation_steps(out_dir: Path, commit: str | None) -> list[Step]:
         Step("bench_default_table", [*bench, "--out", str(out_dir / "kernels")], 150, env=env),
         Step("autotune_quick", [py, "benchmarks/autotune_moe.py", "--quick", "--tokens", "1,2,4,8,16,32,64,512,2048",
                                 "--out-dir", str(out_dir / "configs")], 150),  # fmt: skip
-        Step("bench_tuned_table", [*bench, "--out", str(out_dir / "kernels_tuned")], 150, env=tuned),
+        Step("bench_tuned_table", [*bench, "--out", str(out_dir / "kernels_tuned")], 150, env=tuned,
+             requires="configs"),
+        Step("compile_check", [py, "-m", "residency.kernels.compile_check", "--arch", "90"], 120,
+             stdout_file="compile_check.json"),
     ]
+
+
+DEFAULT_PLAN_EXCLUDES = ("compile_check",)
+
+
+def device_name() -> str | None:
+    """The GPU's name, read in another process (this one opens no CUDA context: the steps' processes need the GPU)."""
+    for command in (["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                    [sys.executable, "-c", "import torch; print(torch.cuda.get_device_name())"]):
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if done.returncode == 0 and done.stdout.strip():
+            return done.stdout.strip().splitlines()[0]
+    return None
 
 
 def environment(commit: str | None) -> dict:
     """Device, versions and commit of this run (what can be read without failing)."""
     info: dict = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   "python": sys.version.split()[0], "commit": commit}  # fmt: skip
-    for module in ("torch", "triton", "numpy"):
+    for module in ("torch", "triton", "numpy", "numba"):
         try:
             info[module] = __import__(module).__version__
         except ImportError:
@@ -165,10 +283,10 @@ def environment(commit: str | None) -> dict:
     try:
         import torch
 
-        info["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
         info["cuda"] = torch.version.cuda
     except ImportError:
-        info["device"] = None
+        info["cuda"] = None
+    info["device"] = device_name()
     return info
 
 
@@ -181,12 +299,24 @@ def earlier_records(path: Path, replaced: set[str]) -> list[dict]:
     return [r for r in earlier if isinstance(r, dict) and r.get("step") not in replaced]
 
 
+def bundle(out_dir: Path, target: Path) -> None:
+    """Pack ``out_dir`` into the gzipped tar ``target`` (written aside, then moved into place)."""
+    partial = target.with_name(target.name + ".partial")
+    with tarfile.open(partial, "w:gz") as tar:
+        for path in sorted(out_dir.rglob("*")):
+            if path.is_file() and path.resolve() not in (target.resolve(), partial.resolve()):
+                tar.add(path, arcname=str(Path(out_dir.name) / path.relative_to(out_dir)))
+    partial.replace(target)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", help="folder for logs, results and summary.json")
     parser.add_argument("--budget-s", type=float, default=540, help="seconds for all steps together")
     parser.add_argument("--commit", default=None, help="commit of the working tree (a lent machine has no .git)")
-    parser.add_argument("--steps", default=None, help="comma-separated names of the steps to run (default: all)")
+    parser.add_argument("--steps", default=None,
+                        help="comma-separated names of the steps to run (default: the plan, all but compile_check)")
+    parser.add_argument("--bundle", type=Path, default=None, help="also pack OUT_DIR into this .tar.gz after each step")
     args = parser.parse_args(argv)
     out_dir = Path(args.out_dir).resolve()
     steps = validation_steps(out_dir, args.commit)
@@ -200,13 +330,24 @@ def main(argv: list[str] | None = None) -> int:
         if any(name.startswith("pytest_") for name in wanted):
             wanted.append("install_pytest")  # (a step only where pytest is missing)
         steps = [s for s in steps if s.name in wanted]
+    else:
+        steps = [s for s in steps if s.name not in DEFAULT_PLAN_EXCLUDES]
     out_dir.mkdir(parents=True, exist_ok=True)
+    summary_path = out_dir / "summary.json"
+    earlier = earlier_records(summary_path, {s.name for s in steps})
     summary = {"environment": environment(args.commit), "budget_s": args.budget_s}
-    records = run_steps(steps, out_dir, args.budget_s)
-    summary["steps"] = earlier_records(out_dir / "summary.json", {r["step"] for r in records}) + records
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    failed = [r["step"] for r in summary["steps"] if r["status"] not in ("ok", "skipped")]
-    print(f"wrote {out_dir / 'summary.json'}; " + (f"not ok: {', '.join(failed)}" if failed else "all steps ok"))
+
+    def save(records: list[dict]) -> None:
+        summary["steps"] = earlier + records
+        summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+        if args.bundle is not None:
+            bundle(out_dir, args.bundle.resolve())
+
+    save([])
+    records = run_steps(steps, out_dir, args.budget_s, on_record=save)
+    save(records)
+    failed = [r["step"] for r in records if r["status"] not in ("ok", "skipped")]
+    print(f"wrote {summary_path}; " + (f"not ok in this command: {', '.join(failed)}" if failed else "all steps ok"))
     return 1 if failed else 0
 
 

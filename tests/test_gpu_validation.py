@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -53,35 +55,100 @@ def test_the_plan_checks_correctness_before_tuning_and_names_the_commit(gv, tmp_
     monkeypatch.setattr(gv.importlib.util, "find_spec", lambda name: None)
     steps = gv.validation_steps(tmp_path, "abc123")
     names = [s.name for s in steps]
-    # correctness on the device first, then the open issues' measurements, then tuning
-    assert names == ["install", "compile_check", "pytest_kernels", "pytest_gpu", "bench_offload", "bench_quant_kernels",
-                     "bench_dense_decode", "bench_default_table", "autotune_quick", "bench_tuned_table"]  # fmt: skip
-    assert "--device" in {s.name: s for s in steps}["bench_offload"].command
+    warm = ["warm_numba_bf16", "warm_numba_nvfp4", "warm_numba_fp8", "warm_numba_w4a16"]
+    # correctness on the device first, then the open issues' measurements, then tuning; compile_check (no GPU
+    # needed) last, outside the default plan
+    assert names == ["install", "preflight", "pip_list", *warm, "pytest_kernels", "pytest_gpu", "bench_offload",
+                     "bench_quant_kernels", "bench_dense_decode", "bench_default_table", "autotune_quick",
+                     "bench_tuned_table", "compile_check"]  # fmt: skip
     by_name = {s.name: s for s in steps}
+    # numba's CPU kernels compile while the kernel tests run on the GPU
+    assert {by_name[n].group for n in [*warm, "pytest_kernels"]} == {"warm"} and by_name["pytest_gpu"].group is None
+    assert "--device" in by_name["bench_offload"].command
     assert "pytest is not installed" in by_name["pytest_kernels"].skip_reason
     assert "pytest is not installed" in by_name["pytest_gpu"].skip_reason
     assert by_name["bench_default_table"].env == {"RESIDENCY_COMMIT": "abc123"}
     assert by_name["bench_tuned_table"].env["RESIDENCY_KERNEL_CONFIGS"] == str(tmp_path / "configs")
+    assert by_name["bench_tuned_table"].requires == "configs"  # not the shipped table measured twice
     assert str(tmp_path / "configs") in by_name["autotune_quick"].command
     assert "--quick" in by_name["autotune_quick"].command
     # carried wheels: pytest is installed from them, offline, first
     (tmp_path / "wheels").mkdir()
     monkeypatch.setattr(gv, "WHEELS", tmp_path / "wheels")
     names = [s.name for s in gv.validation_steps(tmp_path, None)]
-    assert names[2:5] == ["install_pytest", "pytest_kernels", "pytest_gpu"]
-    assert "--no-index" in gv.validation_steps(tmp_path, None)[2].command
-    gpu = gv.validation_steps(tmp_path, None)[4].command  # every test marked gpu outside tests/kernels
+    at = names.index("install_pytest")
+    assert names[at:at + 3] == ["install_pytest", "pytest_kernels", "pytest_gpu"]
+    assert "--no-index" in gv.validation_steps(tmp_path, None)[at].command
+    gpu = gv.validation_steps(tmp_path, None)[at + 2].command  # every test marked gpu outside tests/kernels
     assert gpu[gpu.index("gpu") - 1] == "-m" and "--ignore=tests/kernels" in gpu
+    assert "-v" in gpu and "--durations=15" in gpu  # a log cut off at the limit still names the running test
+
+
+def test_the_warm_up_and_preflight_commands_run(gv):
+    """What the plan runs before the tests: each numba warm-up compiles (or loads) its kernels; the preflight names
+    the versions and, without a GPU, fails saying so."""
+    for name, code in gv.WARM.items():
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, (name, done.stderr[-2000:])
+    done = subprocess.run(gv.preflight_command(sys.executable), capture_output=True, text=True, timeout=120)
+    report = json.loads(done.stdout)
+    assert report["missing"] == [] and report["versions"]["numba"] and report["versions"]["torch"]
+    assert (done.returncode == 0) == report["cuda"]
+
+
+def test_steps_of_a_group_run_at_the_same_time(gv, tmp_path):
+    """Each of the two steps waits for a file the other writes: they only both finish if they run together."""
+    def waits_for(mine: str, other: str) -> list[str]:
+        return python(f"import pathlib, time; pathlib.Path({str(tmp_path / mine)!r}).touch(); "
+                      f"t = time.monotonic()\n"
+                      f"while not pathlib.Path({str(tmp_path / other)!r}).exists():\n"
+                      f"    assert time.monotonic() - t < 20; time.sleep(0.01)")
+
+    steps = [gv.Step("a", waits_for("a.flag", "b.flag"), 60, group="g"),
+             gv.Step("b", waits_for("b.flag", "a.flag"), 60, group="g"),
+             gv.Step("after", python(f"assert __import__('os').path.exists({str(tmp_path / 'b.flag')!r})"), 60)]
+    seen = []
+    records = gv.run_steps(steps, tmp_path, budget_s=120, on_record=lambda rs: seen.append([r["step"] for r in rs]))
+    assert [r["step"] for r in records] == ["a", "b", "after"]  # in the plan's order, whichever ended first
+    assert [r["status"] for r in records] == ["ok", "ok", "ok"]
+    assert seen[-1][-1] == "after" and len(seen) == 3  # told after each step
+
+
+def test_a_step_past_its_limit_is_ended_with_what_it_started(gv, tmp_path):
+    child = tmp_path / "child.pid"
+    code = ("import subprocess, sys, time\n"
+            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+            f"open({str(child)!r}, 'w').write(str(p.pid)); time.sleep(60)")
+    records = gv.run_steps([gv.Step("hangs", python(code), 3)], tmp_path, budget_s=120)
+    assert records[0]["status"] == "timed out"
+    pid = int(child.read_text())
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return  # gone
+    assert "zombie" in state or "(Z)" in state, state  # ended (not yet reaped by whoever adopted it)
+
+
+def test_a_step_skips_when_its_input_is_missing_and_none_starts_with_too_little_time(gv, tmp_path):
+    steps = [gv.Step("needs", python("pass"), 30, requires="configs"),
+             gv.Step("makes", python(f"import os; os.mkdir({str(tmp_path / 'configs')!r})"), 30),
+             gv.Step("needs_again", python("pass"), 30, requires="configs"),
+             gv.Step("short", python("pass"), 30)]
+    times = iter([0.0, 0.0, 0.0, 0.0, 100.0 - gv.MIN_STEP_S + 1])
+    records = gv.run_steps(steps, tmp_path, budget_s=100, clock=lambda: next(times))
+    assert [r["status"] for r in records] == ["skipped", "ok", "ok", "not run"]
+    assert "configs was not written" in records[0]["reason"]
 
 
 def test_steps_runs_a_subset_in_the_plans_order_and_refuses_unknown_names(gv, tmp_path, monkeypatch, capsys):
     ran = []
 
-    def run(steps, out_dir, budget_s):
+    def run(steps, out_dir, budget_s, on_record=None):
         ran[:] = [s.name for s in steps]
         return [{"step": s.name, "status": "ok"} for s in steps]
 
     monkeypatch.setattr(gv, "run_steps", run)
+    monkeypatch.setattr(gv, "device_name", lambda: "Some GPU")
     out = tmp_path / "out"
     assert gv.main([str(out), "--steps", "bench_offload, install"]) == 0
     assert ran == ["install", "bench_offload"]
@@ -89,6 +156,10 @@ def test_steps_runs_a_subset_in_the_plans_order_and_refuses_unknown_names(gv, tm
     assert gv.main([str(out), "--steps", "install,bench_quant_kernels"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert [r["step"] for r in summary["steps"]] == ["bench_offload", "install", "bench_quant_kernels"]
+    assert summary["environment"]["device"] == "Some GPU"
+    # the default plan leaves out compile_check, which needs no GPU
+    assert gv.main([str(out)]) == 0
+    assert "compile_check" not in ran and ran[:3] == ["install", "preflight", "pip_list"]
     # where pytest is missing and wheels were carried, the pytest steps bring their installation along
     (tmp_path / "wheels").mkdir()
     monkeypatch.setattr(gv, "WHEELS", tmp_path / "wheels")
@@ -98,9 +169,35 @@ def test_steps_runs_a_subset_in_the_plans_order_and_refuses_unknown_names(gv, tm
     with pytest.raises(SystemExit) as exit_info:
         gv.main([str(tmp_path / "out"), "--steps", "install,bench_ofload"])
     assert exit_info.value.code == 2 and "unknown step(s) bench_ofload; choose from install," in capsys.readouterr().err
-    # the MoE compile test is the compile_check step's work: the kernel tests do not run it again
+    # the ahead-of-time compile tests are compile_check's work: the kernel tests on the GPU do not run them
     kernels = next(s for s in gv.validation_steps(tmp_path, None) if s.name == "pytest_kernels").command
-    assert kernels[kernels.index("--deselect") + 1].endswith("::test_kernels_compile_for_gpus_without_one")
+    deselected = [kernels[i + 1] for i, arg in enumerate(kernels) if arg == "--deselect"]
+    assert set(deselected) == set(gv.AHEAD_OF_TIME_TESTS)
+    assert any(t.endswith("::test_kernels_compile_for_gpus_without_one") for t in deselected)
+
+
+def test_the_summary_and_bundle_are_written_after_every_step_and_only_this_commands_failures_count(
+        gv, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    earlier = {"steps": [{"step": "old", "status": "failed"}]}
+    (out / "summary.json").write_text(json.dumps(earlier))
+    summary = str(out / "summary.json")
+    steps = [gv.Step("first", python("print('one')"), 30),
+             # the summary on disk already holds the first step while the second runs
+             gv.Step("second", python(f"import json; s = json.load(open({summary!r})); "
+                                      "assert [r['step'] for r in s['steps']] == ['old', 'first'], s"), 30)]
+    monkeypatch.setattr(gv, "validation_steps", lambda out_dir, commit: steps)
+    monkeypatch.setattr(gv, "device_name", lambda: None)
+    target = tmp_path / "bundle.tar.gz"
+    assert gv.main([str(out), "--bundle", str(target)]) == 0  # the earlier command's failure is not this one's
+    with tarfile.open(target) as tar:
+        names = set(tar.getnames())
+    assert {"out/summary.json", "out/first.log", "out/second.log"} <= names
+    final = json.loads((out / "summary.json").read_text())
+    assert [(r["step"], r["status"]) for r in final["steps"]] == [("old", "failed"), ("first", "ok"), ("second", "ok")]
+    steps[1] = gv.Step("second", python("raise SystemExit(4)"), 30)
+    assert gv.main([str(out)]) == 1
 
 
 def test_benchmark_names_the_commit_given_when_there_is_no_git(monkeypatch, load_benchmark):

@@ -402,8 +402,12 @@ class OffloadedNemotron:
         gen = torch.Generator(device=ids.device).manual_seed(seed) if seed is not None else None
         cache = self.model.new_cache(ids.shape[0])
         steps = 0
+        # on CUDA the clock is read after a synchronize: the host queues kernels (CUDA-graph replays, an on-device
+        # argmax) ahead of the GPU, so without it the GPU's unfinished work would fall outside the timings
+        sync = (lambda: torch.cuda.synchronize(ids.device)) if ids.is_cuda else (lambda: None)
         t0 = time.perf_counter()
         logits = self._prefill(ids, cache)
+        sync()
         t_prefill = time.perf_counter() - t0
         try:
             for step in range(max_new_tokens):
@@ -417,6 +421,7 @@ class OffloadedNemotron:
                 if step + 1 < max_new_tokens:
                     logits = self.model(nxt[:, None], cache)[:, -1]
         finally:
+            sync()
             total = time.perf_counter() - t0
             decode_time = total - t_prefill
             self._stats = {

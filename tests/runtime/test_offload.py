@@ -385,16 +385,44 @@ def test_intermediate_dtype_is_the_one_the_triton_kernels_keep(monkeypatch):
 
 
 def cuda_reference(tmp_path, new_tokens):
-    """The tiny checkpoint in bf16, resident on CUDA: (folder, prompt, its logits, ``new_tokens`` greedy tokens,
-    ``budget_for(share)``: the bytes that hold that share of all experts besides what runs anyway)."""
+    """The tiny checkpoint in bf16, resident on CUDA: (folder, prompt, its logits, ``new_tokens`` greedy tokens, the
+    logits of every position of prompt + tokens, ``budget_for(share)``: the bytes that hold that share of all experts
+    besides what runs anyway)."""
     folder = write_tiny_checkpoint(tmp_path / "ckpt", seed=5, dtype=torch.bfloat16, **CONFIGS["tiny"])
     resident = OffloadedNemotron.from_pretrained(folder, device="cuda")
     ids = torch.randint(3, 256, (1, 21), generator=torch.Generator().manual_seed(0))
     logits = resident(ids)
     tokens = resident.generate(ids, max_new_tokens=new_tokens, temperature=0, stop_at_eos=False).cpu()
+    forced = resident(tokens).float().cpu()
     fixed = fixed_bytes(resident.config, torch.bfloat16, context=CONTEXT)
     total = resident.config.num_moe_layers * resident.config.n_routed_experts
-    return folder, ids, logits, tokens, lambda share: fixed.total + int(share * total) * fixed.layout.record_bytes
+    return (folder, ids, logits, tokens, forced,
+            lambda share: fixed.total + int(share * total) * fixed.layout.record_bytes)
+
+
+def assert_greedy_matches(model, got, tokens, forced, prompt):
+    """``got`` (the offloaded run's greedy tokens) equals ``tokens`` (the resident run's), but for a flip at a near tie.
+
+    In bf16 on a GPU the offloaded run sums a layer's experts in another order than the resident run (slot bank and
+    staging rounds, or the CPU), so a logit may move by a bf16 rounding step; where the resident run's best two
+    tokens are that close, greedy decoding may take the other and the texts part there. So: the teacher-forced
+    logits of every position agree to bf16 tolerance, and at the first differing token the resident run's top two
+    logits are within 1 % of the largest logit and the offloaded run took one of them.
+    """
+    mine = model(tokens).float().cpu()
+    assert rel(mine, forced) <= 5e-3
+    n = min(got.shape[1], tokens.shape[1])
+    differs = (got[0, :n] != tokens[0, :n]).nonzero()
+    assert got.shape == tokens.shape
+    if not len(differs):
+        return
+    at = int(differs[0])
+    assert at >= prompt
+    scores = forced[0, at - 1]
+    top = scores.topk(2)
+    assert float(top.values[0] - top.values[1]) <= 1e-2 * float(scores.abs().max()), (
+        f"token {at - prompt} differs where the resident run had no near tie")
+    assert int(got[0, at]) in top.indices.tolist()
 
 
 @pytest.mark.gpu
@@ -402,8 +430,9 @@ def cuda_reference(tmp_path, new_tokens):
 @pytest.mark.parametrize("cpu_experts", [False, True])
 def test_on_cuda_offloaded_tokens_equal_the_resident_run(tmp_path, cpu_experts):
     """The CUDA path: copy streams and events, release markers, slot tables copied from their host copies,
-    staging rounds and look-ahead; bf16, so tokens are compared (greedy) and logits to bf16 tolerance."""
-    folder, ids, logits, tokens, budget_for = cuda_reference(tmp_path, 48)
+    staging rounds and look-ahead; bf16, so logits are compared to bf16 tolerance and greedy tokens up to a flip at a
+    near tie (:func:`assert_greedy_matches`)."""
+    folder, ids, logits, tokens, forced, budget_for = cuda_reference(tmp_path, 48)
     for share in (0.0, 0.25, 1.0):
         budget = budget_for(share)
         model = OffloadedNemotron.from_pretrained(folder, device="cuda", vram_budget=f"{budget}B", context=CONTEXT,
@@ -411,10 +440,10 @@ def test_on_cuda_offloaded_tokens_equal_the_resident_run(tmp_path, cpu_experts):
         try:
             assert rel(model(ids).float().cpu(), logits.float().cpu()) <= 2e-3, share
             got = model.generate(ids, max_new_tokens=48, temperature=0, stop_at_eos=False).cpu()
-            assert torch.equal(got, tokens), share
             experts = model.stats()["experts"]
             assert (experts["misses"] > 0) == (share < 1.0)
             assert model.stats()["memory"]["device_allocated_bytes"] <= budget
+            assert_greedy_matches(model, got, tokens, forced, ids.shape[1])
         finally:
             model.runtime.close()
 
@@ -424,8 +453,8 @@ def test_on_cuda_offloaded_tokens_equal_the_resident_run(tmp_path, cpu_experts):
 def test_on_cuda_unified_mode_equals_the_resident_run_and_decodes_without_host_routing(tmp_path, monkeypatch):
     """Unified mode on a CUDA device (on a discrete GPU the store is device memory; the code path is DGX Spark's):
     with part of the experts on disk it stages them; with every expert in RAM its decode steps read no routing
-    ids on the host. bf16: tokens compared (greedy), logits to bf16 tolerance."""
-    folder, ids, logits, tokens, budget_for = cuda_reference(tmp_path, 32)
+    ids on the host. bf16: logits to bf16 tolerance, greedy tokens as :func:`assert_greedy_matches` says."""
+    folder, ids, logits, tokens, forced, budget_for = cuda_reference(tmp_path, 32)
     for share in (0.5, 1.5):  # (with margin: unified mode keeps the embedding table in the one pool)
         model = OffloadedNemotron.from_pretrained(folder, device="unified", vram_budget=f"{budget_for(share)}B",
                                                   context=CONTEXT, quiet=True)
@@ -437,8 +466,9 @@ def test_on_cuda_unified_mode_equals_the_resident_run_and_decodes_without_host_r
                                 lambda t, read=read, real=real: read.append(tuple(t.shape)) or real(t))
             assert rel(model(ids).float().cpu(), logits.float().cpu()) <= 2e-3, share
             got = model.generate(ids, max_new_tokens=32, temperature=0, stop_at_eos=False).cpu()
-            assert torch.equal(got, tokens), share
             assert any(shape[0] == 1 for shape in read) == (share < 1), share  # one-token calls read ids?
+            monkeypatch.setattr(runtime, "_ids_on_host", real)
+            assert_greedy_matches(model, got, tokens, forced, ids.shape[1])
         finally:
             runtime.close()
 
