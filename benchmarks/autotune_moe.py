@@ -6,7 +6,9 @@
 For each token count the decode path (up to ``--decode-max`` tokens) and the prefill path are
 tuned by coordinate search: the up-projection tile (with BLOCK_M for prefill) first, with the
 down tile at its default, then the down tile. Each candidate is the median of ``--repeats``
-CUDA-event timings of a whole ``moe_gather_gemm`` call; candidates that fail to compile or run
+CUDA-event timings of a whole ``moe_gather_gemm`` call queued behind a spin kernel
+(``bench_kernels.cuda_time_queued``: the GPU's time, without the host's launch work, which is the
+same for every tile and would hide their differences at small token counts); candidates that fail to compile or run
 out of shared memory are skipped. ``decode_max_tokens`` is the largest tuned token count up to
 which the decode path was faster at every tuned count. The table (``"measured": true``, with
 device, versions and date) is written atomically under the name ``tuning.table_name`` gives,
@@ -25,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from bench_kernels import cuda_time, relative_error
+from bench_kernels import cuda_time_queued, relative_error
 from residency.kernels import moe_gather_gemm, moe_gather_gemm_reference, route
 from residency.kernels.moe.tuning import (
     CONFIG_DIR,
@@ -76,7 +78,8 @@ def tune(problem: tuple, path: str, args: argparse.Namespace, default: MoeConfig
     """Coordinate search for one path and token count."""
 
     def time_of(config: MoeConfig) -> float:
-        return cuda_time(lambda: moe_gather_gemm(*problem, path=path, config=config), args.warmup, args.repeats)
+        call = lambda: moe_gather_gemm(*problem, path=path, config=config)  # noqa: E731
+        return cuda_time_queued([call], args.warmup, args.repeats)["ms"]
 
     if path == "decode":
         tiles, block_ms = decode_tiles(args.quick), (default.BLOCK_M,)

@@ -27,7 +27,8 @@ import datetime
 import json
 import statistics
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -53,6 +54,47 @@ def cuda_time(fn: Callable[[], object], warmup: int, repeats: int) -> float:
         events.append((start, end))
     torch.cuda.synchronize()
     return statistics.median(s.elapsed_time(e) for s, e in events)
+
+
+def cuda_time_queued(calls: Sequence[Callable[[], object]], warmup: int, repeats: int) -> dict:
+    """GPU milliseconds per call of ``calls`` run in turn, with the host's launch work kept out of the time.
+
+    Timing one call between two events counts the GPU's idle time while the host launches it whenever the
+    host's work per call exceeds the kernel's (small decode calls: about as long as the kernel). Here each
+    timed round queues every call once between one pair of events, behind a spin kernel
+    (``torch.cuda._sleep``) that holds the GPU for twice the time the host took to queue a round, so the
+    calls then run back to back. Calls that read different data (routings over other experts) in turn keep
+    one call from reading what the previous one left in L2. Returns ``{"ms": median GPU ms per call over
+    the rounds, "host_ms": host ms to queue one call}``: a call whose ``host_ms`` exceeds ``ms`` is
+    host-bound when it is launched one at a time (a CUDA graph removes that).
+    """
+    for _ in range(warmup):
+        for call in calls:
+            call()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(1_000_000)
+    end.record()
+    end.synchronize()
+    cycles_per_ms = 1_000_000 / max(start.elapsed_time(end), 1e-3)
+    t0 = time.perf_counter()
+    for call in calls:
+        call()
+    host_s = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    spin = int(cycles_per_ms * max(2e3 * host_s, 0.5))
+    per_call = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(spin)
+        start.record()
+        for call in calls:
+            call()
+        end.record()
+        end.synchronize()
+        per_call.append(start.elapsed_time(end) / len(calls))
+    return {"ms": statistics.median(per_call), "host_ms": 1e3 * host_s / len(calls)}
 
 
 def copy_bandwidth(warmup: int, repeats: int, nbytes: int = 2 << 30) -> float:

@@ -5,8 +5,11 @@
 writes ``<out>.json`` (raw numbers) and ``<out>.md`` (tables). Shapes: latent 1024, expert FFN
 2688, 512 experts as packed records (``ExpertRecordLayout``, the offload runtime's slot-bank
 layout) in a random slot permutation, top-22, bf16 activations; decode token counts 1 to 8 by
-default. Per format, measured in the same process as the median of ``--repeats`` CUDA-event
-timings after ``--warmup`` calls:
+default. Per format and token count, ``--routings`` routings (8) over the 512 experts are timed in
+turn, so a call reads other experts than the one before rather than what it left in L2; each of
+``--repeats`` rounds queues all of them behind a spin kernel between one pair of CUDA events
+(``bench_kernels.cuda_time_queued``: GPU time, the host's launch work kept out; that host time per
+call is reported beside it), after ``--warmup`` rounds; the median round gives the time per call:
 
 - ``moe_gather_gemm_quant`` (the path ``auto`` picks), checked against the torch reference
   (``moe_gather_gemm_quant_reference``, full dequantization) before it is timed;
@@ -23,9 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 
 import torch
-from bench_kernels import SUPER, copy_bandwidth, cuda_time, environment, relative_error, write_report
+from bench_kernels import SUPER, copy_bandwidth, cuda_time_queued, environment, relative_error, write_report
 from residency.kernels import moe_gather_gemm, route
 from residency.kernels.moe.quant_formats import ExpertRecordLayout, QuantSpec
 from residency.kernels.moe.quant_gather_gemm import moe_gather_gemm_quant
@@ -66,36 +70,44 @@ def moved_bytes(layout: ExpertRecordLayout, ids: torch.Tensor, x: torch.Tensor) 
 
 
 def bench_format(name: str, spec: QuantSpec, token_counts: list[int], floors: dict, generator: torch.Generator,
-                 args: argparse.Namespace) -> list[dict]:
-    latent, inter, experts, top_k = SUPER["latent"], SUPER["inter"], SUPER["experts"], SUPER["top_k"]
+                 args: argparse.Namespace, *, device: str = "cuda", shapes: dict = SUPER,
+                 timer: Callable[..., dict] = cuda_time_queued) -> list[dict]:
+    """The rows of one format (``device``, ``shapes`` and ``timer`` are for the CPU test of this program)."""
+    latent, inter, experts, top_k = shapes["latent"], shapes["inter"], shapes["experts"], shapes["top_k"]
     layout = ExpertRecordLayout(spec, inter, latent)
-    bank = random_records(layout, experts, generator, "cuda")
+    bank = random_records(layout, experts, generator, device)
     up, down = layout.up(bank), layout.down(bank)
-    table = torch.randperm(experts, device="cuda", generator=generator).to(torch.int32)
+    table = torch.randperm(experts, device=device, generator=generator).to(torch.int32)
     # BF16 weights of the same shape, for the per-token comparison (random: only the time is used)
-    bf16_up = torch.randn(experts, inter, latent, device="cuda", generator=generator).to(torch.bfloat16)
-    bf16_down = torch.randn(experts, latent, inter, device="cuda", generator=generator).to(torch.bfloat16)
+    bf16_up = torch.randn(experts, inter, latent, device=device, generator=generator).to(torch.bfloat16)
+    bf16_down = torch.randn(experts, latent, inter, device=device, generator=generator).to(torch.bfloat16)
     rows = []
     for tokens in token_counts:
-        logits = torch.randn(tokens, experts, device="cuda", generator=generator)
-        bias = 0.1 * torch.randn(experts, device="cuda", generator=generator)
-        ids, weights = route(logits, bias, top_k, SUPER["scaling"])
-        x = torch.randn(tokens, latent, device="cuda", generator=generator).to(torch.bfloat16)
-        problem = (x, up, down, table, ids, weights)
-        reference = moe_gather_gemm_quant_reference(*problem)
-        error = relative_error(moe_gather_gemm_quant(*problem), reference)
+        # several routings, timed in turn: each call reads other experts than the one before (22 NVFP4 experts are
+        # 68 MB, about the L2 of an H100 / H200, so one routing timed again and again would partly read from L2)
+        problems = []
+        for _ in range(args.routings):
+            logits = torch.randn(tokens, experts, device=device, generator=generator)
+            bias = 0.1 * torch.randn(experts, device=device, generator=generator)
+            ids, weights = route(logits, bias, top_k, shapes["scaling"])
+            x = torch.randn(tokens, latent, device=device, generator=generator).to(torch.bfloat16)
+            problems.append((x, up, down, table, ids, weights))
+        reference = moe_gather_gemm_quant_reference(*problems[0])
+        error = relative_error(moe_gather_gemm_quant(*problems[0]), reference)
         if error > 2e-2:
             raise SystemExit(f"moe_gather_gemm_quant ({name}, {tokens} tokens) differs from the reference by "
                              f"{error:.3g}; not timing a wrong kernel")
-        ms = cuda_time(lambda p=problem: moe_gather_gemm_quant(*p), args.warmup, args.repeats)
-        bf16 = (x, bf16_up, bf16_down, table, ids, weights)
-        bf16_ms = cuda_time(lambda p=bf16: moe_gather_gemm(*p), args.warmup, args.repeats)
-        moved = moved_bytes(layout, ids, x)
+        timed = timer([lambda p=p: moe_gather_gemm_quant(*p) for p in problems], args.warmup, args.repeats)
+        bf16 = [(p[0], bf16_up, bf16_down, *p[3:]) for p in problems]
+        bf16_timed = timer([lambda p=p: moe_gather_gemm(*p) for p in bf16], args.warmup, args.repeats)
+        ms, bf16_ms = timed["ms"], bf16_timed["ms"]
+        moved = sum(moved_bytes(layout, p[4], p[0]) for p in problems) / len(problems)
         gbps = moved / ms / 1e6
-        rows.append({"format": name, "tokens": tokens, "distinct_experts": int(ids.unique().numel()),
+        distinct = sum(int(p[4].unique().numel()) for p in problems) / len(problems)
+        rows.append({"format": name, "tokens": tokens, "routings": len(problems), "distinct_experts": distinct,
                      "record_bytes": layout.record_bytes, "bytes": moved, "error": error, "ms": ms,
-                     "gb_per_s": gbps, "copy_fraction": gbps / floors["copy_gb_per_s"], "bf16_ms": bf16_ms,
-                     "speedup_vs_bf16": bf16_ms / ms})
+                     "host_ms": timed["host_ms"], "gb_per_s": gbps, "copy_fraction": gbps / floors["copy_gb_per_s"],
+                     "bf16_ms": bf16_ms, "speedup_vs_bf16": bf16_ms / ms})
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()}), flush=True)
     return rows
 
@@ -108,18 +120,21 @@ def markdown(result: dict) -> str:
         f"`benchmarks/bench_quant_kernels.py` on {env['device']}, {env['date']}, torch {env['torch']}, "
         f"triton {env['triton']}, CUDA {env['cuda']}, commit {env['commit']}. Super shapes (latent 1024, "
         "FFN 2688, 512 experts as packed records, top-22), bf16 activations; median of "
-        f"{result['repeats']} CUDA-event timings after {result['warmup']} warm-up calls; every result checked "
-        "against the torch reference first.",
+        f"{result['repeats']} rounds of {result['routings']} routings timed in turn behind a spin kernel (GPU time per "
+        f"call, without the host's launch work: host ms per call beside it) after {result['warmup']} warm-up rounds; "
+        "every kernel checked against the torch reference first.",
         "",
         f"Floor measured in the same run: device-to-device copy {floors['copy_gb_per_s']:.0f} GB/s "
         "(read + written).",
         "",
-        "| format | tokens | distinct experts | MB per expert | ms | GB/s | of copy | BF16 ms | x BF16 | error |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| format | tokens | distinct experts | MB per expert | ms | host ms | GB/s | of copy | BF16 ms | x BF16 "
+        "| error |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
-        lines.append(f"| {r['format']} | {r['tokens']} | {r['distinct_experts']} | {r['record_bytes'] / 1e6:.2f} | "
-                     f"{r['ms']:.3f} | {r['gb_per_s']:.0f} | {r['copy_fraction']:.0%} | {r['bf16_ms']:.3f} | "
+        lines.append(f"| {r['format']} | {r['tokens']} | {r['distinct_experts']:.1f} | {r['record_bytes'] / 1e6:.2f} | "
+                     f"{r['ms']:.3f} | {r['host_ms']:.3f} | {r['gb_per_s']:.0f} | {r['copy_fraction']:.0%} | "
+                     f"{r['bf16_ms']:.3f} | "
                      f"{r['speedup_vs_bf16']:.2f} | {r['error']:.1e} |")
     lines += ["", "| target | goal | measured | met |", "|---|---|---|---|"]
     lines += [f"| {t['target']} | {t['goal']:.2f} | {t['value']:.2f} | {'yes' if t['met'] else 'no'} |"
@@ -141,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--routings", type=int, default=8, help="routings timed in turn (each over other experts)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_quant_kernels.py needs a CUDA GPU and found none (torch.cuda.is_available() is False); "
@@ -152,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in args.formats.split(","):
         rows += bench_format(name, FORMATS[name], token_counts, floors, generator, args)
-    result = {"environment": environment(), "warmup": args.warmup, "repeats": args.repeats, "floors": floors,
+    result = {"environment": environment(), "warmup": args.warmup, "repeats": args.repeats,
+              "routings": args.routings, "floors": floors,
               "rows": rows, "targets": targets(rows)}
     write_report(args.out, result, markdown(result))
     return 0

@@ -6,9 +6,11 @@ import json
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 
 @pytest.fixture
@@ -122,11 +124,16 @@ def test_a_step_past_its_limit_is_ended_with_what_it_started(gv, tmp_path):
     records = gv.run_steps([gv.Step("hangs", python(code), 3)], tmp_path, budget_s=120)
     assert records[0]["status"] == "timed out"
     pid = int(child.read_text())
-    try:
-        state = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return  # gone
-    assert "zombie" in state or "(Z)" in state, state  # ended (not yet reaped by whoever adopted it)
+    deadline = time.monotonic() + 20  # (SIGKILL went to the whole group; the child may take a moment to go)
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/status").read_text()
+        except FileNotFoundError:
+            return  # gone
+        if "(zombie)" in state:
+            return  # ended, not yet reaped by whoever adopted it
+        time.sleep(0.05)
+    raise AssertionError(f"the process the step started still runs: {state}")
 
 
 def test_a_step_skips_when_its_input_is_missing_and_none_starts_with_too_little_time(gv, tmp_path):
@@ -214,3 +221,20 @@ def test_benchmark_names_the_commit_given_when_there_is_no_git(monkeypatch, load
     assert env["commit"] == "abc123" and env["device"] == "Some GPU"
     monkeypatch.delenv("RESIDENCY_COMMIT")
     assert machine.git_commit() == "unknown"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_queued_timing_keeps_the_hosts_launch_work_out(load_benchmark):
+    """``cuda_time_queued`` times what the GPU does: a call whose host part (2 ms) dwarfs its kernel measures the
+    kernel; timing it one call at a time between two events would measure the host."""
+    bench = load_benchmark("bench_kernels")
+    x = torch.zeros(1 << 20, device="cuda")
+
+    def call():
+        time.sleep(0.002)
+        x.add_(1.0)
+
+    timed = bench.cuda_time_queued([call, call], 1, 3)
+    assert timed["host_ms"] >= 2.0 and timed["ms"] < 0.5, timed
+    assert bench.cuda_time(call, 1, 3) >= 1.5  # (the one-call timing counts the host's 2 ms)

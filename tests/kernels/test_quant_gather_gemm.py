@@ -308,12 +308,44 @@ def test_quant_benchmark_report_and_cpu_refusal(capsys, tmp_path, load_benchmark
     if not torch.cuda.is_available():
         assert bench.main(["--out", str(tmp_path / "q")]) == 2
         assert "needs a CUDA GPU" in capsys.readouterr().err and not list(tmp_path.iterdir())
-    rows = [{"format": f, "tokens": 1, "distinct_experts": 22, "record_bytes": 3096592, "bytes": 68e6,
-             "error": 1e-3, "ms": 0.03, "gb_per_s": gb, "copy_fraction": gb / 4000, "bf16_ms": 0.1,
-             "speedup_vs_bf16": 3.3} for f, gb in (("nvfp4", 3000.0), ("fp8", 2000.0), ("w4a16", 1000.0))]
+    rows = [{"format": f, "tokens": 1, "routings": 8, "distinct_experts": 22.0, "record_bytes": 3096592,
+             "bytes": 68e6, "error": 1e-3, "ms": 0.03, "host_ms": 0.02, "gb_per_s": gb, "copy_fraction": gb / 4000,
+             "bf16_ms": 0.1, "speedup_vs_bf16": 3.3}
+            for f, gb in (("nvfp4", 3000.0), ("fp8", 2000.0), ("w4a16", 1000.0))]
     env = {"device": "GPU", "torch": "t", "triton": "t", "cuda": "c", "commit": "abc", "date": "today"}
-    result = {"environment": env, "warmup": 1, "repeats": 2, "floors": {"copy_gb_per_s": 4000.0}, "rows": rows,
-              "targets": bench.targets(rows)}
+    result = {"environment": env, "warmup": 1, "repeats": 2, "routings": 8, "floors": {"copy_gb_per_s": 4000.0},
+              "rows": rows, "targets": bench.targets(rows)}
     assert [(t["target"].split()[0], t["met"]) for t in result["targets"]] == [("nvfp4", True), ("fp8", False)]
     text = bench.markdown(result)
-    assert "| nvfp4 | 1 | 22 | 3.10 | 0.030 | 3000 | 75% | 0.100 | 3.30 |" in text
+    assert "| nvfp4 | 1 | 22.0 | 3.10 | 0.030 | 0.020 | 3000 | 75% | 0.100 | 3.30 |" in text
+    assert "2 rounds of 8 routings" in text
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "w4a16"])
+def test_quant_benchmark_times_each_routing_in_turn(load_benchmark, fmt):
+    """The program's rows on the CPU at small shapes, with a timer that records what it was given: every routing of a
+    token count is timed in one call (so the GPU timer runs them in turn), each call computes its own routing's
+    result, and bytes and distinct experts are their means."""
+    import argparse
+
+    bench = load_benchmark("bench_quant_kernels")
+    shapes = {"latent": 256, "inter": 128, "experts": 12, "top_k": 3, "scaling": 1.0}
+    given = []
+
+    def timer(calls, warmup, repeats):
+        given.append([call() for call in calls])
+        return {"ms": 0.5, "host_ms": 0.25}
+
+    args = argparse.Namespace(routings=3, warmup=1, repeats=2)
+    rows = bench.bench_format(fmt, bench.FORMATS[fmt], [1, 4], {"copy_gb_per_s": 100.0},
+                              torch.Generator().manual_seed(0), args, device="cpu", shapes=shapes, timer=timer)
+    assert [(r["tokens"], r["routings"]) for r in rows] == [(1, 3), (4, 3)]
+    assert len(given) == 4 and all(len(outs) == 3 for outs in given)  # quantized and BF16 per token count
+    for outs in given:  # three different routings, three different results
+        assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])
+    layout = ExpertRecordLayout(bench.FORMATS[fmt], shapes["inter"], shapes["latent"])
+    for r in rows:
+        assert r["ms"] == 0.5 and r["host_ms"] == 0.25 and r["speedup_vs_bf16"] == 1.0
+        activations = 2 * r["tokens"] * shapes["latent"] * 2  # bf16 in and out
+        assert r["bytes"] == pytest.approx(r["distinct_experts"] * layout.record_bytes + activations)
+        assert shapes["top_k"] <= r["distinct_experts"] <= min(shapes["experts"], r["tokens"] * shapes["top_k"])
