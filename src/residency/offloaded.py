@@ -454,7 +454,7 @@ class OffloadedNemotron:
         """Last-position logits after the prompt, in chunks of ``prefill_chunk`` tokens (activation memory)."""
         chunk = self.prefill_chunk or ids.shape[1]
         for start in range(0, ids.shape[1], chunk):
-            logits = self.model(ids[:, start:start + chunk], cache, last_only=True)[:, -1]
+            logits = self.model(ids[:, start:start + chunk], cache, last_only=True, prefill=True)[:, -1]
         return logits
 
     def stats(self) -> dict[str, Any]:

@@ -9,8 +9,10 @@ layer:
 
 1. The call's distinct experts, in order of first appearance, are looked up. In a decode step
    they go through the layer's eviction policy exactly as the simulator replays them (all pinned,
-   then lookup / admit on a miss / use, experts with copies in flight pinned too); a prefill call
-   only looks up, so a long prompt does not wipe the decode working set.
+   then lookup / admit on a miss / use, experts with copies in flight pinned too; without look-ahead
+   into the layer, copies still in flight from earlier calls land first, so the pinned set does not
+   depend on their timing); a prefill call only looks up, so a long prompt does not wipe the decode
+   working set.
 2. Each miss is either computed on the CPU from host memory (:mod:`residency.runtime.cpu_experts`)
    or copied: into the slot the policy admitted it to (demand priority), or, when the policy
    admits nothing (no dynamic slots, or a prefill call), through shared staging slots in rounds.
@@ -460,6 +462,12 @@ class OffloadRuntime:
                                     self._skip_ws[:ids_h.size].reshape(ids_h.shape), pairs)
         else:
             table, up, down = cache.table, cache.up, cache.down
+            if decode and cache.jobs and not self._ahead[j]:
+                # copies into this layer still in flight here are fills for later calls that an earlier call issued
+                # (a miss computed on the CPU and admitted): let them land first, so that the policy sees the pinned
+                # set the simulator sees, whatever the copies' timing (with look-ahead, copies the layer before
+                # issued for this call are in flight by design)
+                phase.stall_s[j] += cache.settle()
             out, counts = self._out, self._counts
             demand_job, back_job = cache.new_job(), cache.new_job()
             policy = cache.policy

@@ -114,6 +114,15 @@ class SlotCache:
             self.jobs.pop(job, None)
         return np.asarray(lost, dtype=np.int64)
 
+    def settle(self) -> float:
+        """Wait on the host for every copy job in flight into the bank and mark its slots resident; returns seconds
+        stalled. (What the simulator assumes at a decode call: earlier calls' copies have landed.)"""
+        stalled = 0.0
+        for job, ticket in list(self.jobs.items()):
+            stalled += ticket.wait()
+            self._landed(job)
+        return stalled
+
     def wait(self, jobs: Sequence[int]) -> float:
         """Order compute after the copy jobs ``jobs`` (host wait on the CPU device); returns seconds stalled."""
         stalled = 0.0

@@ -209,9 +209,12 @@ def test_after_a_failed_or_interrupted_copy_the_model_still_gives_the_resident_a
         model.runtime.close()
 
 
-def test_runtime_counts_equal_the_simulator_on_its_own_trace(case):
+@pytest.mark.parametrize("misses", ["copied", "cpu with copy delays"])
+def test_runtime_counts_equal_the_simulator_on_its_own_trace(case, misses):
     """Replay the routing trace the offloaded model recorded through `simulate` with the same plan and
-    policy: per-layer decode hits and misses are identical."""
+    policy: per-layer decode hits and misses are identical, with prompts fed in chunks, and with misses computed on
+    the CPU while the copies that fill their slots for later land late (look-ahead off: its admissions are the
+    runtime's own)."""
     from residency.planning.plan import plan_residency
     from residency.planning.simulate import simulate
 
@@ -224,8 +227,11 @@ def test_runtime_counts_equal_the_simulator_on_its_own_trace(case):
         plan = plan_residency(c, "RTX 4090", vram=fixed + 3 * c.num_moe_layers * c.expert_bytes("bf16"),
                               expert_dtype="bf16", context=CONTEXT, policy=policy)
         assert sum(lp.dynamic_slots for lp in plan.layers) > 0
+        rng = random.Random(policy)
+        late = {"copy_delay": lambda rng=rng: rng.random() * 0.004} if misses != "copied" else {}
         model = OffloadedNemotron.from_pretrained(folder, device="cpu", plan=plan, vram_budget="64MiB", prefetch=False,
-                                                  cpu_experts=False, context=CONTEXT, quiet=True)
+                                                  cpu_experts=misses != "copied", context=CONTEXT, quiet=True,
+                                                  prefill_chunk=8, runtime_options=late)
         try:
             prompts = [list(range(5, 30)), list(range(40, 52))]
             _, trace = model.profile(prompts, decode_tokens=24, trace=True)
@@ -233,20 +239,35 @@ def test_runtime_counts_equal_the_simulator_on_its_own_trace(case):
             per_layer = model.stats()["experts"]["by_phase"]["decode"]["per_layer"]
             assert [layer["hits"] for layer in per_layer] == sim.counters["hits"].tolist(), policy
             assert [layer["misses"] for layer in per_layer] == sim.counters["misses"].tolist(), policy
+            # 24 decode steps per prompt; prompts fed in chunks of 8 (the 25-token one ends in a 1-token chunk): prefill
+            assert int(trace.is_decode.sum()) == 2 * 24
+            if misses != "copied":
+                assert model.stats()["experts"]["cpu_computed"] > 0
         finally:
             model.runtime.close()
 
 
 def test_prefill_does_not_wipe_the_decode_working_set(case):
+    """A long prompt's misses go through staging, not the cache, in one forward call and fed in chunks alike (every
+    chunk is prefill, the later ones too); decode telemetry counts decode steps only."""
     folder, resident, ids, *_ = case
-    model = load(folder, budgets(resident.config)["few"], prefetch=False)
+    model = load(folder, budgets(resident.config)["few"], prefetch=False, prefill_chunk=16)
     try:
         model.generate(ids, max_new_tokens=8, temperature=0, stop_at_eos=False)
         before = [dict(cache.policy.resident()) for cache in model.runtime.caches]
+        c = resident.config
+        phases = model.stats()["experts"]["by_phase"]
+        looked_up = phases["decode"]["hits"] + phases["decode"]["misses"]
+        assert looked_up == c.num_experts_per_tok * c.num_moe_layers * 7  # 8 tokens: a prefill, then 7 decode steps
         long_prompt = torch.randint(3, 256, (1, 200), generator=torch.Generator().manual_seed(9))
-        model(long_prompt)  # a long prompt: its misses go through staging, not the cache
-        after = [dict(cache.policy.resident()) for cache in model.runtime.caches]
-        assert after == before
+        model(long_prompt)  # one forward call
+        assert [dict(cache.policy.resident()) for cache in model.runtime.caches] == before
+        model.generate(long_prompt, max_new_tokens=1, temperature=0, stop_at_eos=False)  # 13 chunks, no decode step
+        assert [dict(cache.policy.resident()) for cache in model.runtime.caches] == before
+        after = model.stats()["experts"]["by_phase"]
+        assert after["decode"]["hits"] + after["decode"]["misses"] == looked_up
+        assert after["decode"]["demand_copies"] == phases["decode"]["demand_copies"]
+        assert after["prefill"]["misses"] > phases["prefill"]["misses"]
     finally:
         model.runtime.close()
 

@@ -224,14 +224,22 @@ class NemotronHForCausalLM(nn.Module):
 
     @torch.no_grad()
     def forward(
-        self, input_ids: torch.Tensor, cache: InferenceCache | None = None, *, last_only: bool = False
+        self, input_ids: torch.Tensor, cache: InferenceCache | None = None, *, last_only: bool = False,
+        prefill: bool = False,
     ) -> torch.Tensor:
+        """Logits of ``input_ids [batch, seq]``, continuing ``cache`` when given.
+
+        A call is a decode step when it feeds one token per sequence after earlier ones; ``prefill=True`` says the
+        call feeds (a chunk of) a prompt, so that a chunk after the first, even a one-token one, is not taken for a
+        decode step (the offloaded runtime serves prefill and decode differently and counts them apart, and the
+        profiler records them apart).
+        """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
-        if cache is not None and cache.graphs is not None and cache.graphs.handles(input_ids):
+        if cache is not None and cache.graphs is not None and not prefill and cache.graphs.handles(input_ids):
             return cache.graphs.step(input_ids)
         seq = input_ids.shape[1]
-        is_decode = cache is not None and cache.pos > 0
+        is_decode = cache is not None and cache.pos > 0 and seq == 1 and not prefill
         self._begin_step(input_ids, is_decode)
         try:
             if cache is not None:
