@@ -187,7 +187,8 @@ def layout_from_plan(plan: Any, config: NemotronHConfig, policy: str | None = No
         static = tuple(int(e) for e in static_set_for(plan, j, policy))
         dynamic = lp.slots - len(static)
         miss_path = "copy" if lp.miss_path in ("copy", "none", "disk") else lp.miss_path
-        layers.append(LayerSlotPlan(static, dynamic, miss_path, np.asarray(priors[j], dtype=np.float64)))
+        disk = tuple(int(e) for e in lp.disk if int(e) not in static)  # (the plan's host-RAM tier: the rest)
+        layers.append(LayerSlotPlan(static, dynamic, miss_path, np.asarray(priors[j], dtype=np.float64), disk))
     predicted = getattr(plan.predicted, "hit_rate", None)
     return SlotLayout(tuple(layers), policy, predicted, "plan")
 
@@ -371,8 +372,8 @@ def load_offloaded(
         disk = [sorted(set(range(E)) - set(lp.static)) for lp in slots.layers]
         ledger.charge(sum(len(lp.static) for lp in slots.layers) * layout.record_bytes, "expert store (unified memory)")
         store = HostExpertStore(layout, L, E, disk=disk, device=device)
-    else:
-        store = HostExpertStore(layout, L, E, pin=mode == "cuda")
+    else:  # every expert in host memory but those the plan leaves on disk (host RAM it did not have for them)
+        store = HostExpertStore(layout, L, E, disk=[lp.disk for lp in slots.layers], pin=mode == "cuda")
     prefixes = [f"backbone.layers.{layer}.mixer.experts" for layer in config.moe_layers]
     show = progress if progress is not None else ckpt.total_bytes >= (1 << 30)
     store.fill(ckpt, prefixes, progress=show)

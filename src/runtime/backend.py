@@ -74,6 +74,7 @@ class LayerSlotPlan:
     dynamic_slots: int
     miss_path: str = "copy"  # copy | cpu | disk | none
     prior: np.ndarray | None = None
+    disk: tuple[int, ...] = ()  # experts the host store leaves on disk (read from the checkpoint when missed)
 
 
 @dataclass(frozen=True)

@@ -247,6 +247,45 @@ def test_runtime_counts_equal_the_simulator_on_its_own_trace(case, misses):
             model.runtime.close()
 
 
+def test_a_plans_disk_tier_stays_on_disk_and_its_reads_equal_the_simulators(case):
+    """A plan made for a host without RAM for every expert leaves some on disk: the host store has no record of
+    them, misses read them from the checkpoint, the answers stay exact, and decode disk reads per layer equal the
+    simulator's on the same trace."""
+    from residency.planning.hardware import HostSpec
+    from residency.planning.plan import plan_residency
+    from residency.planning.simulate import simulate
+
+    folder, resident, ids, logits, tokens = case
+    c = resident.config
+    record = c.expert_bytes("bf16")
+    base = plan_residency(c, "RTX 4090", expert_dtype="bf16", context=CONTEXT)
+    fixed = base.budget.vram_bytes - base.budget.expert_bytes + 2 * c.num_experts_per_tok * record
+    total = c.num_moe_layers * c.n_routed_experts
+    host = HostSpec(name="small host", memory_bytes=total * record // 2, reserve_bytes=0)
+    plan = plan_residency(c, "RTX 4090", vram=fixed + 3 * c.num_moe_layers * record, expert_dtype="bf16",
+                          context=CONTEXT, policy="lru", host=host)
+    assert sum(len(lp.disk) for lp in plan.layers) > 0
+    model = OffloadedNemotron.from_pretrained(folder, device="cpu", plan=plan, vram_budget="64MiB", prefetch=False,
+                                              cpu_experts=False, context=CONTEXT, quiet=True,
+                                              runtime_options={"verify": True})
+    try:
+        store = model.runtime.store
+        for j, lp in enumerate(plan.layers):
+            on_disk = {int(e) for e in np.flatnonzero(store.row_of_expert[j] < 0)}
+            assert on_disk == set(lp.disk) - set(model.slots.layers[j].static), j
+        assert store.nbytes < total * model.runtime.layout.record_bytes
+        _, trace = model.profile([list(range(5, 30))], decode_tokens=16, trace=True)  # from the empty cache
+        sim = simulate(plan, trace, policy="lru", decode_only=True)
+        per_layer = model.stats()["experts"]["by_phase"]["decode"]["per_layer"]
+        reads = [layer["disk_bytes"] // model.runtime.layout.record_bytes for layer in per_layer]
+        assert reads == sim.counters["disk_reads"].tolist() and sum(reads) > 0
+        assert [layer["misses"] for layer in per_layer] == sim.counters["misses"].tolist()
+        assert rel(model(ids), logits) <= 1e-5
+        assert torch.equal(model.generate(ids, max_new_tokens=NEW_TOKENS, temperature=0, stop_at_eos=False), tokens)
+    finally:
+        model.runtime.close()
+
+
 def test_prefill_does_not_wipe_the_decode_working_set(case):
     """A long prompt's misses go through staging, not the cache, in one forward call and fed in chunks alike (every
     chunk is prefill, the later ones too); decode telemetry counts decode steps only."""
