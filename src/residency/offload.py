@@ -112,6 +112,7 @@ class FixedBytes:
     context: int
     layout: ExpertLayout
     host_embeddings: int = 0
+    max_batch: int = 1
 
     @property
     def total(self) -> int:
@@ -122,14 +123,17 @@ class FixedBytes:
                  if self.host_embeddings else "")
         return (f"dense weights {format_bytes(self.dense)}{table}, staging slots {format_bytes(self.staging)} "
                 f"({self.staging_slots} x {format_bytes(self.layout.record_bytes)}), slot tables "
-                f"{format_bytes(self.tables)}, KV cache, Mamba state and activations for {self.context} tokens "
+                f"{format_bytes(self.tables)}, KV cache, Mamba state and activations for {self.context} tokens"
+                f"{f' x {self.max_batch} sequences' if self.max_batch > 1 else ''} "
                 f"{format_bytes(self.reserve)}: {format_bytes(self.total)} in all")
 
 
 def fixed_bytes(config: NemotronHConfig, dtype: torch.dtype, *, staging: int | None = None,
                 context: int = DEFAULT_CONTEXT, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                ckpt: Checkpoint | None = None, embeddings_on_host: bool | None = None) -> FixedBytes:
-    """What :func:`load_offloaded` charges to the budget before any expert slot.
+                ckpt: Checkpoint | None = None, embeddings_on_host: bool | None = None,
+                max_batch: int = 1) -> FixedBytes:
+    """What :func:`load_offloaded` charges to the budget before any expert slot (the reserve for ``max_batch``
+    sequences of ``context`` tokens).
 
     With ``ckpt``, its quantized dense modules count at their stored size and the expert record
     is the checkpoint's quantized record when its experts are quantized. ``embeddings_on_host``:
@@ -154,8 +158,8 @@ def fixed_bytes(config: NemotronHConfig, dtype: torch.dtype, *, staging: int | N
     return FixedBytes(
         dense=weights.other_bytes, staging=staging * layout.record_bytes, staging_slots=staging,
         tables=4 * config.n_routed_experts * (config.num_moe_layers + 1),
-        reserve=reserve_bytes(config, context, prefill_chunk), context=context, layout=layout,
-        host_embeddings=weights.host_bytes,
+        reserve=max_batch * reserve_bytes(config, context, prefill_chunk), context=context, layout=layout,
+        host_embeddings=weights.host_bytes, max_batch=max_batch,
     )
 
 
@@ -317,6 +321,7 @@ def load_offloaded(
     cpu_experts: str | bool = "auto",
     staging_slots: int | None = None,
     context: int = DEFAULT_CONTEXT,
+    max_batch: int = 1,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     progress: bool | None = None,
     verify: bool = False,
@@ -342,18 +347,26 @@ def load_offloaded(
     budget = parse_budget(vram_budget, total_bytes=total, free_bytes=free, device_name=name, what="vram_budget")
     ledger = DeviceLedger(device, budget.bytes)
     staging = staging_slots if staging_slots is not None else 2 * config.num_experts_per_tok
-    fixed_args = dict(staging=staging, context=context, prefill_chunk=prefill_chunk, ckpt=ckpt)
+    fixed_args = dict(staging=staging, context=context, max_batch=max_batch, prefill_chunk=prefill_chunk, ckpt=ckpt)
     on_device = fixed_bytes(config, dtype, embeddings_on_host=False, **fixed_args)
     host_table = embeddings_on_host(config, mode, choice=embeddings, plan=plan, budget_bytes=budget.bytes,
                                     fixed_on_device=on_device)
     need = fixed_bytes(config, dtype, embeddings_on_host=True, **fixed_args) if host_table else on_device
     if need.total > budget.bytes:
         what = f"vram_budget {budget.understood} cannot hold what runs besides expert slots: {need.describe()}. "
-        error = BudgetError(what + f"Give at least {format_bytes(need.total)}, or a smaller context= / prefill_chunk=")
+        error = BudgetError(what + f"Give at least {format_bytes(need.total)}, or a smaller context= / "
+                            "prefill_chunk= / max_batch=")
         error.cli_message = (what.replace("vram_budget", "--vram-budget", 1) + f"Give --vram-budget of at least "
                              f"{format_bytes(need.total)}, or a smaller --context / --prefill-chunk")
         raise error
     layout = need.layout
+    if not layout.quantized and layout.dtype == torch.float16:
+        # the CPU expert kernels read bfloat16 or float32 records: float16 experts are always copied
+        if cpu_experts is True:
+            raise InputError("cpu_experts=True computes misses on the CPU, whose kernels read bfloat16 or float32 "
+                             "experts, and this model's experts are float16; use dtype='bfloat16', or "
+                             "cpu_experts=False / 'auto' (float16 misses are then copied)")
+        cpu_experts = False
     L, E = config.num_moe_layers, config.n_routed_experts
     fixed = need.total
     expert_slots = int((budget.bytes - fixed) // layout.record_bytes)

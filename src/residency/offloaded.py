@@ -18,7 +18,7 @@ import torch
 
 from .config import NemotronHConfig
 from .devices import resolve_device
-from .errors import InputError
+from .errors import BudgetError, InputError
 from .model.checkpoint import Checkpoint
 from .model.detokenize import check_stop
 from .model.generation_config import GenerationDefaults, load_generation_defaults
@@ -28,6 +28,7 @@ from .model.reasoning import prompt_opens_reasoning
 from .model.sampling import check_max_new_tokens, check_sampling, check_seed, sample_next
 from .model.streaming import ChatResult, ChatStream, TextStream
 from .model.tokenizer import Tokenizer, as_token_ids, load_tokenizer, missing_tokenizer_reason
+from .sizes import format_bytes
 
 DTYPE_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
                "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
@@ -48,17 +49,35 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
                      "weights whatever the compute dtype")
 
 
+def check_offload_options(*, policy: Any, prefetch: Any, cpu_experts: Any) -> None:
+    """InputError naming the accepted values, before any weight is read, for an offloading option of the wrong kind
+    (``cpu_experts=1`` is not True: ``"auto"``, True or False; ``prefetch`` a bool; ``policy`` a known name)."""
+    from .runtime.policy import POLICY_NAMES
+
+    if not (cpu_experts is True or cpu_experts is False or (isinstance(cpu_experts, str) and cpu_experts == "auto")):
+        raise InputError(f"cpu_experts must be 'auto', True or False, got {cpu_experts!r}")
+    if not isinstance(prefetch, bool):
+        raise InputError(f"prefetch must be True or False, got {prefetch!r}")
+    if policy is not None and policy not in POLICY_NAMES:
+        raise InputError(f"policy must be one of {', '.join(POLICY_NAMES)} (or None for the plan's), got {policy!r}")
+
+
 class OffloadedNemotron:
     """A Nemotron-H model ready for ``model(input_ids)``, ``generate`` and ``profile``."""
 
     def __init__(self, model: NemotronHForCausalLM, tokenizer: Tokenizer | None = None, path: Path | None = None,
-                 runtime: Any = None, slots: Any = None, prefill_chunk: int | None = None):
+                 runtime: Any = None, slots: Any = None, prefill_chunk: int | None = None, context: int | None = None,
+                 max_batch: int | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.path = path
         self.runtime = runtime  # residency.runtime.backend.OffloadRuntime when offloaded
         self.slots = slots  # residency.offload.SlotLayout when offloaded
         self.prefill_chunk = prefill_chunk
+        # offloaded: the tokens per sequence and the sequences whose KV cache, Mamba state and chunk activations the
+        # device budget reserves
+        self.context = context
+        self.max_batch = max_batch
         self._stats: dict[str, Any] = {}
         self._generation_defaults: GenerationDefaults | None = None
 
@@ -78,6 +97,7 @@ class OffloadedNemotron:
         prefetch: bool = True,
         cpu_experts: str | bool = "auto",
         context: int | None = None,
+        max_batch: int | None = None,
         prefill_chunk: int | None = None,
         quiet: bool = False,
         runtime_options: dict[str, Any] | None = None,
@@ -100,21 +120,25 @@ class OffloadedNemotron:
         planned here for the budget from ``profile`` (a :class:`~residency.Profile`) or a uniform
         prior. ``policy``: eviction policy (default the plan's, else ``lru``); ``prefetch``:
         look-ahead copies; ``cpu_experts``: compute misses on the CPU always (True), never
-        (False) or where cheaper (``"auto"``); ``context``: tokens of KV cache the budget keeps;
-        ``prefill_chunk``: prompt tokens per forward call; ``embeddings``: where the embedding
-        table lives when offloading, ``"host"`` (host memory, not charged to the budget; each step's
-        rows are copied to the device), ``"device"``, or None for the plan's placement, else host
-        memory unless the device is unified memory, the embeddings are tied, or the budget holds
-        every expert (:func:`residency.offload.embeddings_on_host`). A short plan summary is
+        (False) or where cheaper (``"auto"``); ``context``: tokens of KV cache the budget keeps per
+        sequence (default ``residency.offload.DEFAULT_CONTEXT``; a longer prompt plus generation is
+        refused); ``max_batch``: sequences generated at once that the budget keeps this for (default
+        1; a larger batch is refused); ``prefill_chunk``: prompt tokens per forward call;
+        ``embeddings``: where the embedding table lives when offloading, ``"host"`` (host memory, not
+        charged to the budget; each step's rows are copied to the device), ``"device"``, or None for the
+        plan's placement, else host memory unless the device is unified memory, the embeddings are tied,
+        or the budget holds every expert (:func:`residency.offload.embeddings_on_host`). A short plan summary is
         printed unless ``quiet``. ``runtime_options`` (tests): ``verify``, ``copy_delay``,
         ``mirror_tables``, ``mode``, ``staging_slots``.
         """
         path = Path(path)
         dtype = resolve_dtype(dtype)
-        for name, value in (("context", context), ("prefill_chunk", prefill_chunk)):
+        check_offload_options(policy=policy, prefetch=prefetch, cpu_experts=cpu_experts)
+        for name, value in (("context", context), ("prefill_chunk", prefill_chunk), ("max_batch", max_batch)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                error = InputError(f"{name} must be a positive number of tokens, got {value!r}")
-                error.cli_message = f"--{name.replace('_', '-')} must be a positive number of tokens, got {value!r}"
+                unit = "sequences" if name == "max_batch" else "tokens"
+                error = InputError(f"{name} must be a positive number of {unit}, got {value!r}")
+                error.cli_message = f"--{name.replace('_', '-')} must be a positive number of {unit}, got {value!r}"
                 raise error
         mode = None
         if isinstance(device, str) and device.strip().lower() == "unified":
@@ -136,9 +160,10 @@ class OffloadedNemotron:
         model, runtime, slots = load_offloaded(
             ckpt, device, mode=mode, dtype=dtype, vram_budget=vram_budget, plan=plan, profile=profile,
             policy=policy, prefetch=prefetch, cpu_experts=cpu_experts, context=context or DEFAULT_CONTEXT,
-            prefill_chunk=chunk, progress=progress, embeddings=embeddings, **options,
+            max_batch=max_batch or 1, prefill_chunk=chunk, progress=progress, embeddings=embeddings, **options,
         )
-        self = cls(model, tokenizer, path, runtime=runtime, slots=slots, prefill_chunk=chunk)
+        self = cls(model, tokenizer, path, runtime=runtime, slots=slots, prefill_chunk=chunk,
+                   context=context or DEFAULT_CONTEXT, max_batch=max_batch or 1)
         if not quiet:
             print(self.plan_summary())
         return self
@@ -147,8 +172,6 @@ class OffloadedNemotron:
         """One line: where the experts are and what the plan predicts (offloaded models)."""
         if self.runtime is None:
             return "all experts resident"
-        from .sizes import format_bytes
-
         s, r, c = self.slots, self.runtime, self.config
         static = sum(len(lp.static) for lp in s.layers)
         dynamic = sum(lp.dynamic_slots for lp in s.layers)
@@ -235,6 +258,7 @@ class OffloadedNemotron:
         seed = check_seed(seed)
         stops = check_stop(stop)
         ids = self.encode(inputs)
+        self._check_length(ids, max_new_tokens)
         end_ids = self.end_token_ids() if stop_at_eos else ()
         if isinstance(inputs, str) or stream or stops:
             text = self._text_stream(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
@@ -360,8 +384,26 @@ class OffloadedNemotron:
 
     @property
     def context_length(self) -> int:
-        """Prompt plus generated tokens one sequence may hold (``max_position_embeddings``)."""
-        return int(self.config.max_position_embeddings)
+        """Prompt plus generated tokens one sequence may hold: ``max_position_embeddings``, and for an offloaded
+        model at most the ``context`` its device budget keeps KV cache for."""
+        n = int(self.config.max_position_embeddings)
+        return n if self.context is None else min(n, int(self.context))
+
+    def _check_length(self, ids: torch.Tensor, max_new_tokens: int) -> None:
+        """InputError when the prompt plus ``max_new_tokens`` do not fit :attr:`context_length`; BudgetError when an
+        offloaded model gets a larger batch than the device budget reserves KV cache for (``max_batch``)."""
+        if self.max_batch is not None and ids.shape[0] > self.max_batch:
+            raise BudgetError(
+                f"a batch of {ids.shape[0]} sequences needs the KV cache, Mamba state and activations of each, and the "
+                f"device budget reserves them for {self.max_batch} (max_batch={self.max_batch} at load, "
+                f"{self.context} tokens each); generate fewer sequences at once, or load with max_batch={ids.shape[0]}")
+        if ids.shape[1] + max_new_tokens <= self.context_length:
+            return
+        fix = "lower max_new_tokens or shorten the prompt"
+        if self.context is not None and self.context_length < int(self.config.max_position_embeddings):
+            fix += ", or load the model with a larger context= (the budget keeps the KV cache of that many tokens)"
+        raise InputError(f"the prompt's {ids.shape[1]} tokens plus max_new_tokens {max_new_tokens} exceed the model's "
+                         f"context of {self.context_length} tokens; {fix}")
 
     def _sampling(self, temperature: float | None, top_p: float | None) -> tuple[float, float]:
         d = self.generation_defaults
@@ -375,11 +417,7 @@ class OffloadedNemotron:
             raise InputError(f"streaming and stop strings take one prompt, got a batch of {ids.shape[0]}; "
                              "generate the rows one by one")
         tok = self._tokenizer_for_text()
-        if ids.shape[1] + max_new_tokens > self.context_length:
-            raise InputError(
-                f"the prompt's {ids.shape[1]} tokens plus max_new_tokens {max_new_tokens} exceed the model's "
-                f"context of {self.context_length} tokens; lower max_new_tokens or shorten the prompt"
-            )
+        self._check_length(ids, max_new_tokens)
 
         def tokens(cancel: threading.Event) -> Iterator[int]:
             steps = self._decode_loop(ids, max_new_tokens, temperature, top_p, seed, cancel=cancel)
@@ -400,7 +438,9 @@ class OffloadedNemotron:
         sampled tokens before they are fed back; ``cancel`` stops before the next token. Timings and
         counts go to :meth:`stats` when the loop ends, however it ends."""
         gen = torch.Generator(device=ids.device).manual_seed(seed) if seed is not None else None
-        cache = self.model.new_cache(ids.shape[0])
+        # offloaded: exactly the context the budget reserves (the KV cache would otherwise grow by doubling)
+        cache = (self.model.new_cache(ids.shape[0]) if self.context is None
+                 else self.model.new_cache(ids.shape[0], max_len=self.context))
         steps = 0
         # on CUDA the clock is read after a synchronize: the host queues kernels (CUDA-graph replays, an on-device
         # argmax) ahead of the GPU, so without it the GPU's unfinished work would fall outside the timings

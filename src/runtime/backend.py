@@ -105,9 +105,9 @@ class RuntimeOptions:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.cpu_experts not in CPU_CHOICES:
+        if not any(self.cpu_experts is c if isinstance(c, bool) else self.cpu_experts == c for c in CPU_CHOICES):
             raise ValueError(f"cpu_experts must be 'auto', True or False, got {self.cpu_experts!r}")
-        if self.staging_slots < 1:
+        if isinstance(self.staging_slots, bool) or not isinstance(self.staging_slots, int) or self.staging_slots < 1:
             raise ValueError("at least one staging slot is needed to serve misses that are not cached")
 
 

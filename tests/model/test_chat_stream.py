@@ -165,7 +165,7 @@ class Scripted(torch.nn.Module):
     def new_cache(self, batch: int):
         return SimpleNamespace(step=0)
 
-    def forward(self, ids, cache=None, last_only=False):
+    def forward(self, ids, cache=None, last_only=False, prefill=False):
         i = cache.step
         cache.step += 1
         self.calls += 1

@@ -286,6 +286,43 @@ def test_a_plans_disk_tier_stays_on_disk_and_its_reads_equal_the_simulators(case
         model.runtime.close()
 
 
+def test_the_kv_cache_fits_the_budgets_reserve_for_its_context_and_batch(case):
+    """The budget reserves the KV cache, Mamba state and chunk activations of ``max_batch`` sequences of ``context``
+    tokens: the cache generate makes holds exactly that context, within the reserve; a larger batch, or a prompt
+    and max_new_tokens past the context, are refused before any compute, naming the fixes."""
+    from residency.errors import BudgetError, InputError
+    from residency.offload import reserve_bytes
+
+    folder, resident, ids, logits, tokens = case
+    c = resident.config
+    row = reserve_bytes(c, CONTEXT, 512)
+    made = []
+
+    def cache_bytes(cache):
+        tensors = [t for pair in cache.kv.values() for t in pair] + list(cache.conv.values()) + list(cache.ssm.values())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    for max_batch in (None, 3):
+        model = load(folder, budgets(c)["few"] + 2 * row, max_batch=max_batch)
+        new_cache = model.model.new_cache
+        model.model.new_cache = lambda *a, new_cache=new_cache, **k: made.append(new_cache(*a, **k)) or made[-1]
+        try:
+            assert model.runtime.ledger.items["KV cache, Mamba state, activations (reserved)"] == (max_batch or 1) * row
+            batch = max_batch or 1
+            got = model.generate(ids.repeat(batch, 1), max_new_tokens=NEW_TOKENS, temperature=0, stop_at_eos=False)
+            assert torch.equal(got, tokens.repeat(batch, 1))
+            assert made[-1].capacity == CONTEXT and cache_bytes(made[-1]) <= batch * row
+            with pytest.raises(BudgetError, match=f"fewer sequences at once, or load with max_batch={batch + 1}"):
+                model.generate(ids.repeat(batch + 1, 1), max_new_tokens=2, temperature=0, stop_at_eos=False)
+            with pytest.raises(InputError, match="larger context="):
+                model.generate(ids, max_new_tokens=CONTEXT, temperature=0, stop_at_eos=False)
+            assert model.context_length == CONTEXT
+        finally:
+            model.runtime.close()
+    with pytest.raises(InputError, match="max_batch must be a positive number of sequences"):
+        load(folder, budgets(c)["few"], max_batch=0)
+
+
 def test_prefill_does_not_wipe_the_decode_working_set(case):
     """A long prompt's misses go through staging, not the cache, in one forward call and fed in chunks alike (every
     chunk is prefill, the later ones too); decode telemetry counts decode steps only."""
@@ -571,3 +608,39 @@ def test_first_difference_names_the_first_generated_token_that_differs(load_benc
     assert bench.first_difference(want.clone(), want, prompt=2) is None
     assert bench.first_difference(torch.tensor([[5, 6, 7, 0, 9]]), want, prompt=2) == 1
     assert bench.first_difference(torch.tensor([[5, 6, 7]]), want, prompt=2) == 1  # stopped early
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("cpu_experts", 1, "cpu_experts must be 'auto', True or False, got 1"),
+    ("cpu_experts", "yes", "cpu_experts must be 'auto', True or False"),
+    ("prefetch", "no", "prefetch must be True or False"),
+    ("policy", "fifo", "policy must be one of static, lru, lfu, hybrid"),
+])
+def test_offloading_options_of_the_wrong_kind_are_refused_before_loading(case, monkeypatch, option, value, message):
+    import residency.offload
+    from residency.errors import InputError
+
+    folder, resident, *_ = case
+    monkeypatch.setattr(residency.offload, "load_offloaded", lambda *a, **k: pytest.fail("loading started"))
+    with pytest.raises(InputError, match=message):
+        OffloadedNemotron.from_pretrained(folder, device="cpu", vram_budget="64MiB", quiet=True, **{option: value})
+
+
+def test_float16_experts_are_copied_not_computed_on_the_cpu(tmp_path):
+    """The CPU expert kernels read bfloat16 / float32 records: with float16 experts ``"auto"`` copies every miss
+    (the answers stay the resident model's) and ``cpu_experts=True`` is refused before loading, naming the fixes."""
+    from residency.errors import InputError
+
+    folder = write_tiny_checkpoint(tmp_path / "ckpt", seed=5, **CONFIGS["tiny"])
+    resident = OffloadedNemotron.from_pretrained(folder, device="cpu", dtype="float16")
+    ids = torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    want = resident.generate(ids, max_new_tokens=8, temperature=0, stop_at_eos=False)
+    model = load(folder, budgets(resident.config)["few"], dtype="float16", cpu_experts="auto")
+    try:
+        assert torch.equal(model.generate(ids, max_new_tokens=8, temperature=0, stop_at_eos=False), want)
+        experts = model.stats()["experts"]
+        assert experts["misses"] > 0 and experts["cpu_computed"] == 0
+    finally:
+        model.runtime.close()
+    with pytest.raises(InputError, match="dtype='bfloat16', or cpu_experts=False"):
+        load(folder, budgets(resident.config)["few"], dtype="float16", cpu_experts=True)
