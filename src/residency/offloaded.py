@@ -121,9 +121,10 @@ class OffloadedNemotron:
         prior. ``policy``: eviction policy (default the plan's, else ``lru``); ``prefetch``:
         look-ahead copies; ``cpu_experts``: compute misses on the CPU always (True), never
         (False) or where cheaper (``"auto"``); ``context``: tokens of KV cache the budget keeps per
-        sequence (default ``residency.offload.DEFAULT_CONTEXT``; a longer prompt plus generation is
-        refused); ``max_batch``: sequences generated at once that the budget keeps this for (default
-        1; a larger batch is refused); ``prefill_chunk``: prompt tokens per forward call;
+        sequence (default: the plan's, else ``residency.offload.DEFAULT_CONTEXT``; a longer prompt plus
+        generation is refused); ``max_batch``: sequences generated at once that the budget keeps this
+        for (default: the plan's batch, else 1; a larger batch is refused); ``prefill_chunk``: prompt
+        tokens per forward call;
         ``embeddings``: where the embedding table lives when offloading, ``"host"`` (host memory, not
         charged to the budget; each step's rows are copied to the device), ``"device"``, or None for the
         plan's placement, else host memory unless the device is unified memory, the embeddings are tied,
@@ -157,6 +158,9 @@ class OffloadedNemotron:
         options = dict(runtime_options or {})
         mode = options.pop("mode", mode) or device.type
         chunk = prefill_chunk or DEFAULT_PREFILL_CHUNK
+        if plan is not None:  # what the plan accounted memory for, unless asked otherwise
+            context = context or int(plan.settings.context)
+            max_batch = max_batch or int(plan.settings.batch)
         model, runtime, slots = load_offloaded(
             ckpt, device, mode=mode, dtype=dtype, vram_budget=vram_budget, plan=plan, profile=profile,
             policy=policy, prefetch=prefetch, cpu_experts=cpu_experts, context=context or DEFAULT_CONTEXT,

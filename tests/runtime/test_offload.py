@@ -644,3 +644,17 @@ def test_float16_experts_are_copied_not_computed_on_the_cpu(tmp_path):
         model.runtime.close()
     with pytest.raises(InputError, match="dtype='bfloat16', or cpu_experts=False"):
         load(folder, budgets(resident.config)["few"], dtype="float16", cpu_experts=True)
+
+
+def test_a_plan_gives_the_context_and_batch_it_accounted_for_unless_asked_otherwise(case):
+    from residency.planning.plan import plan_residency
+
+    folder, resident, *_ = case
+    plan = plan_residency(resident.config, "RTX 4090", expert_dtype="bf16", context=300, batch=2)
+    for kwargs, want in (({}, (300, 2)), ({"context": 200, "max_batch": 1}, (200, 1))):
+        model = OffloadedNemotron.from_pretrained(folder, device="cpu", plan=plan, vram_budget="64MiB", quiet=True,
+                                                  **kwargs)
+        try:
+            assert (model.context, model.max_batch) == want
+        finally:
+            model.runtime.close()

@@ -79,7 +79,7 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-experts", choices=("auto", "always", "never"), default="auto",
                    help="compute missed experts on the CPU: where cheaper (auto), always or never")
     p.add_argument("--context", type=int, default=None,
-                   help="offloaded: tokens of KV cache the budget keeps room for (default 8192)")
+                   help="offloaded: tokens of KV cache the budget keeps room for (default: the plan's, else 8192)")
     p.add_argument("--prefill-chunk", type=int, default=None, help="prompt tokens per forward call")
     p.add_argument("--embeddings", choices=("auto", "host", "device"), default="auto",
                    help="offloaded: where the embedding table lives (auto: the plan's, else host memory on a "
