@@ -8,14 +8,16 @@ included, at most 10 minutes a command), so this runs the checks in order of imp
 gives each step what is left of the budget, recording what ran, how long and how it ended:
 
 1. ``pip install --no-deps --no-build-isolation -e .`` (the machine's own torch and triton stay);
-   ``preflight``: the versions of the libraries the steps import (``pip_list.txt`` too), failing
-   with the names of any that are missing;
+   pytest and hypothesis from wheels in ``.gpu_wheels/`` when pytest is missing and that folder was
+   carried (``pip download -d .gpu_wheels pytest hypothesis`` on a machine with network), else the
+   pytest steps are skipped with the reason in the summary; ``preflight``: the versions of the
+   libraries the steps import (``pip_list.txt`` too), failing with the names of any needed one
+   that is missing;
 2. at the same time: numba's CPU kernels compiled into its on-disk cache (the bookkeeping, the BF16
-   and each quantized format's CPU expert kernel, one process each: compiling them costs about 90 s
-   on one core, which the offload tests and benchmark would otherwise pay in turn) and ``pytest
-   tests/kernels`` compiled on the GPU (fp32 odd shapes and the bf16 ``gpu`` tests); pytest from
-   wheels in ``.gpu_wheels/`` when it is missing and that folder was carried (``pip download -d
-   .gpu_wheels pytest`` on a machine with network), else skipped with the reason in the summary;
+   and each quantized format's CPU expert kernel, in turn in one process, since processes compiling
+   one function at once race on numba's index: about 90 s on one core, which the offload tests and
+   benchmark would otherwise pay) and ``pytest tests/kernels`` compiled on the GPU (fp32 odd shapes
+   and the bf16 ``gpu`` tests);
 3. ``pytest -m gpu`` over the rest of the suite (the offload runtime on CUDA against the resident
    run, quantized checkpoints, CUDA-graph decode, page-locked embedding rows ...);
 4. ``benchmarks/bench_offload.py --device cuda``: per-expert fetch bandwidth against one large pinned
@@ -43,8 +45,10 @@ Writes into ``OUT_DIR``: one ``<step>.log`` per step, the benchmarks' ``.json`` 
 ``configs/*.json``, ``pip_list.txt`` and ``summary.json`` (device, versions, commit, each step's
 command, exit status and seconds), the summary rewritten after every step so that a command
 stopped at its limit keeps it. ``--bundle`` also packs ``OUT_DIR`` into one ``.tar.gz`` after
-every step (a lent machine returns only a few files). The working tree on a lent machine usually
-has no ``.git``: pass ``--commit`` so that the results name the commit they measured.
+every step (a lent machine returns only a few files). SIGTERM, SIGHUP or Ctrl-C end the steps still
+running before the runner exits (they run in process groups of their own). The working tree on a
+lent machine usually has no ``.git``: pass ``--commit`` so that the results name the commit they
+measured.
 """
 
 from __future__ import annotations
@@ -68,20 +72,23 @@ ROOT = Path(__file__).resolve().parents[1]
 WHEELS = ROOT / ".gpu_wheels"
 #: a step given less than this many seconds of the budget is not started (it could only time out)
 MIN_STEP_S = 20.0
-#: libraries the steps import besides torch and triton (preflight names the missing ones)
-NEEDED = ("numpy", "numba", "llvmlite", "safetensors", "pytest", "hypothesis", "tokenizers", "jinja2", "transformers")
+#: libraries the steps import besides torch and triton (the install is --no-deps): preflight fails naming any missing
+NEEDED = ("numpy", "numba", "llvmlite", "safetensors", "psutil", "pynvml", "tqdm", "pytest", "hypothesis")
+#: optional extras some tests use (they skip without them): preflight only reports them
+OPTIONAL = ("tokenizers", "jinja2", "transformers")
 #: the kernel tests that compile for GPUs without one (compile_check's work, which needs no GPU): not run there
 AHEAD_OF_TIME_TESTS = ("tests/kernels/test_moe_gather_gemm.py::test_kernels_compile_for_gpus_without_one",
                        "tests/kernels/test_mamba_step.py::test_kernels_compile_for_hopper_and_ampere")
-#: the CPU kernels numba compiles: the BF16 one with the bookkeeping, and one per quantized format
-WARM = {
-    "bf16": "from residency.runtime import control, cpu_experts; control.warm_up(); "
-            "cpu_experts.measure_throughput(1, latent=64, intermediate=64, repeats=1)",
-    **{fmt: "from residency.kernels.moe.quant_formats import QuantSpec; "
-            "from residency.runtime.cpu_quant import measure_quant_throughput; "
-            f"measure_quant_throughput(QuantSpec({fmt!r}{extra}), 1, latent=256, intermediate=256, repeats=1)"
-       for fmt, extra in (("nvfp4", ""), ("fp8", ""), ("w4a16", ", group_size=128"))},
-}
+#: numba's CPU kernels compiled into its cache, in turn in one process (processes compiling overloads of one function
+#: at once race on numba's index file and can lose entries): the bookkeeping and the BF16 kernel, then each quantized
+#: format's
+WARM = ("from residency.runtime import control, cpu_experts\n"
+        "from residency.kernels.moe.quant_formats import QuantSpec\n"
+        "from residency.runtime.cpu_quant import measure_quant_throughput\n"
+        "control.warm_up()\n"
+        "cpu_experts.measure_throughput(1, latent=64, intermediate=64, repeats=1)\n"
+        "for spec in (QuantSpec('nvfp4'), QuantSpec('fp8'), QuantSpec('w4a16', group_size=128)):\n"
+        "    measure_quant_throughput(spec, 1, latent=256, intermediate=256, repeats=1)\n")
 
 
 @dataclass
@@ -159,30 +166,53 @@ def _start(step: Step, out_dir: Path) -> tuple[subprocess.Popen, ExitStack, floa
     return proc, files, time.monotonic()
 
 
+def _kill(proc: subprocess.Popen) -> None:
+    """End ``proc`` and every process it started (its process group)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
 def _finish(running: list, records: list[dict], on_record: Callable[[list[dict]], None] | None) -> None:
-    """Wait for the started steps, ending each that runs past its limit; record each as it ends."""
-    while running:
-        for entry in list(running):
-            step, record, (proc, files, started), limit = entry
-            elapsed = time.monotonic() - started
-            if proc.poll() is None and elapsed < limit:
-                continue
-            if proc.returncode is None:  # past its limit: end it and whatever it started
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait()
-                status, rc = "timed out", None
-            else:
-                status, rc = ("ok" if proc.returncode == 0 else "failed"), proc.returncode
+    """Wait for the started steps, ending each that runs past its limit; record each as it ends. If this process is
+    interrupted or told to stop meanwhile (see :func:`stop_on_signals`), the steps still running are ended first:
+    they run in process groups of their own, which a signal to this one's group does not reach."""
+    try:
+        while running:
+            for entry in list(running):
+                step, record, (proc, files, started), limit = entry
+                elapsed = time.monotonic() - started
+                if proc.poll() is None and elapsed < limit:
+                    continue
+                if proc.returncode is None:  # past its limit: end it and whatever it started
+                    _kill(proc)
+                    status, rc = "timed out", None
+                else:
+                    status, rc = ("ok" if proc.returncode == 0 else "failed"), proc.returncode
+                files.close()
+                running.remove(entry)
+                record.update(status=status, returncode=rc, seconds=round(elapsed, 1), limit_s=round(limit, 1),
+                              log=f"{step.name}.log")
+                _done(records, record, on_record)
+            if running:
+                time.sleep(0.05)
+    except BaseException:
+        for _, _, (proc, files, _), _ in running:
+            _kill(proc)
             files.close()
-            running.remove(entry)
-            record.update(status=status, returncode=rc, seconds=round(elapsed, 1), limit_s=round(limit, 1),
-                          log=f"{step.name}.log")
-            _done(records, record, on_record)
-        if running:
-            time.sleep(0.05)
+        raise
+
+
+def stop_on_signals() -> None:
+    """Turn SIGTERM and SIGHUP (a command's time limit, a closed session) into SystemExit, as Ctrl-C already is a
+    KeyboardInterrupt, so that the steps still running are ended on the way out."""
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
 
 
 def pytest_step(python: str) -> list[Step]:
@@ -190,7 +220,9 @@ def pytest_step(python: str) -> list[Step]:
 
     Verbose, with the slowest tests and a per-test limit where pytest-timeout is there: a log cut off by the
     step's limit still names the test that was running."""
-    pytest = [python, "-m", "pytest", "-v", "-rfE", "--durations=15", "-p", "no:cacheprovider"]
+    # (a test module whose import fails, a missing optional library say, must not stop the session: the others run)
+    pytest = [python, "-m", "pytest", "-v", "-rfE", "--durations=15", "-p", "no:cacheprovider",
+              "--continue-on-collection-errors"]
     if importlib.util.find_spec("pytest_timeout") is not None:
         pytest.append("--timeout=150")
     # (the MoE kernels' ahead-of-time compile test is compile_check's work, which needs no GPU)
@@ -205,23 +237,26 @@ def pytest_step(python: str) -> list[Step]:
             return [Step(s.name, s.command, 0, skip_reason=reason, group=s.group) for s in (kernels, gpu)]
         offline = [python, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-index", "--find-links",
                    str(WHEELS)]
-        steps.append(Step("install_pytest", [*offline, "pytest"], 60))
+        steps.append(Step("install_pytest", [*offline, "pytest", "hypothesis"], 60))
     return [*steps, kernels, gpu]
 
 
 def preflight_command(python: str) -> list[str]:
-    """Print the version of each library in :data:`NEEDED` and whether torch sees a GPU; exit 1 naming the missing."""
+    """Print the versions of torch, triton, :data:`NEEDED` and :data:`OPTIONAL` and whether torch sees a GPU; exit 1
+    naming the missing needed ones (or saying there is no GPU)."""
     code = ("import importlib.metadata as m, importlib.util as u, json, sys\n"
-            f"needed = {NEEDED!r}\n"
+            f"needed, optional = {NEEDED!r}, {OPTIONAL!r}\n"
             "missing = [n for n in needed if u.find_spec(n) is None]\n"
             "versions = {}\n"
-            "for n in ('torch', 'triton', *needed):\n"
+            "for n in ('torch', 'triton', *needed, *optional):\n"
             "    try:\n"
-            "        versions[n] = m.version(n)\n"
+            "        versions[n] = m.version({'pynvml': 'nvidia-ml-py'}.get(n, n))\n"
             "    except m.PackageNotFoundError:\n"
             "        versions[n] = None\n"
             "import torch\n"
-            "print(json.dumps({'versions': versions, 'missing': missing, 'cuda': torch.cuda.is_available()}))\n"
+            "print(json.dumps({'versions': versions, 'missing': missing,\n"
+            "                  'optional_missing': [n for n in optional if u.find_spec(n) is None],\n"
+            "                  'cuda': torch.cuda.is_available()}))\n"
             "sys.exit(f'missing: {missing}' if missing else (0 if torch.cuda.is_available() else 'no CUDA device'))\n")
     return [python, "-c", code]
 
@@ -232,13 +267,15 @@ def validation_steps(out_dir: Path, commit: str | None) -> list[Step]:
     env = {"RESIDENCY_COMMIT": commit} if commit else {}
     tuned = {**env, "RESIDENCY_KERNEL_CONFIGS": str(out_dir / "configs")}
     bench = [py, "benchmarks/bench_kernels.py"]
+    tests = pytest_step(py)  # (install_pytest first, where it is needed: before the preflight checks for pytest)
     return [
         Step("install", [py, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
                          "--no-build-isolation", "-e", "."], 90),
+        *[s for s in tests if s.name == "install_pytest"],
         Step("preflight", preflight_command(py), 30),
         Step("pip_list", [py, "-m", "pip", "list", "--disable-pip-version-check"], 30, stdout_file="pip_list.txt"),
-        *[Step(f"warm_numba_{name}", [py, "-c", code], 150, group="warm") for name, code in WARM.items()],
-        *pytest_step(py),
+        Step("warm_numba", [py, "-c", WARM], 240, group="warm"),
+        *[s for s in tests if s.name != "install_pytest"],
         Step("bench_offload", [py, "benchmarks/bench_offload.py", "--device", "cuda",
                                "--out", str(out_dir / "offload")], 180, env=env),
         Step("bench_quant_kernels", [py, "benchmarks/bench_quant_kernels.py", "--out", str(out_dir / "quant_kernels")],
@@ -260,8 +297,8 @@ DEFAULT_PLAN_EXCLUDES = ("compile_check",)
 
 def device_name() -> str | None:
     """The GPU's name, read in another process (this one opens no CUDA context: the steps' processes need the GPU)."""
-    for command in (["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                    [sys.executable, "-c", "import torch; print(torch.cuda.get_device_name())"]):
+    for command in ([sys.executable, "-c", "import torch; print(torch.cuda.get_device_name())"],  # (the visible GPU)
+                    ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"]):
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=60)
         except (OSError, subprocess.TimeoutExpired):
@@ -344,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
             bundle(out_dir, args.bundle.resolve())
 
     save([])
+    stop_on_signals()
     records = run_steps(steps, out_dir, args.budget_s, on_record=save)
     save(records)
     failed = [r["step"] for r in records if r["status"] not in ("ok", "skipped")]

@@ -643,8 +643,9 @@ class OffloadRuntime:
         return self._rounding_code(self._intermediate_dtype(work.latent, up, down, table, work.ids))
 
     def _looks_ahead(self, j: int) -> bool:
-        """Whether decode calls predict layer ``j``'s experts (it exists and has dynamic slots to fill)."""
-        if not self.options.prefetch or self.routers is None or j >= len(self.caches):
+        """Whether decode calls predict layer ``j``'s experts (it exists, a layer comes before it, and it has dynamic
+        slots to fill)."""
+        if not self.options.prefetch or self.routers is None or not 0 < j < len(self.caches):
             return False
         cache = self.caches[j]
         return cache is not None and cache.num_slots > len(cache.static)
