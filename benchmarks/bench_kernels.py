@@ -6,7 +6,9 @@ writes ``<out>.json`` (raw numbers) and ``<out>.md`` (tables). Shapes: latent 10
 2688, 512 experts all resident in a random slot permutation, top-22, bf16; 1 to 2048 tokens.
 
 Measured in the same process, each as the median of ``--repeats`` CUDA-event timings after
-``--warmup`` calls:
+``--warmup`` calls (the MoE kernel and its baselines queued behind a spin kernel,
+:func:`cuda_time_queued`: the GPU's time without the host's launch work, as autotune times them;
+the host time per kernel call is recorded beside it):
 
 - ``moe_gather_gemm`` on the path ``auto`` picks (and on the other path up to 64 tokens);
 - baseline "torch loop": one pair of matmuls per hit expert, the way ``transformers`` runs it;
@@ -65,8 +67,9 @@ def cuda_time_queued(calls: Sequence[Callable[[], object]], warmup: int, repeats
     (``torch.cuda._sleep``) that holds the GPU for twice the time the host took to queue a round, so the
     calls then run back to back. Calls that read different data (routings over other experts) in turn keep
     one call from reading what the previous one left in L2. Returns ``{"ms": median GPU ms per call over
-    the rounds, "host_ms": host ms to queue one call}``: a call whose ``host_ms`` exceeds ``ms`` is
-    host-bound when it is launched one at a time (a CUDA graph removes that).
+    the rounds, "host_ms": host ms to queue one call, "rounds_with_gaps": rounds the spin did not cover}``: a
+    call whose ``host_ms`` exceeds ``ms`` is host-bound when it is launched one at a time (a CUDA graph removes that).
+    A round whose start event had passed by the time the host had queued it is run again with the spin doubled.
     """
     for _ in range(warmup):
         for call in calls:
@@ -84,17 +87,25 @@ def cuda_time_queued(calls: Sequence[Callable[[], object]], warmup: int, repeats
     host_s = time.perf_counter() - t0
     torch.cuda.synchronize()
     spin = int(cycles_per_ms * max(2e3 * host_s, 0.5))
-    per_call = []
+    per_call, gaps = [], 0
     for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(spin)
-        start.record()
-        for call in calls:
-            call()
-        end.record()
-        end.synchronize()
+        for _attempt in range(4):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda._sleep(spin)
+            start.record()
+            for call in calls:
+                call()
+            queued = not start.query()  # the spin still held the GPU when the round was queued: no launch gaps
+            end.record()
+            end.synchronize()
+            if queued:
+                break
+            spin *= 2  # the host took longer than the spin (or a call waited for the GPU): again, held longer
+        gaps += not queued
         per_call.append(start.elapsed_time(end) / len(calls))
-    return {"ms": statistics.median(per_call), "host_ms": 1e3 * host_s / len(calls)}
+    # rounds_with_gaps: rounds the spin did not cover even when held 8x longer (a call that waits for the GPU on the
+    # host, say): their time may include the host's launch work
+    return {"ms": statistics.median(per_call), "host_ms": 1e3 * host_s / len(calls), "rounds_with_gaps": gaps}
 
 
 def copy_bandwidth(warmup: int, repeats: int, nbytes: int = 2 << 30) -> float:
@@ -195,7 +206,8 @@ def bench_tokens(tokens: int, inputs: dict, floors: dict, args: argparse.Namespa
         if row[f"{path}_error"] > 2e-2:
             raise SystemExit(f"moe_gather_gemm path={path} at {tokens} tokens differs from the reference by "
                              f"{row[f'{path}_error']:.3g}; not timing a wrong kernel")
-        row[f"{path}_ms"] = cuda_time(lambda p=path: moe_gather_gemm(*problem, path=p), w, r)
+        timed = cuda_time_queued([lambda p=path: moe_gather_gemm(*problem, path=p)], w, r)
+        row[f"{path}_ms"], row[f"{path}_host_ms"] = timed["ms"], timed["host_ms"]
         if path == "auto":
             table = table_for(x.device, latent, inter, x.dtype)
             row["auto_path"] = table.choose_path(tokens, top_k, SUPER["experts"])
@@ -206,9 +218,10 @@ def bench_tokens(tokens: int, inputs: dict, floors: dict, args: argparse.Namespa
     row["tflops"] = flops / ms / 1e9
 
     row["torch_loop_error"] = relative_error(torch_loop_moe(*problem), reference)
-    row["torch_loop_ms"] = cuda_time(lambda: torch_loop_moe(*problem), w, r)
+    # (the same timing as the kernel's; the loop's own waits for the GPU stay in its time, as they would in use)
+    row["torch_loop_ms"] = cuda_time_queued([lambda: torch_loop_moe(*problem)], w, r)["ms"]
     row["bmm_error"] = relative_error(gathered_bmm_moe(*problem), reference)
-    row["bmm_ms"] = cuda_time(lambda: gathered_bmm_moe(*problem), w, r)
+    row["bmm_ms"] = cuda_time_queued([lambda: gathered_bmm_moe(*problem)], w, r)["ms"]
     row["speedup_vs_loop"] = row["torch_loop_ms"] / ms
     row["speedup_vs_bmm"] = row["bmm_ms"] / ms
     if tokens >= 64:

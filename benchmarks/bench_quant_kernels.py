@@ -106,7 +106,8 @@ def bench_format(name: str, spec: QuantSpec, token_counts: list[int], floors: di
         distinct = sum(int(p[4].unique().numel()) for p in problems) / len(problems)
         rows.append({"format": name, "tokens": tokens, "routings": len(problems), "distinct_experts": distinct,
                      "record_bytes": layout.record_bytes, "bytes": moved, "error": error, "ms": ms,
-                     "host_ms": timed["host_ms"], "gb_per_s": gbps, "copy_fraction": gbps / floors["copy_gb_per_s"],
+                     "host_ms": timed["host_ms"], "rounds_with_gaps": timed["rounds_with_gaps"], "gb_per_s": gbps,
+                     "copy_fraction": gbps / floors["copy_gb_per_s"],
                      "bf16_ms": bf16_ms, "speedup_vs_bf16": bf16_ms / ms})
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()}), flush=True)
     return rows

@@ -81,19 +81,22 @@ class SlotLayout:
         return sum(len(lp.static) + lp.dynamic_slots for lp in self.layers)
 
 
-def reserve_bytes(config: NemotronHConfig, context: int, chunk: int) -> int:
+def reserve_bytes(config: NemotronHConfig, context: int, chunk: int, act_bytes: int = 2) -> int:
     """Device bytes kept for the KV cache and Mamba state of ``context`` tokens and one prefill chunk's activations.
+
+    ``act_bytes``: bytes per element of the activations, which the KV cache and the conv state are kept in
+    (2 for bf16 / fp16, 4 for fp32 models); the SSM state is fp32.
 
     Activations per token (fp32 upper bound): the hidden-sized buffers of a block, the Mamba
     in-projection and conv outputs, the routed pairs' up outputs and per-pair results in the
     latent space, the shared expert, and the vocabulary-sized logits of the last token.
     """
     c = config
-    kv = context * c.kv_bytes_per_token(2)
+    kv = context * c.kv_bytes_per_token(act_bytes)
     per_token = 4 * (8 * c.hidden_size + c.mamba_in_proj_size + c.mamba_conv_dim
                      + c.num_experts_per_tok * (c.moe_intermediate_size + 2 * c.expert_input_size)
                      + c.moe_shared_expert_intermediate_size)
-    return kv + c.mamba_state_bytes() + chunk * per_token + 4 * c.vocab_size
+    return kv + c.mamba_state_bytes(conv_dtype_bytes=act_bytes) + chunk * per_token + 4 * c.vocab_size
 
 
 @dataclass(frozen=True)
@@ -158,7 +161,8 @@ def fixed_bytes(config: NemotronHConfig, dtype: torch.dtype, *, staging: int | N
     return FixedBytes(
         dense=weights.other_bytes, staging=staging * layout.record_bytes, staging_slots=staging,
         tables=4 * config.n_routed_experts * (config.num_moe_layers + 1),
-        reserve=max_batch * reserve_bytes(config, context, prefill_chunk), context=context, layout=layout,
+        reserve=max_batch * reserve_bytes(config, context, prefill_chunk, act_bytes=dtype.itemsize), context=context,
+        layout=layout,
         host_embeddings=weights.host_bytes, max_batch=max_batch,
     )
 

@@ -8,6 +8,7 @@ may stay in host memory), the plan's expert slots and the runtime's buffers unde
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -254,8 +255,10 @@ class OffloadedNemotron:
         ``top_p`` default to the folder's ``generation_config.json``, else 1.0 and 0.95;
         ``temperature=0`` is greedy; the same ``seed`` gives the same tokens. Streams and stop
         strings take one prompt. Bad inputs or settings (``temperature < 0``, ``top_p`` outside
-        (0, 1], ``max_new_tokens < 1``, a seed that is not an integer, an empty stop string) raise
-        :class:`~residency.errors.InputError` before any compute.
+        (0, 1], ``max_new_tokens < 1``, a seed that is not an integer, an empty stop string, a prompt
+        plus ``max_new_tokens`` past :attr:`context_length`) raise :class:`~residency.errors.InputError`
+        before any compute; so does, as :class:`~residency.errors.BudgetError`, an offloaded model's
+        batch larger than the ``max_batch`` it was loaded with.
         """
         temperature, top_p = self._sampling(temperature, top_p)
         max_new_tokens = check_max_new_tokens(max_new_tokens)
@@ -465,7 +468,12 @@ class OffloadedNemotron:
                 if step + 1 < max_new_tokens:
                     logits = self.model(nxt[:, None], cache)[:, -1]
         finally:
-            sync()
+            failing = sys.exc_info()[1]
+            try:
+                sync()
+            except Exception:
+                if failing is None or isinstance(failing, GeneratorExit):
+                    raise  # (else the error already on its way out is the one to report, not its echo here)
             total = time.perf_counter() - t0
             decode_time = total - t_prefill
             self._stats = {

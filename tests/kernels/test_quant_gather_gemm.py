@@ -334,7 +334,7 @@ def test_quant_benchmark_times_each_routing_in_turn(load_benchmark, fmt):
 
     def timer(calls, warmup, repeats):
         given.append([call() for call in calls])
-        return {"ms": 0.5, "host_ms": 0.25}
+        return {"ms": 0.5, "host_ms": 0.25, "rounds_with_gaps": 0}
 
     args = argparse.Namespace(routings=3, warmup=1, repeats=2)
     rows = bench.bench_format(fmt, bench.FORMATS[fmt], [1, 4], {"copy_gb_per_s": 100.0},

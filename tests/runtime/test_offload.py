@@ -295,7 +295,7 @@ def test_the_kv_cache_fits_the_budgets_reserve_for_its_context_and_batch(case):
 
     folder, resident, ids, logits, tokens = case
     c = resident.config
-    row = reserve_bytes(c, CONTEXT, 512)
+    row = reserve_bytes(c, CONTEXT, 512, act_bytes=4)  # (the test models compute in fp32)
     made = []
 
     def cache_bytes(cache):
@@ -335,10 +335,11 @@ def test_prefill_does_not_wipe_the_decode_working_set(case):
         phases = model.stats()["experts"]["by_phase"]
         looked_up = phases["decode"]["hits"] + phases["decode"]["misses"]
         assert looked_up == c.num_experts_per_tok * c.num_moe_layers * 7  # 8 tokens: a prefill, then 7 decode steps
-        long_prompt = torch.randint(3, 256, (1, 200), generator=torch.Generator().manual_seed(9))
+        long_prompt = torch.randint(3, 256, (1, 193), generator=torch.Generator().manual_seed(9))
         model(long_prompt)  # one forward call
         assert [dict(cache.policy.resident()) for cache in model.runtime.caches] == before
-        model.generate(long_prompt, max_new_tokens=1, temperature=0, stop_at_eos=False)  # 13 chunks, no decode step
+        # 12 chunks of 16 and a last one of one token (prefill too), no decode step
+        model.generate(long_prompt, max_new_tokens=1, temperature=0, stop_at_eos=False)
         assert [dict(cache.policy.resident()) for cache in model.runtime.caches] == before
         after = model.stats()["experts"]["by_phase"]
         assert after["decode"]["hits"] + after["decode"]["misses"] == looked_up
@@ -658,3 +659,23 @@ def test_a_plan_gives_the_context_and_batch_it_accounted_for_unless_asked_otherw
             assert (model.context, model.max_batch) == want
         finally:
             model.runtime.close()
+
+
+def test_profiling_refuses_a_prompt_past_the_context_before_any_runs(case, monkeypatch):
+    from residency.errors import InputError
+
+    folder, resident, *_ = case
+    model = load(folder, budgets(resident.config)["few"])
+    ran = []
+    real = model.generate
+    monkeypatch.setattr(model, "generate", lambda *a, **k: ran.append(1) or real(*a, **k))
+    try:
+        prompts = [list(range(5, 30)), list(range(3, 3 + CONTEXT - 8))]  # the second has room for 7 decoded tokens
+        with pytest.raises(InputError, match=r"prompt 'prompt-1' has 248 tokens, plus 9 to decode, more than the "
+                                             r"model's context of 256 tokens; shorten it, give fewer decode_tokens or"):
+            model.profile(prompts, decode_tokens=8)
+        assert ran == []
+        model.profile(prompts, decode_tokens=7)
+        assert len(ran) == 2
+    finally:
+        model.runtime.close()
