@@ -120,17 +120,16 @@ class OffloadedNemotron:
         ``residency plan``), whose slot layout and policy are used; without one the layout is
         planned here for the budget from ``profile`` (a :class:`~residency.Profile`) or a uniform
         prior. ``policy``: eviction policy (default the plan's, else ``lru``); ``prefetch``:
-        look-ahead copies; ``cpu_experts``: compute misses on the CPU always (True), never
-        (False) or where cheaper (``"auto"``); ``context``: tokens of KV cache the budget keeps per
-        sequence (default: the plan's, else ``residency.offload.DEFAULT_CONTEXT``; a longer prompt plus
-        generation is refused); ``max_batch``: sequences generated at once that the budget keeps this
-        for (default: the plan's batch, else 1; a larger batch is refused); ``prefill_chunk``: prompt
-        tokens per forward call;
-        ``embeddings``: where the embedding table lives when offloading, ``"host"`` (host memory, not
-        charged to the budget; each step's rows are copied to the device), ``"device"``, or None for the
-        plan's placement, else host memory unless the device is unified memory, the embeddings are tied,
-        or the budget holds every expert (:func:`residency.offload.embeddings_on_host`). A short plan summary is
-        printed unless ``quiet``. ``runtime_options`` (tests): ``verify``, ``copy_delay``,
+        look-ahead copies; ``cpu_experts``: compute misses on the CPU always (True), never (False) or
+        where cheaper (``"auto"``); ``context``: tokens of KV cache the budget keeps per sequence
+        (default: the plan's, else ``residency.offload.DEFAULT_CONTEXT``; a longer prompt plus generation
+        is refused); ``max_batch``: sequences generated at once that the budget keeps this for (default:
+        the plan's batch, else 1; a larger batch is refused); ``prefill_chunk``: prompt tokens per forward
+        call; ``embeddings``: where the embedding table lives when offloading, ``"host"`` (host memory,
+        not charged to the budget; each step's rows are copied to the device), ``"device"``, or None for
+        the plan's placement, else host memory unless the device is unified memory, the embeddings are
+        tied, or the budget holds every expert (:func:`residency.offload.embeddings_on_host`). A short
+        plan summary is printed unless ``quiet``. ``runtime_options`` (tests): ``verify``, ``copy_delay``,
         ``mirror_tables``, ``mode``, ``staging_slots``.
         """
         path = Path(path)
