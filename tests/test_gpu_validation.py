@@ -22,6 +22,21 @@ def python(code: str) -> list[str]:
     return [sys.executable, "-c", code]
 
 
+def assert_ends(pid: int, within_s: float = 20.0) -> None:
+    """Process ``pid`` is gone, or a zombie (ended, not yet reaped by whoever adopted it), within ``within_s``
+    (a SIGKILL sent to its group may take a moment to act)."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/status").read_text()
+        except FileNotFoundError:
+            return
+        if "(zombie)" in state:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"process {pid} still runs: {state}")
+
+
 def test_steps_run_in_order_and_failures_do_not_stop_the_rest(gv, tmp_path):
     steps = [
         gv.Step("ok", python("print('fine')"), 30),
@@ -125,17 +140,7 @@ def test_a_step_past_its_limit_is_ended_with_what_it_started(gv, tmp_path):
             f"open({str(child)!r}, 'w').write(str(p.pid)); time.sleep(60)")
     records = gv.run_steps([gv.Step("hangs", python(code), 3)], tmp_path, budget_s=120)
     assert records[0]["status"] == "timed out"
-    pid = int(child.read_text())
-    deadline = time.monotonic() + 20  # (SIGKILL went to the whole group; the child may take a moment to go)
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/status").read_text()
-        except FileNotFoundError:
-            return  # gone
-        if "(zombie)" in state:
-            return  # ended, not yet reaped by whoever adopted it
-        time.sleep(0.05)
-    raise AssertionError(f"the process the step started still runs: {state}")
+    assert_ends(int(child.read_text()))
 
 
 def test_stopping_the_runner_ends_the_steps_it_runs(gv, tmp_path):
@@ -156,16 +161,7 @@ def test_stopping_the_runner_ends_the_steps_it_runs(gv, tmp_path):
         time.sleep(0.05)
     proc.terminate()
     assert proc.wait(timeout=30) == 128 + 15
-    pid = int(child.read_text())
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            if "(zombie)" in Path(f"/proc/{pid}/status").read_text():
-                return
-        except FileNotFoundError:
-            return
-        time.sleep(0.05)
-    raise AssertionError("the step still runs after its runner was stopped")
+    assert_ends(int(child.read_text()))
 
 
 def test_a_step_skips_when_its_input_is_missing_and_none_starts_with_too_little_time(gv, tmp_path):

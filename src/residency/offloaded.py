@@ -396,19 +396,25 @@ class OffloadedNemotron:
         return n if self.context is None else min(n, int(self.context))
 
     def _check_length(self, ids: torch.Tensor, max_new_tokens: int) -> None:
-        """InputError when the prompt plus ``max_new_tokens`` do not fit :attr:`context_length`; BudgetError when an
-        offloaded model gets a larger batch than the device budget reserves KV cache for (``max_batch``)."""
+        """:meth:`check_fits` for a ``[batch, tokens]`` prompt; BudgetError when an offloaded model gets a larger
+        batch than the device budget reserves KV cache for (``max_batch``)."""
         if self.max_batch is not None and ids.shape[0] > self.max_batch:
             raise BudgetError(
                 f"a batch of {ids.shape[0]} sequences needs the KV cache, Mamba state and activations of each, and the "
                 f"device budget reserves them for {self.max_batch} (max_batch={self.max_batch} at load, "
                 f"{self.context} tokens each); generate fewer sequences at once, or load with max_batch={ids.shape[0]}")
-        if ids.shape[1] + max_new_tokens <= self.context_length:
+        self.check_fits(ids.shape[1], max_new_tokens)
+
+    def check_fits(self, prompt_tokens: int, new_tokens: int, *, what: str = "the prompt",
+                   new_name: str = "max_new_tokens") -> None:
+        """InputError, naming the fixes, when ``prompt_tokens`` plus ``new_tokens`` do not fit :attr:`context_length`
+        (``what`` and ``new_name`` name the prompt and the setting that asked for the new tokens)."""
+        if prompt_tokens + new_tokens <= self.context_length:
             return
-        fix = "lower max_new_tokens or shorten the prompt"
+        fix = f"lower {new_name} or shorten {what}"
         if self.context is not None and self.context_length < int(self.config.max_position_embeddings):
             fix += ", or load the model with a larger context= (the budget keeps the KV cache of that many tokens)"
-        raise InputError(f"the prompt's {ids.shape[1]} tokens plus max_new_tokens {max_new_tokens} exceed the model's "
+        raise InputError(f"{what} has {prompt_tokens} tokens, which with {new_name} {new_tokens} exceed the model's "
                          f"context of {self.context_length} tokens; {fix}")
 
     def _sampling(self, temperature: float | None, top_p: float | None) -> tuple[float, float]:

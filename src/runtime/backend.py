@@ -516,10 +516,7 @@ class OffloadRuntime:
         if n_pairs:
             # read the CPU pairs' inputs now, before the GPU kernels below are queued behind them; on CUDA
             # this waits for the latent projection only, so the CPU part (computed in collect) overlaps them
-            if self._on_cpu:
-                x_h, w_h = _host_view(work.latent), _host_view(work.weights)
-            else:
-                x_h, w_h = host_fp32(work.latent, work.weights, merged=True)
+            x_h, w_h = host_fp32(work.latent, work.weights, merged=not self._on_cpu)
             # (the pair lists are views of the workspace, see own_pairs; take flattens a C array)
             cpu_part = _CpuPart(j, pairs[control.PAIR_TOKEN, :n_pairs], pairs[control.PAIR_PICK, :n_pairs],
                                 pairs[control.PAIR_ROW, :n_pairs], x_h, w_h.take(pairs[control.PAIR_FLAT, :n_pairs]),

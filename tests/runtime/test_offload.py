@@ -671,8 +671,9 @@ def test_profiling_refuses_a_prompt_past_the_context_before_any_runs(case, monke
     monkeypatch.setattr(model, "generate", lambda *a, **k: ran.append(1) or real(*a, **k))
     try:
         prompts = [list(range(5, 30)), list(range(3, 3 + CONTEXT - 8))]  # the second has room for 7 decoded tokens
-        with pytest.raises(InputError, match=r"prompt 'prompt-1' has 248 tokens, plus 9 to decode, more than the "
-                                             r"model's context of 256 tokens; shorten it, give fewer decode_tokens or"):
+        with pytest.raises(InputError, match=r"prompt 'prompt-1' has 248 tokens, which with decode_tokens \(\+ 1\) 9 "
+                                             r"exceed the model's context of 256 tokens; lower decode_tokens \(\+ 1\) "
+                                             r"or shorten prompt 'prompt-1', or load the model with a larger context="):
             model.profile(prompts, decode_tokens=8)
         assert ran == []
         model.profile(prompts, decode_tokens=7)

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ..errors import FileFormatError, InputError, ModelMismatchError, ResidencyError
+from ..errors import FileFormatError, ModelMismatchError, ResidencyError
 from ..files import load_tensors, save_tensors
 from ..model.moe import MoEObserver, RoutingEvent
 from .trace import RoutingTrace
@@ -610,16 +610,11 @@ def profile_model(
     - ``progress``: show a progress bar over prompts (default: when there are more than 4).
     """
     items = _normalise_prompts(model, prompts)
-    limit = getattr(model, "context_length", None)
-    if limit is not None:  # every prompt is checked before the first runs
-        extra = decode_tokens + 1 if decode_tokens > 0 else 0
+    if hasattr(model, "check_fits"):  # every prompt is checked before the first runs
         for prompt_name, ids, _digest in items:
-            if len(ids) + extra > limit:
-                raise InputError(
-                    f"prompt {prompt_name!r} has {len(ids)} tokens" + (f", plus {extra} to decode," if extra else "")
-                    + f" more than the model's context of {limit} tokens; shorten it"
-                    + (", give fewer decode_tokens" if extra else "")
-                    + (" or load the model with a larger context=" if getattr(model, "context", None) else ""))
+            # (decode_tokens + 1 new tokens: the last one is sampled but never fed back)
+            model.check_fits(len(ids), decode_tokens + 1 if decode_tokens > 0 else 0, what=f"prompt {prompt_name!r}",
+                             new_name="decode_tokens (+ 1)")
     net = model.model
     cfg = model.config
     device = model.device
