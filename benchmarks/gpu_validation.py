@@ -127,20 +127,24 @@ def run_steps(steps: list[Step], out_dir: Path, budget_s: float, clock: Callable
                and steps[i + len(group)].group == steps[i].group):
             group.append(steps[i + len(group)])
         i += len(group)
-        running = []
-        for step in group:
-            record: dict = {"step": step.name, "command": " ".join(step.command)}
-            left = deadline - clock()
-            if step.skip_reason is not None:
-                record.update(status="skipped", reason=step.skip_reason)
-            elif step.requires is not None and not (out_dir / step.requires).exists():
-                record.update(status="skipped", reason=f"{step.requires} was not written by an earlier step")
-            elif left < MIN_STEP_S:
-                record.update(status="not run", reason="the time budget was spent")
-            else:
-                running.append((step, record, _start(step, out_dir), min(step.limit_s, left)))
-                continue
-            _done(records, record, on_record)
+        running: list = []
+        try:
+            for step in group:
+                record: dict = {"step": step.name, "command": " ".join(step.command)}
+                left = deadline - clock()
+                if step.skip_reason is not None:
+                    record.update(status="skipped", reason=step.skip_reason)
+                elif step.requires is not None and not (out_dir / step.requires).exists():
+                    record.update(status="skipped", reason=f"{step.requires} was not written by an earlier step")
+                elif left < MIN_STEP_S:
+                    record.update(status="not run", reason="the time budget was spent")
+                else:
+                    running.append((step, record, _start(step, out_dir), min(step.limit_s, left)))
+                    continue
+                _done(records, record, on_record)
+        except BaseException:  # (a step that cannot start, an interrupt): the group's started steps end too
+            _end_all(running)
+            raise
         _finish(running, records, on_record)
     order = {s.name: n for n, s in enumerate(steps)}
     return sorted(records, key=lambda r: order[r["step"]])
@@ -199,10 +203,14 @@ def _finish(running: list, records: list[dict], on_record: Callable[[list[dict]]
             if running:
                 time.sleep(0.05)
     except BaseException:
-        for _, _, (proc, files, _), _ in running:
-            _kill(proc)
-            files.close()
+        _end_all(running)
         raise
+
+
+def _end_all(running: list) -> None:
+    for _, _, (proc, files, _), _ in running:
+        _kill(proc)
+        files.close()
 
 
 def stop_on_signals() -> None:

@@ -164,6 +164,18 @@ def test_stopping_the_runner_ends_the_steps_it_runs(gv, tmp_path):
     assert_ends(int(child.read_text()))
 
 
+def test_a_group_whose_step_cannot_start_ends_the_steps_it_started(gv, tmp_path):
+    child = tmp_path / "a.pid"
+    steps = [gv.Step("a", python(f"import os, time; open({str(child)!r}, 'w').write(str(os.getpid())); "
+                                 "time.sleep(60)"), 60, group="g"),
+             gv.Step("b", [str(tmp_path / "no-such-program")], 60, group="g")]
+    with pytest.raises(FileNotFoundError):
+        gv.run_steps(steps, tmp_path, budget_s=120)
+    time.sleep(1.0)  # long enough for "a" to have written its pid, had it been left running
+    if child.exists() and child.read_text():
+        assert_ends(int(child.read_text()))
+
+
 def test_a_step_skips_when_its_input_is_missing_and_none_starts_with_too_little_time(gv, tmp_path):
     steps = [gv.Step("needs", python("pass"), 30, requires="configs"),
              gv.Step("makes", python(f"import os; os.mkdir({str(tmp_path / 'configs')!r})"), 30),
