@@ -53,9 +53,10 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 def check_offload_options(*, policy: Any, prefetch: Any, cpu_experts: Any) -> None:
     """InputError naming the accepted values, before any weight is read, for an offloading option of the wrong kind
     (``cpu_experts=1`` is not True: ``"auto"``, True or False; ``prefetch`` a bool; ``policy`` a known name)."""
+    from .runtime.backend import is_cpu_choice
     from .runtime.policy import POLICY_NAMES
 
-    if not (cpu_experts is True or cpu_experts is False or (isinstance(cpu_experts, str) and cpu_experts == "auto")):
+    if not is_cpu_choice(cpu_experts):
         raise InputError(f"cpu_experts must be 'auto', True or False, got {cpu_experts!r}")
     if not isinstance(prefetch, bool):
         raise InputError(f"prefetch must be True or False, got {prefetch!r}")

@@ -66,6 +66,11 @@ MODES = ("cuda", "unified", "cpu")
 CPU_CHOICES = ("auto", True, False)
 
 
+def is_cpu_choice(value: object) -> bool:
+    """Whether ``value`` is one of :data:`CPU_CHOICES` itself (``1`` equals True but is not a choice)."""
+    return value is True or value is False or (isinstance(value, str) and value == "auto")
+
+
 @dataclass(frozen=True)
 class LayerSlotPlan:
     """What the runtime needs of a plan for one MoE layer."""
@@ -105,7 +110,7 @@ class RuntimeOptions:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if not any(self.cpu_experts is c if isinstance(c, bool) else self.cpu_experts == c for c in CPU_CHOICES):
+        if not is_cpu_choice(self.cpu_experts):
             raise ValueError(f"cpu_experts must be 'auto', True or False, got {self.cpu_experts!r}")
         if isinstance(self.staging_slots, bool) or not isinstance(self.staging_slots, int) or self.staging_slots < 1:
             raise ValueError("at least one staging slot is needed to serve misses that are not cached")
