@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import telemetry as tm
-from .policy import _HEAD, _access, _admit, _key, njit
+from .policy import _HEAD, _key, _slotless, _step_access, _take, _victims, njit
 
 # ---------------------------------------------------------------------- slot state rows
 #: the expert whose record is in (or on its way to) the slot, -1 none
@@ -45,8 +45,8 @@ OUT_ROWS = 14
  PREFETCH_WASTED, N_FROM_DISK, N_PAIRS, N_PF, PF_WASTED, N_PF_FROM_DISK, N_COUNTS) = range(17)
 
 # ---------------------------------------------------------------------- rows of layer_call's workspace
-WORK_ORDER, WORK_TOKENS, WORK_SCRATCH, WORK_PF_ORDER = range(4)
-WORK_ROWS = 4
+WORK_ORDER, WORK_TOKENS, WORK_SCRATCH, WORK_PF_ORDER, WORK_VICTIMS = range(5)
+WORK_ROWS = 5
 
 # ---------------------------------------------------------------------- rows of layer_call's CPU pair lists
 PAIR_TOKEN, PAIR_PICK, PAIR_ROW, PAIR_FLAT = range(4)
@@ -73,7 +73,7 @@ def new_work(num_experts: int) -> np.ndarray:
 @njit
 def classify(kind: int, decode: bool, order: np.ndarray, tokens: np.ndarray, cpu_limit: float, I: np.ndarray,
              F: np.ndarray, state: np.ndarray, disk_row: np.ndarray, table: np.ndarray, demand_job: int,
-             back_job: int, out: np.ndarray, counts: np.ndarray) -> None:
+             back_job: int, out: np.ndarray, counts: np.ndarray, victims: np.ndarray) -> None:
     """Look up one layer call's distinct experts ``order`` and decide how each is served.
 
     Decode (``decode``): exactly the simulator's step: the call's experts and every expert with a
@@ -87,7 +87,8 @@ def classify(kind: int, decode: bool, order: np.ndarray, tokens: np.ndarray, cpu
     CPU computes that the policy admitted is still copied into its slot behind the demand copies
     (job ``back_job``), for later calls. The slot table (``table``, expert -> slot) is updated in
     place for every admission and eviction; in-flight jobs among the slots to compute are listed
-    (``WAIT_JOB``) so the caller can order the kernel after them.
+    (``WAIT_JOB``) so the caller can order the kernel after them. ``victims`` (``int64``, at least
+    ``len(order)``) is a workspace for the step's victims (:func:`residency.runtime.policy._victims`).
     """
     S = state.shape[1]
     n = order.shape[0]
@@ -96,16 +97,18 @@ def classify(kind: int, decode: bool, order: np.ndarray, tokens: np.ndarray, cpu
     E = I[4]
     slot_of = _HEAD + S  # I[slot_of + e]: slot of expert e
     pin0 = _HEAD + 2 * S + E
+    available = taken = 0
     if decode:
         for s in range(S):
             if state[JOB, s] >= 0:
                 I[pin0 + state[EXPERT, s]] = 1
         for i in range(n):
             I[pin0 + order[i]] = 1
+        available = _victims(kind, I, F, _slotless(I, order), victims)
     for i in range(n):
         e = order[i]
         if decode:
-            hit, s, evicted = _access(kind, e, I, F)
+            hit, s, evicted, taken = _step_access(kind, e, I, F, victims, taken, available)
         else:
             s = I[slot_of + e]
             hit = 1 if s >= 0 else 0
@@ -204,7 +207,7 @@ def layer_call(kind: int, decode: bool, ids: np.ndarray, cpu_limit: float, I: np
     order, tokens = work[WORK_ORDER], work[WORK_TOKENS]
     n = distinct_in_order(ids, work[WORK_SCRATCH], order, tokens)
     classify(kind, decode, order[:n], tokens[:n], cpu_limit, I, F, state, disk_row, table, demand_job, back_job,
-             out, counts)
+             out, counts, work[WORK_VICTIMS])
     n_cpu, n_staged = counts[N_CPU], counts[N_STAGED]
     if n_cpu or n_staged:
         counts[N_PAIRS] = split_pairs(ids, out[CPU, :n_cpu], out[STAGED, :n_staged], scratch_pair, disk_row,
@@ -213,7 +216,7 @@ def layer_call(kind: int, decode: bool, ids: np.ndarray, cpu_limit: float, I: np
         order_pf = work[WORK_PF_ORDER]
         m = distinct_in_order(predicted, work[WORK_SCRATCH], order_pf, tokens)  # (tokens: not needed any more)
         admit_predicted(kind, order_pf[:m], I_next, F_next, state_next, disk_row_next, table_next, pf_job, out,
-                        counts)
+                        counts, work[WORK_VICTIMS])
         tel_next[tm.PREFETCH_ISSUED] += counts[N_PF]
         tel_next[tm.PREFETCH_WASTED] += counts[PF_WASTED]
         tel_next[tm.H2D_BYTES] += counts[N_PF] * record_bytes
@@ -230,14 +233,17 @@ def layer_call(kind: int, decode: bool, ids: np.ndarray, cpu_limit: float, I: np
 
 @njit
 def admit_predicted(kind: int, predicted: np.ndarray, I: np.ndarray, F: np.ndarray, state: np.ndarray,
-                    disk_row: np.ndarray, table: np.ndarray, job: int, out: np.ndarray, counts: np.ndarray) -> None:
+                    disk_row: np.ndarray, table: np.ndarray, job: int, out: np.ndarray, counts: np.ndarray,
+                    victims: np.ndarray) -> None:
     """Admit look-ahead predictions of one layer that have no slot, never over a pinned or in-flight expert.
 
-    Each admitted expert is keyed as of now without counting a use (the policy's ``settle``), so
-    a wrong guess can be evicted later, marked prefetched and given job ``job``. Fills go to the
-    ``PF_SLOT`` / ``PF_EXPERT`` / ``PF_ROW`` rows of ``out``; ``counts[N_PF]`` is their number,
+    Every predicted expert is pinned while the others are admitted, so a guess never evicts
+    another guess of the same call, nor an expert with a copy in flight. Each admitted expert is
+    keyed as of now without counting a use (the policy's ``settle``), so a wrong guess can be
+    evicted later, marked prefetched and given job ``job``. Fills go to the ``PF_SLOT`` /
+    ``PF_EXPERT`` / ``PF_ROW`` rows of ``out``; ``counts[N_PF]`` is their number,
     ``counts[N_PF_FROM_DISK]`` how many are read from disk and ``counts[PF_WASTED]`` the unused
-    look-ahead copies they displaced.
+    look-ahead copies they displaced. ``victims`` is a workspace as in :func:`classify`.
     """
     S = state.shape[1]
     E = I[4]
@@ -250,18 +256,23 @@ def admit_predicted(kind: int, predicted: np.ndarray, I: np.ndarray, F: np.ndarr
         if state[JOB, s] >= 0:
             I[pin0 + state[EXPERT, s]] = 1
     for i in range(predicted.shape[0]):
+        I[pin0 + predicted[i]] = 1
+    available = _victims(kind, I, F, _slotless(I, predicted), victims)
+    taken = 0
+    for i in range(predicted.shape[0]):
+        if taken == available:
+            break
         e = predicted[i]
         if I[slot_of + e] >= 0:
             continue
-        s, evicted = _admit(kind, e, I, F)
-        if s < 0:
-            continue
+        s = victims[taken]
+        taken += 1
+        evicted = _take(kind, e, s, I, F)
         if evicted >= 0:
             if state[PREFETCHED, s] != 0:
                 counts[PF_WASTED] += 1
             table[evicted] = -1
         _key(kind, e, I, F)
-        I[pin0 + e] = 1
         table[e] = s
         state[EXPERT, s] = e
         state[JOB, s] = job
@@ -272,6 +283,8 @@ def admit_predicted(kind: int, predicted: np.ndarray, I: np.ndarray, F: np.ndarr
         if disk_row[e] < 0:
             counts[N_PF_FROM_DISK] += 1
         counts[N_PF] += 1
+    for i in range(predicted.shape[0]):
+        I[pin0 + predicted[i]] = 0
     for s in range(S):
         if state[JOB, s] >= 0:
             I[pin0 + state[EXPERT, s]] = 0

@@ -27,7 +27,11 @@ Semantics every caller relies on:
 - :meth:`ExpertCache.step` does a whole decode step of one layer in one compiled call: pins the
   step's experts (and copies in flight), then for each expert lookup, admit on a miss, on_use.
 - Victims are the minimum of (key, last use); both are unique per use, so the choice is
-  deterministic and independent of slot numbering.
+  deterministic and independent of slot numbering (look-ahead admissions of one call share a
+  tick: among those the lower slot goes first).
+- A step finds all its victims in one pass over the slots (:func:`_victims`), not one search per
+  miss: within a step every expert is pinned and a use re-keys only its own slot, so they are the
+  victims one search per miss (:func:`_victim`, which :meth:`ExpertCache.admit` runs) would find.
 
 The per-access functions are compiled with numba when it is importable (plain Python otherwise,
 or with ``NUMBA_DISABLE_JIT=1``); :func:`replay_layer` runs a whole layer's routing trace through
@@ -168,16 +172,57 @@ def _victim(I: np.ndarray, F: np.ndarray) -> int:
 
 
 @_inline
-def _admit(kind: int, e: int, I: np.ndarray, F: np.ndarray) -> tuple[int, int]:
+def _victims(kind: int, I: np.ndarray, F: np.ndarray, m: int, out: np.ndarray) -> int:
+    """The slots the next ``m`` admissions of a step take, in order, into ``out[:m]``; returns how many there are.
+
+    Exactly what ``m`` successive :func:`_victim` calls return when each admitted expert is pinned
+    and no unpinned slot's key changes in between, as within a step (every expert of a step is
+    pinned before its first access, and a use re-keys only the used expert's slot): free dynamic
+    slots first, lowest index first, then the unpinned used dynamic slots by ascending
+    (key, last use, slot). One pass over the slots instead of one per miss. Fewer than ``m`` when
+    the rest are pinned; none for the static policy.
+    """
+    if kind == K_STATIC or m <= 0:
+        return 0
     S = I[_S]
-    s = I[_HEAD + S + e]
-    if s >= 0:
-        return s, -1
-    if kind == K_STATIC:
-        return -1, -1
-    v = _victim(I, F)
-    if v < 0:
-        return -1, -1
+    used = I[_N_USED]
+    n = 0
+    while n < m and used + n < S:
+        out[n] = used + n
+        n += 1
+    if n == m:
+        return n
+    last0 = _HEAD + S + I[_E]
+    pin0 = last0 + S
+    first = n  # out[first:n]: the best candidates so far, ascending
+    for s in range(I[_N_STATIC], used):
+        if I[pin0 + I[_HEAD + s]] != 0:
+            continue
+        k = F[1 + s]
+        last = I[last0 + s]
+        if n == m:  # full: s must beat the worst kept
+            w = out[n - 1]
+            if not (k < F[1 + w] or (k == F[1 + w] and last < I[last0 + w])):
+                continue
+            at = n - 1
+        else:
+            at = n
+            n += 1
+        while at > first:  # (equal keys keep scan order: the lower slot first, as _victim)
+            p = out[at - 1]
+            if k < F[1 + p] or (k == F[1 + p] and last < I[last0 + p]):
+                out[at] = p
+                at -= 1
+            else:
+                break
+        out[at] = s
+    return n
+
+
+@_inline
+def _take(kind: int, e: int, v: int, I: np.ndarray, F: np.ndarray) -> int:
+    """Admit missed expert ``e`` into slot ``v`` (free or a victim); returns the evicted expert, -1 for none."""
+    S = I[_S]
     evicted = -1
     if v == I[_N_USED]:
         I[_N_USED] += 1
@@ -190,18 +235,48 @@ def _admit(kind: int, e: int, I: np.ndarray, F: np.ndarray) -> tuple[int, int]:
     I[_HEAD + S + e] = v
     F[1 + v] = np.inf  # not a victim until its first use sets the key (admitted, copy in flight)
     I[_HEAD + S + I[_E] + v] = I[_TICK]
-    return v, evicted
+    return evicted
 
 
 @_inline
-def _access(kind: int, e: int, I: np.ndarray, F: np.ndarray) -> tuple[int, int, int]:
+def _admit(kind: int, e: int, I: np.ndarray, F: np.ndarray) -> tuple[int, int]:
+    s = I[_HEAD + I[_S] + e]
+    if s >= 0:
+        return s, -1
+    if kind == K_STATIC:
+        return -1, -1
+    v = _victim(I, F)
+    if v < 0:
+        return -1, -1
+    return v, _take(kind, e, v, I, F)
+
+
+@_inline
+def _slotless(I: np.ndarray, experts: np.ndarray) -> int:
+    """How many of ``experts`` have no slot (the misses of a step, whose victims :func:`_victims` finds)."""
+    slot_of = _HEAD + I[_S]
+    n = 0
+    for i in range(experts.shape[0]):
+        if I[slot_of + experts[i]] < 0:
+            n += 1
+    return n
+
+
+@_inline
+def _step_access(kind: int, e: int, I: np.ndarray, F: np.ndarray, victims: np.ndarray, taken: int,
+                 available: int) -> tuple[int, int, int, int]:
+    """One access within a step whose victims :func:`_victims` found (``victims[:available]``, ``taken`` of them
+    used so far): lookup, admission on a miss (while a victim is left), use. Returns (hit, slot, evicted, victims
+    used now); slot -1 for a miss not admitted."""
     s = I[_HEAD + I[_S] + e]
     hit = 1 if s >= 0 else 0
     evicted = -1
-    if hit == 0:
-        s, evicted = _admit(kind, e, I, F)
+    if hit == 0 and taken < available:
+        s = victims[taken]
+        taken += 1
+        evicted = _take(kind, e, s, I, F)
     _use(kind, e, I, F)
-    return hit, s, evicted
+    return hit, s, evicted, taken
 
 
 @njit
@@ -221,12 +296,15 @@ def replay_layer(kind: int, ids: np.ndarray, static: np.ndarray, num_slots: int,
     counts = np.zeros(8, np.int64)
     n_tokens = ids.shape[0]
     top_k = ids.shape[1]
+    victims = np.empty(top_k, np.int64)
     for t in range(n_tokens):
         for j in range(top_k):
             I[pin0 + ids[t, j]] = 1
+        available = _victims(kind, I, F, _slotless(I, ids[t]), victims)
+        taken = 0
         for j in range(top_k):
             e = ids[t, j]
-            hit, s, evicted = _access(kind, e, I, F)
+            hit, s, evicted, taken = _step_access(kind, e, I, F, victims, taken, available)
             if hit:
                 counts[_HITS] += 1
                 continue
@@ -260,8 +338,11 @@ def _step(kind: int, experts: np.ndarray, extra_pinned: np.ndarray, I: np.ndarra
         I[pin0 + extra_pinned[j]] = 1
     for j in range(experts.shape[0]):
         I[pin0 + experts[j]] = 1
+    victims = np.empty(experts.shape[0], np.int64)
+    available = _victims(kind, I, F, _slotless(I, experts), victims)
+    taken = 0
     for j in range(experts.shape[0]):
-        hit, s, evicted = _access(kind, experts[j], I, F)
+        hit, s, evicted, taken = _step_access(kind, experts[j], I, F, victims, taken, available)
         out[j, 0] = hit
         out[j, 1] = s
         out[j, 2] = evicted

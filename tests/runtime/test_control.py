@@ -27,7 +27,7 @@ def run_classify(cache, state, table, order, tokens, cpu_limit, disk_row, decode
     out = np.full((control.OUT_ROWS, E + 1), -7, dtype=np.int64)
     counts = np.zeros(control.N_COUNTS, dtype=np.int64)
     control.classify(cache.kind, decode, np.asarray(order, np.int64), np.asarray(tokens, np.int64), cpu_limit,
-                     cache._I, cache._F, state, disk_row, table, jobs[0], jobs[1], out, counts)
+                     cache._I, cache._F, state, disk_row, table, jobs[0], jobs[1], out, counts, np.empty(E, np.int64))
     return counts.tolist(), lists_of(out, counts)
 
 
@@ -118,16 +118,16 @@ def test_in_flight_experts_are_never_evicted_and_prefetched_slots_count_use_and_
     counts = np.zeros(control.N_COUNTS, np.int64)
     disk_row = np.arange(E, dtype=np.int64)
     control.admit_predicted(cache.kind, np.array([3, 4, 5, 6], np.int64), cache._I, cache._F, state, disk_row,
-                            table, 7, out, counts)
+                            table, 7, out, counts, np.empty(E, np.int64))
     assert counts[control.N_PF] == 4 and (state[control.PREFETCHED] == 1).all()
     # all four in flight (job 7): a new prediction finds no victim
     control.admit_predicted(cache.kind, np.array([9], np.int64), cache._I, cache._F, state, disk_row, table, 8,
-                            out, counts)
+                            out, counts, np.empty(E, np.int64))
     assert counts[control.N_PF] == 0 and cache.lookup(9) is None
     control.job_landed(state, 7)
     # landed and unused: a guess can now be replaced, and the replaced guess is counted as wasted
     control.admit_predicted(cache.kind, np.array([9], np.int64), cache._I, cache._F, state, disk_row, table, 8,
-                            out, counts)
+                            out, counts, np.empty(E, np.int64))
     assert counts[control.N_PF] == 1 and counts[control.PF_WASTED] == 1
     evicted = {3, 4, 5, 6} - set(cache.resident())
     assert len(evicted) == 1 and table[evicted.pop()] == -1 and table[9] >= 0
@@ -135,6 +135,21 @@ def test_in_flight_experts_are_never_evicted_and_prefetched_slots_count_use_and_
     c, _ = run_classify(cache, state, table, [4], [1], 0.0, disk_row)
     c2, _ = run_classify(cache, state, table, [4], [1], 0.0, disk_row)
     assert c[control.PREFETCH_USED] == 1 and c2[control.PREFETCH_USED] == 0
+
+
+def test_a_guess_never_evicts_another_guess_of_the_same_call():
+    cache, state, table = fresh("lru", 4, static=())
+    disk_row = np.arange(E, dtype=np.int64)
+    for e in (1, 2, 3, 4):  # all four slots used, 1 least recently
+        run_classify(cache, state, table, [e], [1], 0.0, disk_row)
+    control.job_landed(state, 100)  # (run_classify's demand job)
+    out = np.zeros((control.OUT_ROWS, E + 1), np.int64)
+    counts = np.zeros(control.N_COUNTS, np.int64)
+    # 1 is predicted too: the fill for 7 takes the least recent expert that is not (2)
+    control.admit_predicted(cache.kind, np.array([1, 7], np.int64), cache._I, cache._F, state, disk_row, table, 9,
+                            out, counts, np.empty(E, np.int64))
+    assert counts[control.N_PF] == 1 and out[control.PF_EXPERT, 0] == 7
+    assert sorted(cache.resident()) == [1, 3, 4, 7] and table[2] == -1 and table[1] >= 0
 
 
 def test_distinct_in_order_matches_numpy():
@@ -244,7 +259,7 @@ def test_layer_call_is_distinct_then_classify_then_split_pairs_then_the_look_ahe
             m = control.distinct_in_order(predicted, np.full(E, -1, np.int64), order, tokens)
             cache_n, state_n, table_n = a_next
             control.admit_predicted(cache_n.kind, order[:m], cache_n._I, cache_n._F, state_n, disk_row, table_n,
-                                    jobs[2], out_a, counts_a)
+                                    jobs[2], out_a, counts_a, np.empty(E, np.int64))
         # the fused call
         cache, state, table = b
         cache_n, state_n, table_n = b_next

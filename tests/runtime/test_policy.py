@@ -166,6 +166,36 @@ def test_replay_layer_equals_the_object_interface():
         assert got["evicted"] == int((out[:, 2] >= 0).sum())
 
 
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_a_step_finds_the_victims_one_search_per_miss_would(name):
+    """A step's victims come from one pass over the slots; the same accesses one at a time through
+    :meth:`ExpertCache.admit` (one victim search each) make the same choices: free slots first, then
+    the least key, ties (look-ahead admissions settled at one tick) to the lower slot."""
+    rng = np.random.default_rng(11)
+    prior = rng.random(40)
+    batched = make_policy(name, 40, 14, [0, 1], prior=prior, prior_tokens=4.0)
+    one_by_one = make_policy(name, 40, 14, [0, 1], prior=prior, prior_tokens=4.0)
+    for step in range(400):
+        experts = rng.choice(40, int(rng.integers(1, 11)), replace=False)
+        inflight = rng.choice(40, int(rng.integers(0, 4)), replace=False)
+        got = batched.step(experts, inflight)
+        pinned = np.concatenate([experts, inflight])
+        for j, e in enumerate(experts.tolist()):
+            hit = one_by_one.lookup(e) is not None
+            slot, evicted = (one_by_one.lookup(e), None) if hit else one_by_one.admit(e, pinned=pinned)
+            one_by_one.on_use(e)
+            assert got[j].tolist() == [int(hit), -1 if slot is None else slot, -1 if evicted is None else evicted], \
+                (step, j)
+        if step % 7 == 0:  # look-ahead style admissions: keyed at one tick, unused (equal keys)
+            guesses = [int(e) for e in rng.choice(40, 3, replace=False) if batched.lookup(int(e)) is None]
+            for cache in (batched, one_by_one):
+                for e in guesses:
+                    slot, _ = cache.admit(e, pinned=guesses)
+                    if slot is not None:
+                        cache.settle(e)
+        assert batched.resident() == one_by_one.resident()
+
+
 def test_replay_counts_prefetch_and_disk():
     ids = np.array([[0, 1], [2, 3], [0, 4]], dtype=np.int64)
     disk = np.zeros(8, dtype=np.bool_)
