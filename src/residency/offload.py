@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +46,20 @@ DEFAULT_PREFILL_CHUNK = 512
 DEFAULT_H2D_GBPS = 25.0
 #: CPU expert throughput assumed where it is not measured (see miss_rates)
 DEFAULT_CPU_EXPERT_GBPS = 10.0
+
+
+class _WeakRouter:
+    """A MoE mixer's router for the runtime's look-ahead, holding the mixer weakly: the model holds the runtime
+    (through its expert backends), so a strong reference back would make a cycle, and a deleted model (its host
+    store: most of the checkpoint's bytes) would wait for a garbage-collector pass to be freed."""
+
+    __slots__ = ("_mixer",)
+
+    def __init__(self, mixer: Any) -> None:
+        self._mixer = weakref.ref(mixer)
+
+    def __call__(self, hidden: torch.Tensor) -> Any:
+        return self._mixer().route(hidden)
 
 
 class OffloadedExperts(ExpertBackend):
@@ -395,7 +410,7 @@ def load_offloaded(
     show = progress if progress is not None else ckpt.total_bytes >= (1 << 30)
     store.fill(ckpt, prefixes, progress=show)
     ckpt.close()
-    routers = [m.route for m in model.moe_mixers]
+    routers = [_WeakRouter(m) for m in model.moe_mixers]
     h2d, cpu_gbps = miss_rates(plan, mode, cpu_experts, device, layout)
     policy_name = StaticOnly.name if mode == "unified" else slots.policy
     options = RuntimeOptions(mode=mode, policy=policy_name, prefetch=prefetch, cpu_experts=cpu_experts,

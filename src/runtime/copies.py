@@ -26,6 +26,7 @@ import heapq
 import itertools
 import threading
 import time
+import weakref
 from collections.abc import Callable
 
 import numpy as np
@@ -164,14 +165,52 @@ class CudaCopyEngine(CopyEngine):
 # ---------------------------------------------------------------------- background thread (cpu device)
 
 
-class _ThreadTicket(CopyTicket):
-    __slots__ = ("nbytes", "landed", "error", "_engine")
+class _CopyQueue:
+    """What the copy thread holds: the priority queue and its condition, not the engine (a thread that held the
+    engine would keep it, and the record views it keeps, alive for the life of the process)."""
 
-    def __init__(self, nbytes: int, engine: ThreadCopyEngine) -> None:
+    def __init__(self, delay: Callable[[], float] | None) -> None:
+        self.delay = delay
+        self.items: list[tuple[int, int, Callable[[], None], _ThreadTicket]] = []
+        self.order = itertools.count()
+        self.cond = threading.Condition()
+        self.pending = 0
+        self.closed = False
+
+    def run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.items and not self.closed:
+                    self.cond.wait()
+                if not self.items:
+                    return
+                _, _, run, ticket = heapq.heappop(self.items)
+            try:
+                if self.delay is not None:
+                    time.sleep(self.delay())
+                run()
+            except BaseException as exc:  # reported to whoever waits on the ticket
+                ticket.error = exc
+            with self.cond:
+                ticket.landed = True
+                self.pending -= 1
+                self.cond.notify_all()
+
+    def close(self) -> None:
+        """Let the thread finish what is queued and end."""
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+
+class _ThreadTicket(CopyTicket):
+    __slots__ = ("nbytes", "landed", "error", "_cond")
+
+    def __init__(self, nbytes: int, cond: threading.Condition) -> None:
         self.nbytes = nbytes
-        self.landed = False  # set by the copy thread under the engine's condition
+        self.landed = False  # set by the copy thread under the queue's condition
         self.error: BaseException | None = None
-        self._engine = engine
+        self._cond = cond
 
     def done(self) -> bool:
         return self.landed
@@ -179,9 +218,9 @@ class _ThreadTicket(CopyTicket):
     def wait(self) -> float:
         if not self.landed:
             t0 = time.perf_counter()
-            with self._engine._cond:
+            with self._cond:
                 while not self.landed:
-                    self._engine._cond.wait()
+                    self._cond.wait()
             stalled = time.perf_counter() - t0
         else:
             stalled = 0.0
@@ -195,28 +234,31 @@ class ThreadCopyEngine(CopyEngine):
 
     ``delay``: optional callable returning seconds to sleep before each copy job (test hook for
     random copy latency). Record copies (:meth:`copy_records`) run as one compiled loop that
-    releases the GIL, so the calling thread keeps running while the copy thread works.
+    releases the GIL, so the calling thread keeps running while the copy thread works. The thread
+    ends at :meth:`close`, or once the engine is garbage (it holds the queue only, so dropping the
+    runtime frees the engine and the record views it keeps).
     """
 
     def __init__(self, delay: Callable[[], float] | None = None) -> None:
-        self.delay = delay
-        self._queue: list[tuple[int, int, Callable[[], None], _ThreadTicket]] = []
-        self._order = itertools.count()
-        self._cond = threading.Condition()
-        self._pending = 0
-        self._closed = False
+        self._queue = _CopyQueue(delay)
         self._bytes_views: dict[int, tuple[torch.Tensor, np.ndarray]] = {}
-        self._thread = threading.Thread(target=self._run, name="residency-copies", daemon=True)
+        self._thread = threading.Thread(target=self._queue.run, name="residency-copies", daemon=True)
         self._thread.start()
+        weakref.finalize(self, self._queue.close)
+
+    @property
+    def delay(self) -> Callable[[], float] | None:
+        return self._queue.delay
 
     def _push(self, run: Callable[[], None], nbytes: int, priority: int) -> CopyTicket:
-        ticket = _ThreadTicket(nbytes, self)
-        with self._cond:
-            if self._closed:
+        q = self._queue
+        ticket = _ThreadTicket(nbytes, q.cond)
+        with q.cond:
+            if q.closed:
                 raise RuntimeError("the copy engine is closed")
-            heapq.heappush(self._queue, (priority, next(self._order), run, ticket))
-            self._pending += 1
-            self._cond.notify_all()
+            heapq.heappush(q.items, (priority, next(q.order), run, ticket))
+            q.pending += 1
+            q.cond.notify_all()
         return ticket
 
     def copy_many(self, jobs: list[tuple[torch.Tensor, torch.Tensor, object | None]],
@@ -247,38 +289,12 @@ class ThreadCopyEngine(CopyEngine):
         src_rows = np.array(src_rows, dtype=np.int64)
         return self._push(lambda: copy_rows(d, s, dst_rows, src_rows), dst_rows.size * s.shape[1], priority)
 
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue and not self._closed:
-                    self._cond.wait()
-                if not self._queue:
-                    return
-                _, _, run, ticket = heapq.heappop(self._queue)
-            try:
-                if self.delay is not None:
-                    time.sleep(self.delay())
-                run()
-            except BaseException as exc:  # reported to whoever waits on the ticket
-                ticket.error = exc
-            with self._cond:
-                ticket.landed = True
-                self._pending -= 1
-                self._cond.notify_all()
-
     def synchronize(self) -> None:
-        with self._cond:
-            while self._pending:
-                self._cond.wait()
+        q = self._queue
+        with q.cond:
+            while q.pending:
+                q.cond.wait()
 
     def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
+        self._queue.close()
         self._thread.join(timeout=10)
-
-    def __del__(self) -> None:  # pragma: no cover - interpreter shutdown order varies
-        try:
-            self.close()
-        except Exception:
-            pass

@@ -680,3 +680,29 @@ def test_profiling_refuses_a_prompt_past_the_context_before_any_runs(case, monke
         assert len(ran) == 2
     finally:
         model.runtime.close()
+
+
+def test_deleting_an_offloaded_model_frees_its_host_store_and_ends_its_copy_thread(case):
+    """No reference cycle between the model and the runtime, and no copy thread holding the engine: the host store
+    (most of a checkpoint's bytes) is freed when the last reference goes, without a garbage-collector pass."""
+    import gc
+    import threading
+    import weakref
+
+    folder, resident, ids, _, _ = case
+    gc.collect()
+    before = {t for t in threading.enumerate() if t.name == "residency-copies"}
+    model = load(folder, budgets(resident.config)["few"])
+    model.generate(ids, max_new_tokens=2, temperature=0, stop_at_eos=False)  # look-ahead and copies ran
+    threads = {t for t in threading.enumerate() if t.name == "residency-copies"} - before
+    assert len(threads) == 1
+    store = weakref.ref(model.runtime.store)
+    gc.disable()
+    try:
+        del model
+        assert store() is None
+    finally:
+        gc.enable()
+    thread = threads.pop()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
