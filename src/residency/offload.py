@@ -347,6 +347,7 @@ def load_offloaded(
     copy_delay: Any = None,
     embeddings: str | None = None,
     mirror_tables: bool = False,
+    disk_readers: int = 8,
 ) -> tuple[NemotronHForCausalLM, OffloadRuntime, SlotLayout]:
     """Load ``ckpt`` with its routed experts offloaded; see the module docstring.
 
@@ -415,7 +416,7 @@ def load_offloaded(
     policy_name = StaticOnly.name if mode == "unified" else slots.policy
     options = RuntimeOptions(mode=mode, policy=policy_name, prefetch=prefetch, cpu_experts=cpu_experts,
                              staging_slots=staging, h2d_gbps=h2d, cpu_expert_gbps=cpu_gbps, verify=verify,
-                             copy_delay=copy_delay, mirror_tables=mirror_tables)
+                             copy_delay=copy_delay, mirror_tables=mirror_tables, disk_readers=disk_readers)
     runtime = OffloadRuntime(store, slots.layers, ledger, options, routers, config.num_experts_per_tok)
     model.set_experts(lambda mixer: OffloadedExperts(runtime, mixer.moe_index))
     model.add_step_listener(runtime)

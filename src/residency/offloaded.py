@@ -130,8 +130,9 @@ class OffloadedNemotron:
         not charged to the budget; each step's rows are copied to the device), ``"device"``, or None for
         the plan's placement, else host memory unless the device is unified memory, the embeddings are
         tied, or the budget holds every expert (:func:`residency.offload.embeddings_on_host`). A short
-        plan summary is printed unless ``quiet``. ``runtime_options`` (tests): ``verify``, ``copy_delay``,
-        ``mirror_tables``, ``mode``, ``staging_slots``.
+        plan summary is printed unless ``quiet``. ``runtime_options``: ``disk_readers`` (experts a copy
+        reads from disk at once, default 8), and for tests ``verify``, ``copy_delay``, ``mirror_tables``,
+        ``mode``, ``staging_slots``.
         """
         path = Path(path)
         dtype = resolve_dtype(dtype)

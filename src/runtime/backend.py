@@ -87,7 +87,8 @@ class RuntimeOptions:
     """How the runtime serves misses.
 
     ``cpu_experts``: True computes every miss on the CPU, False none, ``"auto"`` decides per miss
-    (see the module docstring) from ``h2d_gbps`` and ``cpu_expert_gbps``. ``copy_delay`` (tests):
+    (see the module docstring) from ``h2d_gbps`` and ``cpu_expert_gbps``. ``disk_readers``: how many
+    experts a copy job reads from disk at once (threads; 1 reads them one after another). ``copy_delay`` (tests):
     seconds to sleep before each copy on the CPU device's copy thread. ``verify`` (tests): check
     on the host, before each launch, that every slot it reads holds its expert and has landed, and
     that the table the kernel reads says so. ``mirror_tables`` (tests): on the CPU device too, keep
@@ -103,6 +104,7 @@ class RuntimeOptions:
     prior_tokens: float = 64.0
     h2d_gbps: float = 25.0
     cpu_expert_gbps: float = 10.0
+    disk_readers: int = 8
     verify: bool = False
     mirror_tables: bool = False
     copy_delay: Callable[[], float] | None = field(default=None, compare=False)
@@ -114,6 +116,9 @@ class RuntimeOptions:
             raise ValueError(f"cpu_experts must be 'auto', True or False, got {self.cpu_experts!r}")
         if isinstance(self.staging_slots, bool) or not isinstance(self.staging_slots, int) or self.staging_slots < 1:
             raise ValueError("at least one staging slot is needed to serve misses that are not cached")
+        if isinstance(self.disk_readers, bool) or not isinstance(self.disk_readers, int) or self.disk_readers < 1:
+            raise ValueError(f"disk_readers must be a positive int (threads reading experts from disk), got "
+                             f"{self.disk_readers!r}")
 
 
 def host_fp32(latent: torch.Tensor, weights: torch.Tensor, *, merged: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -187,7 +192,7 @@ class OffloadRuntime:
         self._kernel = moe_gather_gemm_quant if store.layout.quantized else None
         self.telemetry = {"prefill": Telemetry.for_layers(store.num_layers),
                           "decode": Telemetry.for_layers(store.num_layers)}
-        self._is_decode = False
+        self._readers = None  # threads reading experts the plan left on disk (made at the first parallel read)
         if self.device.type == "cuda":  # also unified memory on a CUDA device: staging copies on streams, ordered
             self.copies: CopyEngine = CudaCopyEngine(self.device)
             store.copy_device = self.device  # (unpinning the store waits for these streams)
@@ -303,6 +308,8 @@ class OffloadRuntime:
     def close(self) -> None:
         self.copies.synchronize()
         self.copies.close()
+        if self._readers is not None:
+            self._readers.shutdown()
 
     def __del__(self) -> None:  # pragma: no cover - interpreter shutdown order varies
         # copies still in flight must land before the banks they write are freed
@@ -313,7 +320,7 @@ class OffloadRuntime:
 
     # ------------------------------------------------------------------ step boundaries (StepListener)
     def begin_step(self, input_ids: torch.Tensor, is_decode: bool) -> None:
-        self._is_decode = is_decode
+        # (whether a call is a decode step comes with each call's work item)
         try:
             for cache in self.caches:
                 if cache is not None:
@@ -339,23 +346,45 @@ class OffloadRuntime:
             t.reset()
 
     # ------------------------------------------------------------------ copies
-    def _source(self, j: int, expert: int) -> torch.Tensor:
-        """The host record of expert ``expert`` of layer ``j``: in the store, or read from disk now."""
-        if self.store.on_disk(j, expert):
-            src = torch.empty(self.layout.record_numel, dtype=self.layout.dtype,
-                              pin_memory=self.options.mode == "cuda")
-            self.store.read_from_disk(j, expert, src)
-            return src
-        return self.store.record(j, expert)
+    def _read_from_disk(self, j: int, expert: int) -> torch.Tensor:
+        """Expert ``expert`` of layer ``j``, which the store leaves on disk, read into a new host record."""
+        src = torch.empty(self.layout.record_numel, dtype=self.layout.dtype, pin_memory=self.options.mode == "cuda")
+        self.store.read_from_disk(j, expert, src)
+        return src
+
+    def _sources(self, j: int, experts: list[int]) -> list[torch.Tensor]:
+        """The host records of layer ``j``'s ``experts``: views of the store, and for experts on disk records read
+        now, several at once (positioned reads on up to ``disk_readers`` threads: a disk serves parallel requests
+        faster than one after another). Returns once every read is done; the first read error is raised."""
+        on_disk = [e for e in experts if self.store.on_disk(j, e)]
+        read: dict[int, torch.Tensor] = {}
+        if len(on_disk) == 1 or self.options.disk_readers == 1:
+            read = {e: self._read_from_disk(j, e) for e in on_disk}
+        elif on_disk:
+            if self._readers is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._readers = ThreadPoolExecutor(self.options.disk_readers, thread_name_prefix="residency-disk")
+            futures = {e: self._readers.submit(self._read_from_disk, j, e) for e in on_disk}
+            errors = []
+            for e, future in futures.items():  # (every read waited for, so none still writes when this returns)
+                try:
+                    read[e] = future.result()
+                except BaseException as exc:  # noqa: PERF203 - reported once all reads are done
+                    errors.append(exc)
+            if errors:
+                raise errors[0]
+        return [read[e] if e in read else self.store.record(j, e) for e in experts]
 
     def _copy(self, j: int, dst: torch.Tensor, slots: np.ndarray, experts: np.ndarray, rows: np.ndarray,
               from_disk: int, priority: int, after: object | None) -> CopyTicket:
         """Copy layer ``j``'s ``experts`` (store ``rows``, -1 on disk) into rows ``slots`` of ``dst`` as one job
-        (its bytes are counted by the caller)."""
+        (its bytes are counted by the caller). Experts on disk are read first (see :meth:`_sources`)."""
         if not from_disk:
             return self.copies.copy_records(dst, self.store.buffers[j], slots, rows, priority, after)
-        return self.copies.copy_many([(dst[s], self._source(j, e), after)
-                                      for s, e in zip(slots.tolist(), experts.tolist())], priority)
+        experts_l = experts.tolist()
+        return self.copies.copy_many([(dst[s], src, after)
+                                      for s, src in zip(slots.tolist(), self._sources(j, experts_l))], priority)
 
     def _issue(self, j: int, cache: SlotCache, slots: np.ndarray, experts: np.ndarray, rows: np.ndarray,
                from_disk: int, job: int, priority: int) -> CopyTicket:

@@ -247,24 +247,101 @@ def test_runtime_counts_equal_the_simulator_on_its_own_trace(case, misses):
             model.runtime.close()
 
 
+def disk_tier_plan(config):
+    """A plan for a host with RAM for half the experts (the rest on disk) and a few dynamic slots per layer."""
+    from residency.planning.hardware import HostSpec
+    from residency.planning.plan import plan_residency
+
+    record = config.expert_bytes("bf16")
+    base = plan_residency(config, "RTX 4090", expert_dtype="bf16", context=CONTEXT)
+    fixed = base.budget.vram_bytes - base.budget.expert_bytes + 2 * config.num_experts_per_tok * record
+    total = config.num_moe_layers * config.n_routed_experts
+    host = HostSpec(name="small host", memory_bytes=total * record // 2, reserve_bytes=0)
+    plan = plan_residency(config, "RTX 4090", vram=fixed + 3 * config.num_moe_layers * record, expert_dtype="bf16",
+                          context=CONTEXT, policy="lru", host=host)
+    assert sum(len(lp.disk) for lp in plan.layers) > 0
+    return plan
+
+
+@pytest.mark.parametrize("readers", [1, 4])
+def test_experts_on_disk_are_read_several_at_once_and_the_answers_stay_exact(case, readers, monkeypatch):
+    """A copy job with several experts on disk reads them on ``disk_readers`` threads at once (positioned reads of
+    the shared checkpoint file); the records are the same as read one after another, so the tokens are exact."""
+    import threading
+    import time
+
+    from residency.runtime.store import HostExpertStore
+
+    folder, resident, ids, logits, tokens = case
+    real = HostExpertStore.read_from_disk
+    lock, state = threading.Lock(), {"now": 0, "most": 0, "reads": 0}
+
+    def slow_read(self, layer, expert, out):
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+            state["reads"] += 1
+        time.sleep(0.002)  # long enough for the other reads of the job to start meanwhile
+        try:
+            real(self, layer, expert, out)
+        finally:
+            with lock:
+                state["now"] -= 1
+
+    monkeypatch.setattr(HostExpertStore, "read_from_disk", slow_read)
+    model = OffloadedNemotron.from_pretrained(folder, device="cpu", plan=disk_tier_plan(resident.config),
+                                              vram_budget="64MiB", prefetch=False, cpu_experts=False,
+                                              context=CONTEXT, quiet=True,
+                                              runtime_options={"verify": True, "disk_readers": readers})
+    try:
+        assert rel(model(ids), logits) <= 1e-5
+        assert torch.equal(model.generate(ids, max_new_tokens=NEW_TOKENS, temperature=0, stop_at_eos=False), tokens)
+    finally:
+        model.runtime.close()
+    assert state["reads"] > 0 and state["now"] == 0
+    assert state["most"] == 1 if readers == 1 else 1 < state["most"] <= readers
+
+
+def test_a_failed_disk_read_among_parallel_ones_leaves_the_model_exact(case, monkeypatch):
+    """One read of a job fails: the error reaches the caller once the job's other reads are done, and the same
+    model then gives the resident answers (the slots admitted for the job are repaired)."""
+    from residency.runtime.store import HostExpertStore
+
+    folder, resident, ids, logits, tokens = case
+    real = HostExpertStore.read_from_disk
+    calls = {"n": 0}
+
+    def failing_once(self, layer, expert, out):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("injected read error")
+        real(self, layer, expert, out)
+
+    model = OffloadedNemotron.from_pretrained(folder, device="cpu", plan=disk_tier_plan(resident.config),
+                                              vram_budget="64MiB", prefetch=False, cpu_experts=False,
+                                              context=CONTEXT, quiet=True,
+                                              runtime_options={"verify": True, "disk_readers": 4})
+    try:
+        monkeypatch.setattr(HostExpertStore, "read_from_disk", failing_once)
+        with pytest.raises(OSError, match="injected read error"):
+            model(ids)
+        assert calls["n"] >= 2
+        assert rel(model(ids), logits) <= 1e-5
+        assert torch.equal(model.generate(ids, max_new_tokens=NEW_TOKENS, temperature=0, stop_at_eos=False), tokens)
+    finally:
+        model.runtime.close()
+
+
 def test_a_plans_disk_tier_stays_on_disk_and_its_reads_equal_the_simulators(case):
     """A plan made for a host without RAM for every expert leaves some on disk: the host store has no record of
     them, misses read them from the checkpoint, the answers stay exact, and decode disk reads per layer equal the
     simulator's on the same trace."""
-    from residency.planning.hardware import HostSpec
-    from residency.planning.plan import plan_residency
     from residency.planning.simulate import simulate
 
     folder, resident, ids, logits, tokens = case
     c = resident.config
-    record = c.expert_bytes("bf16")
-    base = plan_residency(c, "RTX 4090", expert_dtype="bf16", context=CONTEXT)
-    fixed = base.budget.vram_bytes - base.budget.expert_bytes + 2 * c.num_experts_per_tok * record
+    plan = disk_tier_plan(c)
     total = c.num_moe_layers * c.n_routed_experts
-    host = HostSpec(name="small host", memory_bytes=total * record // 2, reserve_bytes=0)
-    plan = plan_residency(c, "RTX 4090", vram=fixed + 3 * c.num_moe_layers * record, expert_dtype="bf16",
-                          context=CONTEXT, policy="lru", host=host)
-    assert sum(len(lp.disk) for lp in plan.layers) > 0
     model = OffloadedNemotron.from_pretrained(folder, device="cpu", plan=plan, vram_budget="64MiB", prefetch=False,
                                               cpu_experts=False, context=CONTEXT, quiet=True,
                                               runtime_options={"verify": True})

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +34,9 @@ import torch
 
 from ..config import NemotronHConfig, load_config
 from ..errors import CheckpointError
+
+#: positioned reads (several threads may read one shard at once) where the platform has them
+_HAVE_PREADV = hasattr(os, "preadv")
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -216,6 +221,7 @@ class Checkpoint:
                 raise CheckpointError(f"{self.folder}: index says {name!r} is in {shard}, but it is in {info.shard}")
         self._handles: dict[str, object] = {}
         self._files: dict[str, object] = {}
+        self._files_lock = threading.Lock()  # reads may come from several threads (the disk tier's readers)
         from .quant.scheme import read_scheme
 
         scheme = read_scheme(self.folder)
@@ -475,16 +481,15 @@ class Checkpoint:
         flat = out.view(-1)
         item = stored.itemsize
         fh = self._file(info.shard)
-        fh.seek(info.offset)
         if out.device.type == "cpu" and out.dtype == stored:
-            self._read_exact(fh, flat.view(torch.uint8).numpy(), info, name)
+            self._read_exact(fh, flat.view(torch.uint8).numpy(), info, name, info.offset)
             return
         step = max(1, STAGING_BYTES // item)
         staging = torch.empty(min(step, count) * item, dtype=torch.uint8)
         for start in range(0, count, step):
             n = min(step, count - start)
             chunk = staging[: n * item]
-            self._read_exact(fh, chunk.numpy(), info, name)
+            self._read_exact(fh, chunk.numpy(), info, name, info.offset + start * item)
             flat[start:start + n].copy_(chunk.view(stored))
 
     def read_tensor(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
@@ -506,8 +511,7 @@ class Checkpoint:
             shape[0] = r1 - r0
         out = torch.empty(math.prod(shape) * stored.itemsize, dtype=torch.uint8)
         fh = self._file(info.shard)
-        fh.seek(offset)
-        self._read_exact(fh, out.numpy(), info, name)
+        self._read_exact(fh, out.numpy(), info, name, offset)
         return out.view(stored).reshape(shape)
 
     def read_dequantized(self, module: str, out: torch.Tensor) -> None:
@@ -546,18 +550,28 @@ class Checkpoint:
     def _file(self, shard: str):
         handle = self._files.get(shard)
         if handle is None:
-            try:
-                handle = open(self.folder / shard, "rb", buffering=0)  # noqa: SIM115 - kept open until close()
-            except OSError as exc:
-                raise CheckpointError(f"{self.folder / shard}: cannot open ({exc}); re-download it") from exc
-            self._files[shard] = handle
+            with self._files_lock:
+                handle = self._files.get(shard)
+                if handle is None:
+                    try:
+                        handle = open(self.folder / shard, "rb", buffering=0)  # noqa: SIM115 - kept until close()
+                    except OSError as exc:
+                        raise CheckpointError(f"{self.folder / shard}: cannot open ({exc}); re-download it") from exc
+                    self._files[shard] = handle
         return handle
 
-    def _read_exact(self, fh, buffer, info: TensorInfo, name: str) -> None:
+    def _read_exact(self, fh, buffer, info: TensorInfo, name: str, offset: int) -> None:
+        """Fill ``buffer`` from byte ``offset`` of the open shard ``fh``: positioned reads (``os.preadv``), so
+        several threads may read one file at once; where the platform lacks them, seek and read under a lock."""
         view = memoryview(buffer).cast("B")
         done = 0
         while done < len(view):
-            got = fh.readinto(view[done:])
+            if _HAVE_PREADV:
+                got = os.preadv(fh.fileno(), [view[done:]], offset + done)
+            else:  # pragma: no cover - platforms without preadv
+                with self._files_lock:
+                    fh.seek(offset + done)
+                    got = fh.readinto(view[done:])
             if not got:
                 raise CheckpointError(f"{self.folder / info.shard}: file ended inside tensor {name!r}; re-download it")
             done += got
