@@ -32,6 +32,9 @@ layer:
    CUDA); predicted experts without a slot are admitted (never over a pinned or in-flight
    expert), in the same compiled call as this layer's own bookkeeping (:func:`control.layer_call`),
    and copied at prefetch priority behind every demand copy, before the call's kernels are queued.
+   Fills of experts the plan left on disk are read (several at once) and copied on a thread of
+   their own, so the call does not wait for the disk; a call that computes from such a slot waits
+   for its read and copy like for any copy in flight.
 
 Unified memory: the kernels read the store's records in place through a fixed table; experts left
 on disk are staged. A layer with no expert on disk needs no host decision in a one-token call, so
@@ -45,6 +48,7 @@ admission and its copy, is repaired (:meth:`OffloadRuntime.repair`) before the e
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext as _no_context
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -56,7 +60,16 @@ from ..kernels.moe.quant_gather_gemm import quant_intermediate_dtype
 from . import control
 from . import telemetry as tm
 from .cache import SlotCache
-from .copies import DEMAND, PREFETCH, CopyEngine, CopyTicket, CudaCopyEngine, ThreadCopyEngine
+from .copies import (
+    DEMAND,
+    PREFETCH,
+    CopyEngine,
+    CopyTicket,
+    CudaCopyEngine,
+    DeferredTicket,
+    JoinedTicket,
+    ThreadCopyEngine,
+)
 from .ledger import DeviceLedger
 from .policy import LRU
 from .store import HostExpertStore
@@ -192,7 +205,14 @@ class OffloadRuntime:
         self._kernel = moe_gather_gemm_quant if store.layout.quantized else None
         self.telemetry = {"prefill": Telemetry.for_layers(store.num_layers),
                           "decode": Telemetry.for_layers(store.num_layers)}
-        self._readers = None  # threads reading experts the plan left on disk (made at the first parallel read)
+        # threads reading experts the plan left on disk, several at once (see _sources), and the one that reads and
+        # then copies look-ahead fills from disk, so that the layer call that issued them does not wait for the disk
+        self._readers = self._fills = None
+        if any((rows < 0).any() for rows in store.row_of_expert):
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._readers = ThreadPoolExecutor(options.disk_readers, thread_name_prefix="residency-disk")
+            self._fills = ThreadPoolExecutor(1, thread_name_prefix="residency-disk-fills")
         if self.device.type == "cuda":  # also unified memory on a CUDA device: staging copies on streams, ordered
             self.copies: CopyEngine = CudaCopyEngine(self.device)
             store.copy_device = self.device  # (unpinning the store waits for these streams)
@@ -306,6 +326,8 @@ class OffloadRuntime:
         self._cpu_compute(part, want_norms=False)
 
     def close(self) -> None:
+        if self._fills is not None:  # (fills still reading issue their copies first)
+            self._fills.shutdown()
         self.copies.synchronize()
         self.copies.close()
         if self._readers is not None:
@@ -314,6 +336,8 @@ class OffloadRuntime:
     def __del__(self) -> None:  # pragma: no cover - interpreter shutdown order varies
         # copies still in flight must land before the banks they write are freed
         try:
+            if self._fills is not None:
+                self._fills.shutdown()
             self.copies.synchronize()
         except Exception:
             pass
@@ -361,10 +385,6 @@ class OffloadRuntime:
         if len(on_disk) == 1 or self.options.disk_readers == 1:
             read = {e: self._read_from_disk(j, e) for e in on_disk}
         elif on_disk:
-            if self._readers is None:
-                from concurrent.futures import ThreadPoolExecutor
-
-                self._readers = ThreadPoolExecutor(self.options.disk_readers, thread_name_prefix="residency-disk")
             futures = {e: self._readers.submit(self._read_from_disk, j, e) for e in on_disk}
             errors = []
             for e, future in futures.items():  # (every read waited for, so none still writes when this returns)
@@ -389,12 +409,35 @@ class OffloadRuntime:
     def _issue(self, j: int, cache: SlotCache, slots: np.ndarray, experts: np.ndarray, rows: np.ndarray,
                from_disk: int, job: int, priority: int) -> CopyTicket:
         """Issue job ``job`` (its slots' state already says so): ``experts`` into ``slots`` of the layer's bank."""
-        if from_disk:
+        if from_disk and priority == PREFETCH:
+            ticket = self._fill_after_reads(j, cache, slots, experts, rows)
+        elif from_disk:
             ticket = self._copy(j, cache.bank, slots, experts, rows, from_disk, priority, cache.marker)
         else:  # (the common case, without _copy's call)
             ticket = self.copies.copy_records(cache.bank, self.store.buffers[j], slots, rows, priority, cache.marker)
         cache.jobs[job] = ticket
         return ticket
+
+    def _fill_after_reads(self, j: int, cache: SlotCache, slots: np.ndarray, experts: np.ndarray,
+                          rows: np.ndarray) -> CopyTicket:
+        """A prefetch-priority fill with experts on disk, without waiting for the disk: the records in RAM are copied
+        now, the others read (several at once) and then copied on the fills thread. A call that computes from one
+        of its slots waits for the read and the copy through the job's ticket, as for any copy in flight."""
+        ram = rows >= 0
+        tickets = []
+        if ram.any():
+            tickets.append(self.copies.copy_records(cache.bank, self.store.buffers[j], slots[ram], rows[ram], PREFETCH,
+                                                    cache.marker))
+        disk_slots, disk_experts = slots[~ram].tolist(), experts[~ram].tolist()  # (own lists: slots is a workspace)
+        bank, after, device = cache.bank, cache.marker, self.device
+
+        def read_then_copy() -> CopyTicket:
+            sources = self._sources(j, disk_experts)
+            with torch.cuda.device(device) if device.type == "cuda" else _no_context():
+                return self.copies.copy_many([(bank[s], src, after) for s, src in zip(disk_slots, sources)], PREFETCH)
+
+        tickets.append(DeferredTicket(self._fills.submit(read_then_copy), len(disk_slots) * self._record_bytes))
+        return tickets[0] if len(tickets) == 1 else JoinedTicket(tickets)
 
     def _gemm(self, *args, **kwargs) -> torch.Tensor:
         # looked up at call time so a benchmark can stub the module's moe_gather_gemm

@@ -17,7 +17,9 @@ Two engines with one interface:
 
 A :class:`CopyTicket` says whether its copy has landed (``done``), waits for it on the host
 (``wait``, which reports the time stalled) or makes the current compute stream wait for it
-(``order_before_compute``).
+(``order_before_compute``). :class:`JoinedTicket` joins the tickets of one job's parts;
+:class:`DeferredTicket` stands for a copy another thread issues once its sources are ready (the
+runtime's look-ahead fills from disk).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from concurrent.futures import Future
 
 import numpy as np
 import torch
@@ -56,6 +59,62 @@ class CopyTicket:
     def order_before_compute(self) -> float:
         """Make work queued after this call (on the current stream) run after the copy; returns host stall."""
         return self.wait()
+
+
+class JoinedTicket(CopyTicket):
+    """One job's completion made of several copies' (say, its records in RAM copied at once and those read from
+    disk copied later): done when all are; ``error`` the first failed one's."""
+
+    def __init__(self, tickets: list[CopyTicket]) -> None:
+        super().__init__(sum(t.nbytes for t in tickets))
+        self.tickets = tickets
+
+    def done(self) -> bool:
+        return all(t.done() for t in self.tickets)
+
+    @property
+    def error(self) -> BaseException | None:  # type: ignore[override]
+        return next((t.error for t in self.tickets if t.done() and t.error is not None), None)
+
+    def wait(self) -> float:
+        return sum(t.wait() for t in self.tickets)
+
+    def order_before_compute(self) -> float:
+        return sum(t.order_before_compute() for t in self.tickets)
+
+
+class DeferredTicket(CopyTicket):
+    """A copy issued later, by another thread, once its sources are ready (experts read from disk): ``future``
+    gives that copy's own ticket. Done when the copy has landed, or when preparing it failed (``error``)."""
+
+    def __init__(self, future: Future, nbytes: int) -> None:
+        super().__init__(nbytes)
+        self.future = future
+
+    def done(self) -> bool:
+        if not self.future.done():
+            return False
+        return self.future.exception() is not None or self.future.result().done()
+
+    @property
+    def error(self) -> BaseException | None:  # type: ignore[override]
+        if not self.future.done():
+            return None
+        exc = self.future.exception()
+        if exc is not None:
+            return exc
+        copy = self.future.result()
+        return copy.error if copy.done() else None
+
+    def wait(self) -> float:
+        t0 = time.perf_counter()
+        copy = self.future.result()  # (raises what preparing the copy raised)
+        return time.perf_counter() - t0 + copy.wait()
+
+    def order_before_compute(self) -> float:
+        t0 = time.perf_counter()
+        copy = self.future.result()
+        return time.perf_counter() - t0 + copy.order_before_compute()
 
 
 class CopyEngine:

@@ -332,6 +332,122 @@ def test_a_failed_disk_read_among_parallel_ones_leaves_the_model_exact(case, mon
         model.runtime.close()
 
 
+def test_a_look_ahead_fill_from_disk_is_read_and_copied_without_the_call_waiting(case, monkeypatch):
+    """A prefetch-priority fill with a record in RAM and one on disk: issuing it returns while the disk read is
+    still blocked (it cannot finish before the test lets it), the RAM record lands meanwhile, and once the read is
+    let go the job lands with both records in their slots."""
+    import threading
+
+    from residency.runtime.copies import PREFETCH
+    from residency.runtime.store import HostExpertStore
+
+    folder, resident, *_ = case
+    model = OffloadedNemotron.from_pretrained(folder, device="cpu", plan=disk_tier_plan(resident.config),
+                                              vram_budget="64MiB", prefetch=False, cpu_experts=False,
+                                              context=CONTEXT, quiet=True)
+    runtime, store = model.runtime, model.runtime.store
+    release, started = threading.Event(), threading.Event()
+    try:
+        j = next(j for j, c in enumerate(runtime.caches) if c.num_slots - len(c.static) >= 2
+                 and (store.row_of_expert[j] < 0).any() and (store.row_of_expert[j] >= 0).any())
+        cache = runtime.caches[j]
+        rows = store.row_of_expert[j]
+        ram, disk = int(np.flatnonzero(rows >= 0)[0]), int(np.flatnonzero(rows < 0)[0])
+        free = len(cache.static)
+        real = HostExpertStore.read_from_disk
+
+        def held_read(self, layer, expert, out):
+            started.set()
+            assert release.wait(10)
+            real(self, layer, expert, out)
+
+        monkeypatch.setattr(HostExpertStore, "read_from_disk", held_read)
+        experts = np.array([ram, disk], dtype=np.int64)
+        ticket = runtime._issue(j, cache, np.array([free, free + 1], dtype=np.int64), experts, rows[experts], 1,
+                                cache.new_job(), PREFETCH)
+        assert started.wait(10) and not ticket.done()  # issued, and the read still held
+        runtime.copies.synchronize()  # the RAM record's copy lands without the disk read
+        assert torch.equal(cache.bank[free], store.record(j, ram))
+        release.set()
+        ticket.wait()
+        assert ticket.done() and ticket.error is None
+        want = torch.empty_like(cache.bank[free + 1])
+        real(store, j, disk, want)
+        assert torch.equal(cache.bank[free + 1], want)
+    finally:
+        release.set()
+        runtime.close()
+
+
+def test_look_ahead_with_experts_on_disk_stays_exact_with_slow_reads_and_copies(case, monkeypatch):
+    """Look-ahead on a plan with a disk tier: fills from disk are read and copied behind the calls (slow reads,
+    random copy delays) and every launch still finds its slots landed; the answers equal the resident run's."""
+    import random
+    import time
+
+    from residency.runtime.backend import OffloadRuntime
+    from residency.runtime.store import HostExpertStore
+
+    folder, resident, ids, logits, tokens = case
+    real_read, real_fill = HostExpertStore.read_from_disk, OffloadRuntime._fill_after_reads
+    fills = []
+
+    def slow_read(self, layer, expert, out):
+        time.sleep(0.001)
+        real_read(self, layer, expert, out)
+
+    def counted_fill(self, *args):
+        fills.append(args[0])
+        return real_fill(self, *args)
+
+    monkeypatch.setattr(HostExpertStore, "read_from_disk", slow_read)
+    monkeypatch.setattr(OffloadRuntime, "_fill_after_reads", counted_fill)
+    rng = random.Random(3)
+    model = OffloadedNemotron.from_pretrained(folder, device="cpu", plan=disk_tier_plan(resident.config),
+                                              vram_budget="64MiB", prefetch=True, cpu_experts=False,
+                                              context=CONTEXT, quiet=True,
+                                              runtime_options={"verify": True,
+                                                               "copy_delay": lambda: rng.random() * 0.002})
+    try:
+        assert rel(model(ids), logits) <= 1e-5
+        assert torch.equal(model.generate(ids, max_new_tokens=NEW_TOKENS, temperature=0, stop_at_eos=False), tokens)
+    finally:
+        model.runtime.close()
+    assert fills  # look-ahead fills from disk did run
+    assert model.stats()["experts"]["prefetch_issued"] > 0
+
+
+def test_a_look_ahead_fill_whose_disk_read_fails_leaves_the_model_exact(case, monkeypatch):
+    """The read of a fill fails on the fills thread: the error is reported by a later call or step boundary, the
+    slots it was to fill are repaired, and the same model gives the resident answers."""
+    import threading
+
+    from residency.runtime.backend import OffloadRuntime
+
+    folder, resident, ids, logits, tokens = case
+    real = OffloadRuntime._sources
+    failed = []
+
+    def failing_on_the_fills_thread(self, j, experts):
+        if threading.current_thread().name.startswith("residency-disk-fills") and not failed:
+            failed.append(j)
+            raise OSError("injected read error")
+        return real(self, j, experts)
+
+    model = OffloadedNemotron.from_pretrained(folder, device="cpu", plan=disk_tier_plan(resident.config),
+                                              vram_budget="64MiB", prefetch=True, cpu_experts=False,
+                                              context=CONTEXT, quiet=True, runtime_options={"verify": True})
+    try:
+        monkeypatch.setattr(OffloadRuntime, "_sources", failing_on_the_fills_thread)
+        with pytest.raises((OSError, RuntimeError), match="injected read error"):
+            model.generate(ids, max_new_tokens=NEW_TOKENS, temperature=0, stop_at_eos=False)
+        assert failed
+        assert rel(model(ids), logits) <= 1e-5
+        assert torch.equal(model.generate(ids, max_new_tokens=NEW_TOKENS, temperature=0, stop_at_eos=False), tokens)
+    finally:
+        model.runtime.close()
+
+
 def test_a_plans_disk_tier_stays_on_disk_and_its_reads_equal_the_simulators(case):
     """A plan made for a host without RAM for every expert leaves some on disk: the host store has no record of
     them, misses read them from the checkpoint, the answers stay exact, and decode disk reads per layer equal the
@@ -598,6 +714,29 @@ def assert_greedy_matches(model, got, tokens, forced, prompt):
     assert float(top.values[0] - top.values[1]) <= 1e-2 * float(scores.abs().max()), (
         f"token {at - prompt} differs where the resident run had no near tie")
     assert int(got[0, at]) in top.indices.tolist()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_a_disk_tier_with_look_ahead_equals_the_resident_run(tmp_path):
+    """The CUDA path with experts on disk: demand reads several at once into pinned records, look-ahead fills read
+    and copied on the fills thread (its copies issued from that thread on the prefetch stream, after the bank's
+    release marker); bf16, compared as in the test above."""
+    folder, ids, logits, tokens, forced, _ = cuda_reference(tmp_path, 48)
+    from residency.model.checkpoint import Checkpoint
+
+    model = OffloadedNemotron.from_pretrained(folder, device="cuda", plan=disk_tier_plan(Checkpoint(folder).config),
+                                              vram_budget="64MiB", context=CONTEXT, prefetch=True, cpu_experts=False,
+                                              quiet=True)
+    try:
+        assert sum(int((rows < 0).sum()) for rows in model.runtime.store.row_of_expert) > 0
+        assert rel(model(ids).float().cpu(), logits.float().cpu()) <= 2e-3
+        got = model.generate(ids, max_new_tokens=48, temperature=0, stop_at_eos=False).cpu()
+        experts = model.stats()["experts"]
+        assert experts["disk_bytes"] > 0 and experts["prefetch_issued"] > 0
+        assert_greedy_matches(model, got, tokens, forced, ids.shape[1])
+    finally:
+        model.runtime.close()
 
 
 @pytest.mark.gpu
