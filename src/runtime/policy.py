@@ -26,9 +26,9 @@ Semantics every caller relies on:
   policy's bookkeeping. Each use advances a per-cache access counter, which orders recency.
 - :meth:`ExpertCache.step` does a whole decode step of one layer in one compiled call: pins the
   step's experts (and copies in flight), then for each expert lookup, admit on a miss, on_use.
-- Victims are the minimum of (key, last use); both are unique per use, so the choice is
-  deterministic and independent of slot numbering (look-ahead admissions of one call share a
-  tick: among those the lower slot goes first).
+- Victims are the minimum of (key, last use). Each use has its own tick, so among used experts
+  the choice does not depend on slot numbering; look-ahead admissions of one call share a tick,
+  and among those the lower slot goes first.
 - A step finds all its victims in one pass over the slots (:func:`_victims`), not one search per
   miss: within a step every expert is pinned and a use re-keys only its own slot, so they are the
   victims one search per miss (:func:`_victim`, which :meth:`ExpertCache.admit` runs) would find.
@@ -229,7 +229,7 @@ def _take(kind: int, e: int, v: int, I: np.ndarray, F: np.ndarray) -> int:
     else:
         evicted = I[_HEAD + v]
         I[_HEAD + S + evicted] = -1
-        if kind == K_HYBRID:
+        if kind == K_HYBRID and F[1 + v] < np.inf:  # (an admitted, never used victim has no key to inflate to)
             F[0] = F[1 + v]
     I[_HEAD + v] = e
     I[_HEAD + S + e] = v

@@ -114,6 +114,18 @@ def test_hybrid_prior_protects_profiled_experts_and_ages_them_out():
     assert hyb.lookup(1) is None
 
 
+def test_evicting_an_admitted_but_never_used_expert_does_not_inflate_the_hybrid_keys_to_infinity():
+    cache = ProfileSeededHybrid(16, 2)
+    cache.admit(1)  # admitted through the object interface, never used: no key yet
+    cache.admit(2)
+    cache.admit(3)  # evicts one of them
+    cache.on_use(3)
+    assert np.isfinite(cache._F[0])
+    cache.access(4)
+    cache.access(5)
+    assert np.isfinite(cache._F[0]) and np.isfinite(cache._F[1 + cache.lookup(5)])  # used experts keep real keys
+
+
 def test_step_equals_one_access_per_expert_with_the_step_pinned():
     rng = np.random.default_rng(0)
     a, b = make_policy("lru", 64, 12, static=[0, 1]), make_policy("lru", 64, 12, static=[0, 1])
