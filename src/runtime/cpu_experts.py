@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numba
@@ -458,6 +459,13 @@ class PreparedBanks:
     up_rows_per_task: int
     down_rows_per_task: int
 
+    @cached_property
+    def kernel_args(self) -> tuple[tuple, tuple]:
+        """The kernel's arguments from these banks, before and after the pair arguments (made once: a layer's
+        banks serve every CPU part of the layer, and the runtime's call to the kernel is on the decode path)."""
+        return ((self.up, self.up_expert_stride, self.up_row_stride, self.down, self.down_expert_stride,
+                 self.down_row_stride, self.inter), (self.up_rows_per_task, self.down_rows_per_task))
+
 
 def _prepared(up: np.ndarray, down: np.ndarray) -> PreparedBanks:
     inter, latent = up.shape[1], up.shape[2]
@@ -515,9 +523,8 @@ def run_prepared(banks: PreparedBanks, x: np.ndarray, pairs_token: np.ndarray, p
     """:func:`cpu_moe_prepared` without its checks, for the offload runtime, whose inputs have those types by
     construction (its latent and sum buffers, its pair lists): at least one pair, ``norms`` empty when not
     wanted. Wrong types or shapes here read or write out of bounds."""
-    _cpu_moe_kernel(x, banks.up, banks.up_expert_stride, banks.up_row_stride, banks.down, banks.down_expert_stride,
-                    banks.down_row_stride, banks.inter, pairs_token, pairs_expert, pairs_weight, out, norms,
-                    banks.up_rows_per_task, banks.down_rows_per_task, h_round)
+    head, tail = banks.kernel_args
+    _cpu_moe_kernel(x, *head, pairs_token, pairs_expert, pairs_weight, out, norms, *tail, h_round)
 
 
 def _upcast(bank: np.ndarray) -> torch.Tensor:

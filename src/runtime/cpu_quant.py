@@ -68,6 +68,7 @@ dots 16-20 G weights/s from cache), the BF16 one memory-bound, so they gain more
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import llvmlite.binding as llvm_binding
@@ -841,6 +842,16 @@ class PreparedRecords:
     rows_down: int
     x_scale: np.float32
 
+    @cached_property
+    def kernel_args(self) -> tuple[tuple, tuple]:
+        """The kernel's arguments from these records, before and after the pair arguments (made once, see
+        :attr:`residency.runtime.cpu_experts.PreparedBanks.kernel_args`)."""
+        e2m1, e4m3, t16 = self.tables
+        lay = self.layout
+        return ((self.flat, self.words, self.floats, self.halves, lay.record_bytes, _FORMAT_TAGS[self.fmt], self.fmt,
+                 lay.inner, self.up_params, self.down_params, lay.spec.symmetric, self.scale_bits, e2m1, e4m3, t16),
+                (self.rows_up, self.rows_down, self.x_scale))
+
 
 def _prepare(layout: ExpertRecordLayout, bank: np.ndarray) -> PreparedRecords:
     spec = layout.spec
@@ -896,12 +907,8 @@ def run_prepared_quant(records: PreparedRecords, x: np.ndarray, pairs_token: np.
     """:func:`cpu_moe_quant_prepared` without its checks, for the offload runtime, whose inputs have those types
     by construction: at least one pair, ``norms`` empty when not wanted. Wrong types or shapes here read or
     write out of bounds."""
-    r = records
-    e2m1, e4m3, t16 = r.tables
-    _cpu_moe_quant_kernel(x, r.flat, r.words, r.floats, r.halves, r.layout.record_bytes, _FORMAT_TAGS[r.fmt], r.fmt,
-                          r.layout.inner, r.up_params, r.down_params, r.layout.spec.symmetric, r.scale_bits, e2m1,
-                          e4m3, t16, pairs_token, pairs_record, pairs_weight, out, norms, r.rows_up, r.rows_down,
-                          r.x_scale, h_round)
+    head, tail = records.kernel_args
+    _cpu_moe_quant_kernel(x, *head, pairs_token, pairs_record, pairs_weight, out, norms, *tail, h_round)
 
 
 def cpu_moe_quant_reference(x: Any, layout: ExpertRecordLayout, records: Any, pairs_token: Any, pairs_record: Any,
