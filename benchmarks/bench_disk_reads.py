@@ -4,7 +4,7 @@
 
 A checkpoint with one MoE layer of 128 Super-shaped BF16 experts (L=1024, I=2688: 11 MB each,
 1.4 GB) is written under ``--dir`` (default: the system's temporary folder). A host store that
-leaves every expert on disk is read by the runtime's own path (``OffloadRuntime._sources``: what a
+leaves every expert on disk is read by the runtime's own reader (``DiskReader.sources``: what a
 copy job with misses on disk does before its copies are issued), ``--experts`` at a time (the
 misses of one layer call that are on disk), with ``disk_readers`` = each ``--readers`` count in
 turn. Before every read the page cache is dropped (``/proc/sys/vm/drop_caches``, needs root), so
@@ -71,7 +71,7 @@ def main() -> None:
         runtimes = {n: OffloadRuntime(store, [LayerSlotPlan((), 0)], DeviceLedger(torch.device("cpu"), None),
                                       RuntimeOptions(disk_readers=n), None, TOP_K) for n in args.readers}
         # the records read are the checkpoint's bytes
-        first = runtimes[max(args.readers)]._sources(0, [0, 5])
+        first = runtimes[max(args.readers)]._disk.sources(0, [0, 5])
         for e, record in zip((0, 5), first):
             want = ckpt.read_tensor(f"{prefix}.{e}.up_proj.weight").reshape(-1)
             assert torch.equal(layout.up(record[None])[0].reshape(-1), want), e
@@ -87,7 +87,7 @@ def main() -> None:
                 experts, unread = unread[:args.experts], unread[args.experts:]
                 cold = drop_page_cache() and cold
                 t0 = time.perf_counter()
-                runtimes[n]._sources(0, experts)
+                runtimes[n]._disk.sources(0, experts)
                 seconds[n].append(time.perf_counter() - t0)
         for rt in runtimes.values():
             rt.close()

@@ -176,6 +176,52 @@ class _Pending:
     out_host: np.ndarray | None = None  # the cpu device: ``out`` as an array, which the CPU part is added into
 
 
+class DiskReader:
+    """Reads the records of experts a host store leaves on disk into new host records, several at once.
+
+    Positioned reads of the shared checkpoint file on up to ``threads`` threads: a disk serves
+    parallel requests faster than one after another. It holds the store, not the runtime, so the
+    runtime's fills thread (which uses one) never keeps a deleted model's runtime alive.
+    """
+
+    def __init__(self, store: HostExpertStore, threads: int, *, pinned: bool, name: str) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.store = store
+        self.pinned = pinned  # page-locked records (CUDA: copied from asynchronously)
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix=name) if threads > 1 else None
+
+    def read(self, j: int, expert: int) -> torch.Tensor:
+        """Expert ``expert`` of layer ``j`` (on disk), read into a new host record."""
+        lay = self.store.layout
+        out = torch.empty(lay.record_numel, dtype=lay.dtype, pin_memory=self.pinned)
+        self.store.read_from_disk(j, expert, out)
+        return out
+
+    def sources(self, j: int, experts: list[int]) -> list[torch.Tensor]:
+        """The host records of layer ``j``'s ``experts``: views of the store, and records read now for those on disk.
+        Returns once every read is done; a read's error is raised then (a Ctrl-C while waiting leaves the reads
+        writing only the new records they were given)."""
+        store = self.store
+        on_disk = [e for e in experts if store.on_disk(j, e)]
+        if len(on_disk) == 1 or self.pool is None:
+            read = {e: self.read(j, e) for e in on_disk}
+        else:
+            from concurrent.futures import wait
+
+            futures = {e: self.pool.submit(self.read, j, e) for e in on_disk}
+            wait(futures.values())
+            failed = [f.exception() for f in futures.values() if f.exception() is not None]
+            if failed:
+                raise next((x for x in failed if not isinstance(x, Exception)), failed[0])
+            read = {e: f.result() for e, f in futures.items()}
+        return [read[e] if e in read else store.record(j, e) for e in experts]
+
+    def shutdown(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
 class OffloadRuntime:
     """Offload state of every MoE layer; see the module docstring.
 
@@ -205,13 +251,16 @@ class OffloadRuntime:
         self._kernel = moe_gather_gemm_quant if store.layout.quantized else None
         self.telemetry = {"prefill": Telemetry.for_layers(store.num_layers),
                           "decode": Telemetry.for_layers(store.num_layers)}
-        # threads reading experts the plan left on disk, several at once (see _sources), and the one that reads and
-        # then copies look-ahead fills from disk, so that the layer call that issued them does not wait for the disk
-        self._readers = self._fills = None
+        # experts the plan left on disk: read several at once for a call's own copies (_disk), and for look-ahead
+        # fills read and then copied on a thread of their own (_fills, with readers of its own, so a call's reads
+        # never queue behind guesses), so that the call that issued them does not wait for the disk
+        self._disk = self._fill_disk = self._fills = None
         if any((rows < 0).any() for rows in store.row_of_expert):
             from concurrent.futures import ThreadPoolExecutor
 
-            self._readers = ThreadPoolExecutor(options.disk_readers, thread_name_prefix="residency-disk")
+            pinned = options.mode == "cuda"
+            self._disk = DiskReader(store, options.disk_readers, pinned=pinned, name="residency-disk")
+            self._fill_disk = DiskReader(store, options.disk_readers, pinned=pinned, name="residency-disk-fill-reads")
             self._fills = ThreadPoolExecutor(1, thread_name_prefix="residency-disk-fills")
         if self.device.type == "cuda":  # also unified memory on a CUDA device: staging copies on streams, ordered
             self.copies: CopyEngine = CudaCopyEngine(self.device)
@@ -330,14 +379,18 @@ class OffloadRuntime:
             self._fills.shutdown()
         self.copies.synchronize()
         self.copies.close()
-        if self._readers is not None:
-            self._readers.shutdown()
+        for reader in (self._disk, self._fill_disk):
+            if reader is not None:
+                reader.shutdown()
 
     def __del__(self) -> None:  # pragma: no cover - interpreter shutdown order varies
-        # copies still in flight must land before the banks they write are freed
+        # fills still reading, and copies still in flight, must land before the banks they write are freed
         try:
             if self._fills is not None:
                 self._fills.shutdown()
+        except Exception:
+            pass
+        try:
             self.copies.synchronize()
         except Exception:
             pass
@@ -370,41 +423,15 @@ class OffloadRuntime:
             t.reset()
 
     # ------------------------------------------------------------------ copies
-    def _read_from_disk(self, j: int, expert: int) -> torch.Tensor:
-        """Expert ``expert`` of layer ``j``, which the store leaves on disk, read into a new host record."""
-        src = torch.empty(self.layout.record_numel, dtype=self.layout.dtype, pin_memory=self.options.mode == "cuda")
-        self.store.read_from_disk(j, expert, src)
-        return src
-
-    def _sources(self, j: int, experts: list[int]) -> list[torch.Tensor]:
-        """The host records of layer ``j``'s ``experts``: views of the store, and for experts on disk records read
-        now, several at once (positioned reads on up to ``disk_readers`` threads: a disk serves parallel requests
-        faster than one after another). Returns once every read is done; the first read error is raised."""
-        on_disk = [e for e in experts if self.store.on_disk(j, e)]
-        read: dict[int, torch.Tensor] = {}
-        if len(on_disk) == 1 or self.options.disk_readers == 1:
-            read = {e: self._read_from_disk(j, e) for e in on_disk}
-        elif on_disk:
-            futures = {e: self._readers.submit(self._read_from_disk, j, e) for e in on_disk}
-            errors = []
-            for e, future in futures.items():  # (every read waited for, so none still writes when this returns)
-                try:
-                    read[e] = future.result()
-                except BaseException as exc:  # noqa: PERF203 - reported once all reads are done
-                    errors.append(exc)
-            if errors:
-                raise errors[0]
-        return [read[e] if e in read else self.store.record(j, e) for e in experts]
-
     def _copy(self, j: int, dst: torch.Tensor, slots: np.ndarray, experts: np.ndarray, rows: np.ndarray,
               from_disk: int, priority: int, after: object | None) -> CopyTicket:
         """Copy layer ``j``'s ``experts`` (store ``rows``, -1 on disk) into rows ``slots`` of ``dst`` as one job
-        (its bytes are counted by the caller). Experts on disk are read first (see :meth:`_sources`)."""
+        (its bytes are counted by the caller). Experts on disk are read first, several at once (:class:`DiskReader`)."""
         if not from_disk:
             return self.copies.copy_records(dst, self.store.buffers[j], slots, rows, priority, after)
         experts_l = experts.tolist()
         return self.copies.copy_many([(dst[s], src, after)
-                                      for s, src in zip(slots.tolist(), self._sources(j, experts_l))], priority)
+                                      for s, src in zip(slots.tolist(), self._disk.sources(j, experts_l))], priority)
 
     def _issue(self, j: int, cache: SlotCache, slots: np.ndarray, experts: np.ndarray, rows: np.ndarray,
                from_disk: int, job: int, priority: int) -> CopyTicket:
@@ -429,14 +456,15 @@ class OffloadRuntime:
             tickets.append(self.copies.copy_records(cache.bank, self.store.buffers[j], slots[ram], rows[ram], PREFETCH,
                                                     cache.marker))
         disk_slots, disk_experts = slots[~ram].tolist(), experts[~ram].tolist()  # (own lists: slots is a workspace)
-        bank, after, device = cache.bank, cache.marker, self.device
+        # (what the fill needs, not the runtime: a pending fill must not keep a deleted model's runtime alive)
+        reader, copies, bank, after, device = self._fill_disk, self.copies, cache.bank, cache.marker, self.device
 
         def read_then_copy() -> CopyTicket:
-            sources = self._sources(j, disk_experts)
+            sources = reader.sources(j, disk_experts)
             with torch.cuda.device(device) if device.type == "cuda" else _no_context():
-                return self.copies.copy_many([(bank[s], src, after) for s, src in zip(disk_slots, sources)], PREFETCH)
+                return copies.copy_many([(bank[s], src, after) for s, src in zip(disk_slots, sources)], PREFETCH)
 
-        tickets.append(DeferredTicket(self._fills.submit(read_then_copy), len(disk_slots) * self._record_bytes))
+        tickets.append(DeferredTicket(self._fills, read_then_copy, len(disk_slots) * self._record_bytes))
         return tickets[0] if len(tickets) == 1 else JoinedTicket(tickets)
 
     def _gemm(self, *args, **kwargs) -> torch.Tensor:
@@ -480,7 +508,13 @@ class OffloadRuntime:
         """Make every slot of ``layers`` whose copy was never issued or failed hold its expert again: copied now
         and waited for (a second failure raises). Called when a layer call or a step boundary raised, so that a
         caught error or an interrupt cannot leave a slot the policy counts as resident computed from stale
-        bytes; the error itself is re-raised by the caller."""
+        bytes; the error itself is re-raised by the caller.
+
+        Fills still reading from disk, and copies in flight, finish first: one interrupted between its issue and
+        the record of its ticket would otherwise write into a slot after the slot was repaired and reused."""
+        if self._fills is not None:
+            self._fills.submit(lambda: None).result()  # (the fills thread runs its queue in order)
+        self.copies.synchronize()
         for j in layers:
             cache = self.caches[j] if 0 <= j < len(self.caches) else None
             if cache is None:

@@ -30,7 +30,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Executor
 
 import numpy as np
 import torch
@@ -84,36 +84,69 @@ class JoinedTicket(CopyTicket):
 
 
 class DeferredTicket(CopyTicket):
-    """A copy issued later, by another thread, once its sources are ready (experts read from disk): ``future``
-    gives that copy's own ticket. Done when the copy has landed, or when preparing it failed (``error``)."""
+    """A copy issued later, once its sources are ready (experts read from disk): ``issue`` (which returns the
+    copy's own ticket) runs on ``executor``'s thread; a caller that needs the copy before that thread started it
+    runs it itself rather than wait behind the thread's queue. Done when the copy has landed, or when preparing
+    it failed (``error``; waiting then raises a RuntimeError from it, as a failed copy does)."""
 
-    def __init__(self, future: Future, nbytes: int) -> None:
+    def __init__(self, executor: Executor, issue: Callable[[], CopyTicket], nbytes: int) -> None:
         super().__init__(nbytes)
-        self.future = future
+        self._issue = issue
+        self._copy: CopyTicket | None = None  # the copy's ticket, once issued
+        self._failed: BaseException | None = None  # what preparing it raised, once it did
+        self.future = executor.submit(issue)
+
+    def _settled(self) -> bool:
+        """Whether the copy was issued or failed to be (taking the thread's outcome once it has one)."""
+        if self._copy is not None or self._failed is not None:
+            return True
+        if not self.future.done() or self.future.cancelled():
+            return False
+        exc = self.future.exception()
+        if exc is None:
+            self._copy = self.future.result()
+        else:
+            self._failed = exc
+        return True
+
+    def _issued(self) -> CopyTicket:
+        """The copy's ticket, issued here if the thread has not started it; raises what preparing it raised."""
+        if not self._settled():
+            if self.future.cancel():  # not started: no point waiting behind the queue
+                try:
+                    self._copy = self._issue()
+                except BaseException as exc:
+                    self._failed = exc
+                    if not isinstance(exc, Exception):  # (a Ctrl-C is raised as it is; the slots get repaired)
+                        raise
+            else:
+                self.future.exception()  # (waits)
+                self._settled()
+        if self._failed is not None:
+            raise RuntimeError(f"reading an expert for a copy failed: {self._failed}") from self._failed
+        return self._copy
 
     def done(self) -> bool:
-        if not self.future.done():
+        if not self._settled():
             return False
-        return self.future.exception() is not None or self.future.result().done()
+        return self._failed is not None or self._copy.done()
 
     @property
     def error(self) -> BaseException | None:  # type: ignore[override]
-        if not self.future.done():
+        if not self._settled():
             return None
-        exc = self.future.exception()
-        if exc is not None:
-            return exc
-        copy = self.future.result()
-        return copy.error if copy.done() else None
+        if self._failed is not None:
+            return self._failed
+        return self._copy.error if self._copy.done() else None
 
     def wait(self) -> float:
         t0 = time.perf_counter()
-        copy = self.future.result()  # (raises what preparing the copy raised)
+        copy = self._issued()
         return time.perf_counter() - t0 + copy.wait()
 
     def order_before_compute(self) -> float:
         t0 = time.perf_counter()
-        copy = self.future.result()
+        copy = self._issued()
         return time.perf_counter() - t0 + copy.order_before_compute()
 
 

@@ -379,6 +379,55 @@ def test_a_look_ahead_fill_from_disk_is_read_and_copied_without_the_call_waiting
         runtime.close()
 
 
+def test_deleting_a_model_with_a_fill_still_reading_waits_for_it_then_frees_the_store(case, monkeypatch):
+    """A pending look-ahead fill holds what it needs, not the runtime: deleting the model runs the runtime's
+    clean-up on this thread, which lets the fill finish (its copy lands before the banks go) and then frees the host
+    store, without a garbage-collector pass."""
+    import gc
+    import threading
+    import weakref
+
+    from residency.runtime.copies import PREFETCH
+    from residency.runtime.store import HostExpertStore
+
+    folder, resident, *_ = case
+    model = OffloadedNemotron.from_pretrained(folder, device="cpu", plan=disk_tier_plan(resident.config),
+                                              vram_budget="64MiB", prefetch=False, cpu_experts=False,
+                                              context=CONTEXT, quiet=True)
+    release, started = threading.Event(), threading.Event()
+    real = HostExpertStore.read_from_disk
+    copied = []
+
+    def held_read(self, layer, expert, out):
+        started.set()
+        assert release.wait(10)
+        real(self, layer, expert, out)
+        copied.append(expert)
+
+    monkeypatch.setattr(HostExpertStore, "read_from_disk", held_read)
+    runtime = model.runtime
+    j = next(j for j, c in enumerate(runtime.caches) if c.num_slots > len(c.static)
+             and (runtime.store.row_of_expert[j] < 0).any())
+    cache = runtime.caches[j]
+    disk = int(np.flatnonzero(runtime.store.row_of_expert[j] < 0)[0])
+    runtime._issue(j, cache, np.array([len(cache.static)], np.int64), np.array([disk], np.int64),
+                   np.array([-1], np.int64), 1, cache.new_job(), PREFETCH)
+    assert started.wait(10)
+    store = weakref.ref(runtime.store)
+    del runtime, cache
+    timer = threading.Timer(0.3, release.set)
+    gc.disable()
+    try:
+        timer.start()
+        del model
+        assert copied == [disk]  # the fill finished before the clean-up returned
+        assert store() is None
+    finally:
+        gc.enable()
+        release.set()
+        timer.join()
+
+
 def test_look_ahead_with_experts_on_disk_stays_exact_with_slow_reads_and_copies(case, monkeypatch):
     """Look-ahead on a plan with a disk tier: fills from disk are read and copied behind the calls (slow reads,
     random copy delays) and every launch still finds its slots landed; the answers equal the resident run's."""
@@ -422,10 +471,10 @@ def test_a_look_ahead_fill_whose_disk_read_fails_leaves_the_model_exact(case, mo
     slots it was to fill are repaired, and the same model gives the resident answers."""
     import threading
 
-    from residency.runtime.backend import OffloadRuntime
+    from residency.runtime.backend import DiskReader
 
     folder, resident, ids, logits, tokens = case
-    real = OffloadRuntime._sources
+    real = DiskReader.sources
     failed = []
 
     def failing_on_the_fills_thread(self, j, experts):
@@ -438,8 +487,8 @@ def test_a_look_ahead_fill_whose_disk_read_fails_leaves_the_model_exact(case, mo
                                               vram_budget="64MiB", prefetch=True, cpu_experts=False,
                                               context=CONTEXT, quiet=True, runtime_options={"verify": True})
     try:
-        monkeypatch.setattr(OffloadRuntime, "_sources", failing_on_the_fills_thread)
-        with pytest.raises((OSError, RuntimeError), match="injected read error"):
+        monkeypatch.setattr(DiskReader, "sources", failing_on_the_fills_thread)
+        with pytest.raises(RuntimeError, match="injected read error"):
             model.generate(ids, max_new_tokens=NEW_TOKENS, temperature=0, stop_at_eos=False)
         assert failed
         assert rel(model(ids), logits) <= 1e-5

@@ -286,3 +286,71 @@ def test_record_copies_through_copy_many_use_each_matrix_rows_made_once():
     other = src + 1000  # another buffer: its own rows
     engine.copy_records(dst, other, np.array([1]), np.array([7]))
     assert torch.equal(dst[1], other[7])
+
+
+def _done_ticket():
+    from residency.runtime.copies import CopyTicket
+
+    class Done(CopyTicket):
+        def done(self) -> bool:
+            return True
+
+        def wait(self) -> float:
+            return 0.0
+
+    return Done(8)
+
+
+def test_a_deferred_copy_not_started_yet_is_issued_by_its_waiter_not_waited_behind_the_queue():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from residency.runtime.copies import DeferredTicket, JoinedTicket
+
+    pool = ThreadPoolExecutor(1)
+    gate, ran_on = threading.Event(), {}
+    try:
+        first = DeferredTicket(pool, lambda: (gate.wait(10), _done_ticket())[1], 8)  # occupies the thread
+
+        def issue():
+            ran_on["thread"] = threading.current_thread()
+            return _done_ticket()
+
+        second = DeferredTicket(pool, issue, 8)
+        assert not second.done() and second.error is None
+        joined = JoinedTicket([_done_ticket(), second])
+        assert not joined.done()
+        joined.wait()  # the queue's thread is still busy with the first: the waiter issues the second itself
+        assert ran_on["thread"] is threading.current_thread() and second.done() and joined.done()
+        gate.set()
+        first.wait()
+        assert first.done() and first.error is None
+    finally:
+        gate.set()
+        pool.shutdown()
+
+
+def test_a_deferred_copy_that_failed_is_done_with_its_error_and_raises_when_waited_for():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from residency.runtime.copies import DeferredTicket
+
+    def failing():
+        raise OSError("disk gone")
+
+    with ThreadPoolExecutor(1) as pool:
+        ticket = DeferredTicket(pool, failing, 8)
+        with pytest.raises(RuntimeError, match="disk gone"):
+            ticket.wait()
+        assert ticket.done() and isinstance(ticket.error, OSError)
+        # a Ctrl-C while the waiter issues the copy itself is raised as it is
+        gate = threading.Event()
+        DeferredTicket(pool, lambda: (gate.wait(10), _done_ticket())[1], 8)
+
+        def interrupted():
+            raise KeyboardInterrupt
+
+        stopped = DeferredTicket(pool, interrupted, 8)
+        with pytest.raises(KeyboardInterrupt):
+            stopped.wait()
+        assert stopped.done() and isinstance(stopped.error, KeyboardInterrupt)
+        gate.set()
