@@ -100,9 +100,10 @@ class RuntimeOptions:
     """How the runtime serves misses.
 
     ``cpu_experts``: True computes every miss on the CPU, False none, ``"auto"`` decides per miss
-    (see the module docstring) from ``h2d_gbps`` and ``cpu_expert_gbps``. ``disk_readers``: how many
-    experts a copy job reads from disk at once (threads; 1 reads them one after another). ``copy_delay`` (tests):
-    seconds to sleep before each copy on the CPU device's copy thread. ``verify`` (tests): check
+    (see the module docstring) from ``h2d_gbps`` and ``cpu_expert_gbps``. ``disk_readers``: how
+    many experts a copy job reads from disk at once (threads; 1 reads them one after another).
+    ``copy_delay`` (tests): seconds to sleep before each copy on the CPU device's copy thread.
+    ``verify`` (tests): check
     on the host, before each launch, that every slot it reads holds its expert and has landed, and
     that the table the kernel reads says so. ``mirror_tables`` (tests): on the CPU device too, keep
     host copies of the slot tables and copy them to the tables the kernels read after changes, as
