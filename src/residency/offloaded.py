@@ -475,11 +475,13 @@ class OffloadedNemotron:
                 if step + 1 < max_new_tokens:
                     logits = self.model(nxt[:, None], cache)[:, -1]
         finally:
-            failing = sys.exc_info()[1]
+            # (a flag, not the error itself: a local holding the error would make a cycle through its traceback,
+            # keeping this frame's model and runtime alive after the caller dropped them)
+            failing = sys.exc_info()[1] is not None and not isinstance(sys.exc_info()[1], GeneratorExit)
             try:
                 sync()
             except Exception:
-                if failing is None or isinstance(failing, GeneratorExit):
+                if not failing:
                     raise  # (else the error already on its way out is the one to report, not its echo here)
             total = time.perf_counter() - t0
             decode_time = total - t_prefill

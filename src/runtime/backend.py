@@ -47,6 +47,7 @@ admission and its copy, is repaired (:meth:`OffloadRuntime.repair`) before the e
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext as _no_context
 from dataclasses import dataclass, field
@@ -177,6 +178,21 @@ class _Pending:
     out_host: np.ndarray | None = None  # the cpu device: ``out`` as an array, which the CPU part is added into
 
 
+def _finish_copies(fills, copies, keep) -> None:
+    """Let queued fills and copies in flight finish (``keep``: what they write into, held until then)."""
+    try:
+        if fills is not None:
+            fills.shutdown(cancel_futures=True)
+    except Exception:  # pragma: no cover - interpreter shutdown order varies
+        pass
+    try:
+        if copies is not None:
+            copies.synchronize()
+    except Exception:  # pragma: no cover - interpreter shutdown order varies
+        pass
+    del keep
+
+
 class DiskReader:
     """Reads the records of experts a host store leaves on disk into new host records, several at once.
 
@@ -214,7 +230,12 @@ class DiskReader:
             wait(futures.values())
             failed = [f.exception() for f in futures.values() if f.exception() is not None]
             if failed:
-                raise next((x for x in failed if not isinstance(x, Exception)), failed[0])
+                error = next((x for x in failed if not isinstance(x, Exception)), failed[0])
+                futures = failed = None  # (no cycle: error -> traceback -> this frame -> futures -> error)
+                try:
+                    raise error
+                finally:
+                    error = None
             read = {e: f.result() for e, f in futures.items()}
         return [read[e] if e in read else store.record(j, e) for e in experts]
 
@@ -256,6 +277,7 @@ class OffloadRuntime:
         # fills read and then copied on a thread of their own (_fills, with readers of its own, so a call's reads
         # never queue behind guesses), so that the call that issued them does not wait for the disk
         self._disk = self._fill_disk = self._fills = None
+        self._repairing = False  # a repair began and has not completed (see repair)
         if any((rows < 0).any() for rows in store.row_of_expert):
             from concurrent.futures import ThreadPoolExecutor
 
@@ -376,8 +398,8 @@ class OffloadRuntime:
         self._cpu_compute(part, want_norms=False)
 
     def close(self) -> None:
-        if self._fills is not None:  # (fills still reading issue their copies first)
-            self._fills.shutdown()
+        if self._fills is not None:  # (fills not started are dropped; one still reading issues its copy first)
+            self._fills.shutdown(cancel_futures=True)
         self.copies.synchronize()
         self.copies.close()
         for reader in (self._disk, self._fill_disk):
@@ -385,21 +407,23 @@ class OffloadRuntime:
                 reader.shutdown()
 
     def __del__(self) -> None:  # pragma: no cover - interpreter shutdown order varies
-        # fills still reading, and copies still in flight, must land before the banks they write are freed
-        try:
-            if self._fills is not None:
-                self._fills.shutdown()
-        except Exception:
-            pass
-        try:
-            self.copies.synchronize()
-        except Exception:
-            pass
+        # fills still reading, and copies still in flight, must land before the banks they write are freed. On a
+        # thread of the runtime's own (a garbage-collector pass may run anywhere) waiting here could wait for this
+        # very thread: a thread of its own does it then, keeping the banks until it is done.
+        fills, copies = getattr(self, "_fills", None), getattr(self, "copies", None)
+        if threading.current_thread().name.startswith("residency-disk"):
+            keep = (getattr(self, "caches", None), getattr(self, "staging", None))
+            threading.Thread(target=_finish_copies, args=(fills, copies, keep), name="residency-cleanup",
+                             daemon=True).start()
+        else:
+            _finish_copies(fills, copies, None)
 
     # ------------------------------------------------------------------ step boundaries (StepListener)
     def begin_step(self, input_ids: torch.Tensor, is_decode: bool) -> None:
         # (whether a call is a decode step comes with each call's work item)
         try:
+            if self._repairing:  # a repair was interrupted (a second Ctrl-C): finish it before anything runs
+                self.repair(range(len(self.caches)))
             for cache in self.caches:
                 if cache is not None:
                     cache.poll()
@@ -458,10 +482,13 @@ class OffloadRuntime:
                                                     cache.marker))
         disk_slots, disk_experts = slots[~ram].tolist(), experts[~ram].tolist()  # (own lists: slots is a workspace)
         # (what the fill needs, not the runtime: a pending fill must not keep a deleted model's runtime alive)
-        reader, copies, bank, after, device = self._fill_disk, self.copies, cache.bank, cache.marker, self.device
+        fill_reader, call_reader, copies = self._fill_disk, self._disk, self.copies
+        bank, after, device = cache.bank, cache.marker, self.device
 
-        def read_then_copy() -> CopyTicket:
-            sources = reader.sources(j, disk_experts)
+        def read_then_copy(by_caller: bool) -> CopyTicket:
+            # (a call that needs the fill before the fills thread took it reads with the calls' readers, which never
+            # queue behind guesses)
+            sources = (call_reader if by_caller else fill_reader).sources(j, disk_experts)
             with torch.cuda.device(device) if device.type == "cuda" else _no_context():
                 return copies.copy_many([(bank[s], src, after) for s, src in zip(disk_slots, sources)], PREFETCH)
 
@@ -513,6 +540,7 @@ class OffloadRuntime:
 
         Fills still reading from disk, and copies in flight, finish first: one interrupted between its issue and
         the record of its ticket would otherwise write into a slot after the slot was repaired and reused."""
+        self._repairing = True  # (until it completes: an interrupted repair is run again at the next step)
         if self._fills is not None:
             self._fills.submit(lambda: None).result()  # (the fills thread runs its queue in order)
         self.copies.synchronize()
@@ -529,6 +557,7 @@ class OffloadRuntime:
             cache.state[control.JOB, lost] = -1
             cache.mark_table_changed()
             cache.flush_table()
+        self._repairing = False
 
     def _submit(self, j: int, work) -> _Pending:
         decode = work.is_decode

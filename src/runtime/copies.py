@@ -84,17 +84,22 @@ class JoinedTicket(CopyTicket):
 
 
 class DeferredTicket(CopyTicket):
-    """A copy issued later, once its sources are ready (experts read from disk): ``issue`` (which returns the
-    copy's own ticket) runs on ``executor``'s thread; a caller that needs the copy before that thread started it
-    runs it itself rather than wait behind the thread's queue. Done when the copy has landed, or when preparing
-    it failed (``error``; waiting then raises a RuntimeError from it, as a failed copy does)."""
+    """A copy issued later, once its sources are ready (experts read from disk): ``issue(False)`` (which returns
+    the copy's own ticket) runs on ``executor``'s thread; a caller that needs the copy before that thread started
+    it runs ``issue(True)`` itself rather than wait behind the thread's queue. Done when the copy has landed, or
+    when preparing it failed (``error``; waiting then raises a RuntimeError from it, as a failed copy does).
 
-    def __init__(self, executor: Executor, issue: Callable[[], CopyTicket], nbytes: int) -> None:
+    A failure is kept without its traceback: the traceback's frames would reach back to whoever holds this
+    ticket (the runtime, through its slot caches), a reference cycle that delays freeing a deleted model to a
+    garbage-collector pass, which may then run on any thread.
+    """
+
+    def __init__(self, executor: Executor, issue: Callable[[bool], CopyTicket], nbytes: int) -> None:
         super().__init__(nbytes)
         self._issue = issue
         self._copy: CopyTicket | None = None  # the copy's ticket, once issued
         self._failed: BaseException | None = None  # what preparing it raised, once it did
-        self.future = executor.submit(issue)
+        self.future = executor.submit(issue, False)
 
     def _settled(self) -> bool:
         """Whether the copy was issued or failed to be (taking the thread's outcome once it has one)."""
@@ -106,24 +111,25 @@ class DeferredTicket(CopyTicket):
         if exc is None:
             self._copy = self.future.result()
         else:
-            self._failed = exc
+            self._failed = exc.with_traceback(None)
         return True
 
     def _issued(self) -> CopyTicket:
         """The copy's ticket, issued here if the thread has not started it; raises what preparing it raised."""
         if not self._settled():
-            if self.future.cancel():  # not started: no point waiting behind the queue
-                try:
-                    self._copy = self._issue()
-                except BaseException as exc:
-                    self._failed = exc
-                    if not isinstance(exc, Exception):  # (a Ctrl-C is raised as it is; the slots get repaired)
-                        raise
-            else:
-                self.future.exception()  # (waits)
-                self._settled()
+            try:
+                if self.future.cancel():  # not started: no point waiting behind the queue
+                    self._copy = self._issue(True)
+                else:
+                    self.future.exception()  # (waits)
+                    self._settled()
+            except BaseException as exc:
+                if self.future.cancelled() and self._copy is None:  # ours to issue, and it did not get issued
+                    self._failed = exc.with_traceback(None)
+                if not isinstance(exc, Exception):  # (a Ctrl-C is raised as it is; the slots get repaired)
+                    raise
         if self._failed is not None:
-            raise RuntimeError(f"reading an expert for a copy failed: {self._failed}") from self._failed
+            raise RuntimeError(f"reading an expert for a copy failed: {self._failed!r}") from self._failed
         return self._copy
 
     def done(self) -> bool:

@@ -7,8 +7,10 @@ answer" is checked to 1e-5 relative.
 
 from __future__ import annotations
 
+import gc
 import json
 import random
+import weakref
 
 import numpy as np
 import pytest
@@ -209,6 +211,36 @@ def test_after_a_failed_or_interrupted_copy_the_model_still_gives_the_resident_a
         model.runtime.close()
 
 
+def test_a_repair_interrupted_by_a_second_ctrl_c_is_finished_at_the_next_step(case):
+    """A copy error starts a repair and a Ctrl-C stops the repair's own copy: the slots it had taken over are
+    repaired at the next step, before anything reads them, so the same model still gives the resident answers."""
+    folder, resident, ids, logits, tokens = case
+    model = load(folder, budgets(resident.config)["few"], runtime_options={"verify": True})
+    engine = model.runtime.copies
+    real = engine.copy_records
+    calls = [0]
+
+    def failing(dst, src, dst_rows, src_rows, priority=DEMAND, after=None):
+        if dst is not model.runtime.staging:
+            calls[0] += 1
+            if calls[0] == 3:
+                raise OSError("injected copy error")
+            if calls[0] == 4:  # the repair's copy of the slots the error left without their expert
+                raise KeyboardInterrupt
+        return real(dst, src, dst_rows, src_rows, priority, after)
+
+    engine.copy_records = failing
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            model.generate(ids, max_new_tokens=NEW_TOKENS, temperature=0, stop_at_eos=False)
+        assert calls[0] == 4
+        engine.copy_records = real
+        assert rel(model(ids), logits) <= 1e-5
+        assert torch.equal(model.generate(ids, max_new_tokens=NEW_TOKENS, temperature=0, stop_at_eos=False), tokens)
+    finally:
+        model.runtime.close()
+
+
 @pytest.mark.parametrize("misses", ["copied", "cpu with copy delays"])
 def test_runtime_counts_equal_the_simulator_on_its_own_trace(case, misses):
     """Replay the routing trace the offloaded model recorded through `simulate` with the same plan and
@@ -330,6 +362,14 @@ def test_a_failed_disk_read_among_parallel_ones_leaves_the_model_exact(case, mon
         assert torch.equal(model.generate(ids, max_new_tokens=NEW_TOKENS, temperature=0, stop_at_eos=False), tokens)
     finally:
         model.runtime.close()
+    # the read error left no reference cycle (through its traceback) that would keep the runtime alive
+    store = weakref.ref(model.runtime.store)
+    gc.disable()
+    try:
+        del model
+        assert store() is None
+    finally:
+        gc.enable()
 
 
 def test_a_look_ahead_fill_from_disk_is_read_and_copied_without_the_call_waiting(case, monkeypatch):
@@ -495,6 +535,13 @@ def test_a_look_ahead_fill_whose_disk_read_fails_leaves_the_model_exact(case, mo
         assert torch.equal(model.generate(ids, max_new_tokens=NEW_TOKENS, temperature=0, stop_at_eos=False), tokens)
     finally:
         model.runtime.close()
+    store = weakref.ref(model.runtime.store)  # (no reference cycle left by the fill's error either)
+    gc.disable()
+    try:
+        del model
+        assert store() is None
+    finally:
+        gc.enable()
 
 
 def test_a_plans_disk_tier_stays_on_disk_and_its_reads_equal_the_simulators(case):

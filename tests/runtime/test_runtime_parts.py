@@ -309,10 +309,10 @@ def test_a_deferred_copy_not_started_yet_is_issued_by_its_waiter_not_waited_behi
     pool = ThreadPoolExecutor(1)
     gate, ran_on = threading.Event(), {}
     try:
-        first = DeferredTicket(pool, lambda: (gate.wait(10), _done_ticket())[1], 8)  # occupies the thread
+        first = DeferredTicket(pool, lambda by_caller: (gate.wait(10), _done_ticket())[1], 8)  # occupies the thread
 
-        def issue():
-            ran_on["thread"] = threading.current_thread()
+        def issue(by_caller):
+            ran_on["thread"], ran_on["by_caller"] = threading.current_thread(), by_caller
             return _done_ticket()
 
         second = DeferredTicket(pool, issue, 8)
@@ -320,7 +320,8 @@ def test_a_deferred_copy_not_started_yet_is_issued_by_its_waiter_not_waited_behi
         joined = JoinedTicket([_done_ticket(), second])
         assert not joined.done()
         joined.wait()  # the queue's thread is still busy with the first: the waiter issues the second itself
-        assert ran_on["thread"] is threading.current_thread() and second.done() and joined.done()
+        assert ran_on["thread"] is threading.current_thread() and ran_on["by_caller"]
+        assert second.done() and joined.done()
         gate.set()
         first.wait()
         assert first.done() and first.error is None
@@ -334,7 +335,7 @@ def test_a_deferred_copy_that_failed_is_done_with_its_error_and_raises_when_wait
 
     from residency.runtime.copies import DeferredTicket
 
-    def failing():
+    def failing(by_caller):
         raise OSError("disk gone")
 
     with ThreadPoolExecutor(1) as pool:
@@ -344,9 +345,9 @@ def test_a_deferred_copy_that_failed_is_done_with_its_error_and_raises_when_wait
         assert ticket.done() and isinstance(ticket.error, OSError)
         # a Ctrl-C while the waiter issues the copy itself is raised as it is
         gate = threading.Event()
-        DeferredTicket(pool, lambda: (gate.wait(10), _done_ticket())[1], 8)
+        DeferredTicket(pool, lambda by_caller: (gate.wait(10), _done_ticket())[1], 8)
 
-        def interrupted():
+        def interrupted(by_caller):
             raise KeyboardInterrupt
 
         stopped = DeferredTicket(pool, interrupted, 8)
