@@ -278,6 +278,7 @@ class OffloadRuntime:
         # never queue behind guesses), so that the call that issued them does not wait for the disk
         self._disk = self._fill_disk = self._fills = None
         self._repairing = False  # a repair began and has not completed (see repair)
+        self._closed = False
         if any((rows < 0).any() for rows in store.row_of_expert):
             from concurrent.futures import ThreadPoolExecutor
 
@@ -398,6 +399,7 @@ class OffloadRuntime:
         self._cpu_compute(part, want_norms=False)
 
     def close(self) -> None:
+        self._closed = True
         if self._fills is not None:  # (fills not started are dropped; one still reading issues its copy first)
             self._fills.shutdown(cancel_futures=True)
         self.copies.synchronize()
@@ -411,19 +413,24 @@ class OffloadRuntime:
         # thread of the runtime's own (a garbage-collector pass may run anywhere) waiting here could wait for this
         # very thread: a thread of its own does it then, keeping the banks until it is done.
         fills, copies = getattr(self, "_fills", None), getattr(self, "copies", None)
-        if threading.current_thread().name.startswith("residency-disk"):
+        if threading.current_thread().name.startswith("residency-"):  # (copy, disk and fill threads)
             keep = (getattr(self, "caches", None), getattr(self, "staging", None))
-            threading.Thread(target=_finish_copies, args=(fills, copies, keep), name="residency-cleanup",
-                             daemon=True).start()
+            try:
+                threading.Thread(target=_finish_copies, args=(fills, copies, keep), name="residency-cleanup",
+                                 daemon=True).start()
+            except RuntimeError:  # interpreter shutdown: no new threads
+                pass
         else:
             _finish_copies(fills, copies, None)
 
     # ------------------------------------------------------------------ step boundaries (StepListener)
     def begin_step(self, input_ids: torch.Tensor, is_decode: bool) -> None:
         # (whether a call is a decode step comes with each call's work item)
+        if self._closed:
+            raise RuntimeError("this offload runtime was closed; load the model again")
+        if self._repairing:  # a repair was interrupted (a second Ctrl-C): finish it before anything runs
+            self.repair(range(len(self.caches)))
         try:
-            if self._repairing:  # a repair was interrupted (a second Ctrl-C): finish it before anything runs
-                self.repair(range(len(self.caches)))
             for cache in self.caches:
                 if cache is not None:
                     cache.poll()

@@ -24,10 +24,12 @@ runtime's look-ahead fills from disk).
 
 from __future__ import annotations
 
+import copy
 import heapq
 import itertools
 import threading
 import time
+import traceback
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -83,6 +85,16 @@ class JoinedTicket(CopyTicket):
         return sum(t.order_before_compute() for t in self.tickets)
 
 
+def _detached(exc: BaseException) -> BaseException:
+    """A copy of ``exc`` without its traceback, whose text it keeps as a note: the traceback's frames would keep
+    whoever holds the copy's ticket (the runtime) alive in a reference cycle. A copy, because ``exc`` itself may be
+    on its way out (a Ctrl-C re-raised), and Python rebuilds the traceback of what it raises."""
+    kept = copy.copy(exc)
+    if exc.__traceback__ is not None:
+        kept.add_note("".join(traceback.format_tb(exc.__traceback__)).rstrip())
+    return kept.with_traceback(None)
+
+
 class DeferredTicket(CopyTicket):
     """A copy issued later, once its sources are ready (experts read from disk): ``issue(False)`` (which returns
     the copy's own ticket) runs on ``executor``'s thread; a caller that needs the copy before that thread started
@@ -111,7 +123,7 @@ class DeferredTicket(CopyTicket):
         if exc is None:
             self._copy = self.future.result()
         else:
-            self._failed = exc.with_traceback(None)
+            self._failed = _detached(exc)
         return True
 
     def _issued(self) -> CopyTicket:
@@ -125,7 +137,7 @@ class DeferredTicket(CopyTicket):
                     self._settled()
             except BaseException as exc:
                 if self.future.cancelled() and self._copy is None:  # ours to issue, and it did not get issued
-                    self._failed = exc.with_traceback(None)
+                    self._failed = _detached(exc)
                 if not isinstance(exc, Exception):  # (a Ctrl-C is raised as it is; the slots get repaired)
                     raise
         if self._failed is not None:

@@ -211,6 +211,14 @@ def test_after_a_failed_or_interrupted_copy_the_model_still_gives_the_resident_a
         model.runtime.close()
 
 
+def test_a_closed_runtime_says_so(case):
+    folder, resident, ids, *_ = case
+    model = load(folder, budgets(resident.config)["few"])
+    model.runtime.close()
+    with pytest.raises(RuntimeError, match="runtime was closed"):
+        model(ids)
+
+
 def test_a_repair_interrupted_by_a_second_ctrl_c_is_finished_at_the_next_step(case):
     """A copy error starts a repair and a Ctrl-C stops the repair's own copy: the slots it had taken over are
     repaired at the next step, before anything reads them, so the same model still gives the resident answers."""

@@ -355,3 +355,42 @@ def test_a_deferred_copy_that_failed_is_done_with_its_error_and_raises_when_wait
             stopped.wait()
         assert stopped.done() and isinstance(stopped.error, KeyboardInterrupt)
         gate.set()
+
+
+def test_a_deferred_copy_keeps_its_failure_without_the_frames_of_whoever_waited():
+    """A Ctrl-C (or an error) while the waiter issues the copy itself: the ticket keeps a detached copy of it (its
+    traceback as text), so the frames that waited, and what they hold, are freed with the last reference."""
+    import gc
+    import weakref
+    from concurrent.futures import ThreadPoolExecutor
+
+    from residency.runtime.copies import DeferredTicket
+
+    class Holder:  # stands for the runtime, which holds its tickets
+        pass
+
+    def stop(by_caller):
+        raise KeyboardInterrupt
+
+    gate = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        DeferredTicket(pool, lambda by_caller: (gate.wait(10), _done_ticket())[1], 8)  # occupies the thread
+        holder = Holder()
+        holder.ticket = DeferredTicket(pool, stop, 8)
+
+        def waits(h):
+            h.ticket.wait()
+
+        with pytest.raises(KeyboardInterrupt):
+            waits(holder)
+        kept = holder.ticket.error
+        assert isinstance(kept, KeyboardInterrupt) and kept.__traceback__ is None
+        assert "in stop" in "".join(getattr(kept, "__notes__", []))  # where it happened, as text
+        alive = weakref.ref(holder)
+        gc.disable()
+        try:
+            del holder
+            assert alive() is None
+        finally:
+            gc.enable()
+        gate.set()
