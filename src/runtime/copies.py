@@ -89,7 +89,10 @@ def _detached(exc: BaseException) -> BaseException:
     """A copy of ``exc`` without its traceback, whose text it keeps as a note: the traceback's frames would keep
     whoever holds the copy's ticket (the runtime) alive in a reference cycle. A copy, because ``exc`` itself may be
     on its way out (a Ctrl-C re-raised), and Python rebuilds the traceback of what it raises."""
-    kept = copy.copy(exc)
+    try:
+        kept = copy.copy(exc)
+    except Exception:  # (an exception type that cannot be rebuilt from its arguments)
+        kept = RuntimeError(repr(exc))
     if exc.__traceback__ is not None:
         kept.add_note("".join(traceback.format_tb(exc.__traceback__)).rstrip())
     return kept.with_traceback(None)
@@ -101,9 +104,9 @@ class DeferredTicket(CopyTicket):
     it runs ``issue(True)`` itself rather than wait behind the thread's queue. Done when the copy has landed, or
     when preparing it failed (``error``; waiting then raises a RuntimeError from it, as a failed copy does).
 
-    A failure is kept without its traceback: the traceback's frames would reach back to whoever holds this
-    ticket (the runtime, through its slot caches), a reference cycle that delays freeing a deleted model to a
-    garbage-collector pass, which may then run on any thread.
+    A failure is kept detached from its traceback (:func:`_detached`): the traceback's frames would reach back
+    to whoever holds this ticket (the runtime, through its slot caches), a reference cycle that delays freeing a
+    deleted model to a garbage-collector pass, which may then run on any thread.
     """
 
     def __init__(self, executor: Executor, issue: Callable[[bool], CopyTicket], nbytes: int) -> None:
@@ -159,13 +162,13 @@ class DeferredTicket(CopyTicket):
 
     def wait(self) -> float:
         t0 = time.perf_counter()
-        copy = self._issued()
-        return time.perf_counter() - t0 + copy.wait()
+        issued = self._issued()
+        return time.perf_counter() - t0 + issued.wait()
 
     def order_before_compute(self) -> float:
         t0 = time.perf_counter()
-        copy = self._issued()
-        return time.perf_counter() - t0 + copy.order_before_compute()
+        issued = self._issued()
+        return time.perf_counter() - t0 + issued.order_before_compute()
 
 
 class CopyEngine:
