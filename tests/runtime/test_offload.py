@@ -287,6 +287,18 @@ def test_runtime_counts_equal_the_simulator_on_its_own_trace(case, misses):
             model.runtime.close()
 
 
+def freed_without_gc(held: list) -> bool:
+    """Drop ``held``'s one item, the last reference to an offloaded model, with the garbage collector off: whether
+    its host store went with it (no reference cycle keeps the runtime alive)."""
+    store = weakref.ref(held[0].runtime.store)
+    gc.disable()
+    try:
+        held.clear()
+        return store() is None
+    finally:
+        gc.enable()
+
+
 def disk_tier_plan(config):
     """A plan for a host with RAM for half the experts (the rest on disk) and a few dynamic slots per layer."""
     from residency.planning.hardware import HostSpec
@@ -371,13 +383,9 @@ def test_a_failed_disk_read_among_parallel_ones_leaves_the_model_exact(case, mon
     finally:
         model.runtime.close()
     # the read error left no reference cycle (through its traceback) that would keep the runtime alive
-    store = weakref.ref(model.runtime.store)
-    gc.disable()
-    try:
-        del model
-        assert store() is None
-    finally:
-        gc.enable()
+    held = [model]
+    del model
+    assert freed_without_gc(held)
 
 
 def test_a_look_ahead_fill_from_disk_is_read_and_copied_without_the_call_waiting(case, monkeypatch):
@@ -431,9 +439,7 @@ def test_deleting_a_model_with_a_fill_still_reading_waits_for_it_then_frees_the_
     """A pending look-ahead fill holds what it needs, not the runtime: deleting the model runs the runtime's
     clean-up on this thread, which lets the fill finish (its copy lands before the banks go) and then frees the host
     store, without a garbage-collector pass."""
-    import gc
     import threading
-    import weakref
 
     from residency.runtime.copies import PREFETCH
     from residency.runtime.store import HostExpertStore
@@ -543,13 +549,9 @@ def test_a_look_ahead_fill_whose_disk_read_fails_leaves_the_model_exact(case, mo
         assert torch.equal(model.generate(ids, max_new_tokens=NEW_TOKENS, temperature=0, stop_at_eos=False), tokens)
     finally:
         model.runtime.close()
-    store = weakref.ref(model.runtime.store)  # (no reference cycle left by the fill's error either)
-    gc.disable()
-    try:
-        del model
-        assert store() is None
-    finally:
-        gc.enable()
+    held = [model]  # (no reference cycle left by the fill's error either)
+    del model
+    assert freed_without_gc(held)
 
 
 def test_a_plans_disk_tier_stays_on_disk_and_its_reads_equal_the_simulators(case):
@@ -1005,9 +1007,7 @@ def test_profiling_refuses_a_prompt_past_the_context_before_any_runs(case, monke
 def test_deleting_an_offloaded_model_frees_its_host_store_and_ends_its_copy_thread(case):
     """No reference cycle between the model and the runtime, and no copy thread holding the engine: the host store
     (most of a checkpoint's bytes) is freed when the last reference goes, without a garbage-collector pass."""
-    import gc
     import threading
-    import weakref
 
     folder, resident, ids, _, _ = case
     gc.collect()
@@ -1016,13 +1016,9 @@ def test_deleting_an_offloaded_model_frees_its_host_store_and_ends_its_copy_thre
     model.generate(ids, max_new_tokens=2, temperature=0, stop_at_eos=False)  # look-ahead and copies ran
     threads = {t for t in threading.enumerate() if t.name == "residency-copies"} - before
     assert len(threads) == 1
-    store = weakref.ref(model.runtime.store)
-    gc.disable()
-    try:
-        del model
-        assert store() is None
-    finally:
-        gc.enable()
+    held = [model]
+    del model
+    assert freed_without_gc(held)
     thread = threads.pop()
     thread.join(timeout=10)
     assert not thread.is_alive()
