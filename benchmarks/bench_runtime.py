@@ -4,18 +4,18 @@
 
 A Super-shaped routing problem (512 experts, top-22, one token per step) runs through the real
 runtime on the ``cpu`` device with tiny expert records (so copies cost almost nothing), for
-several slot budgets and with prefetch on and off. The expert kernel is replaced by a stub that
-writes zeros (neither its compute nor its cache footprint is bookkeeping). Per layer-step the time
-of :meth:`OffloadRuntime.submit` + :meth:`OffloadRuntime.collect` is measured, plus the layer's
-share of the step boundary (:meth:`OffloadRuntime.begin_step`, which retires landed copies), minus
-the time inside the stub and waiting for copies; what remains is the bookkeeping the runtime adds:
-the device-to-host read of the routing ids, lookups and admission through the policy, copy issue,
-slot-table updates, skip masks and telemetry (the look-ahead router's own compute is excluded).
+several slot budgets and with prefetch on and off. The routing of every step, and the look-ahead
+router's predictions, are drawn before the run, and the expert kernels (the slot-bank kernel and
+the CPU one) are stubs that write nothing: neither routing compute nor expert compute is
+bookkeeping. Per layer-step the time of :meth:`OffloadRuntime.submit` + :meth:`OffloadRuntime.collect`
+is measured, plus the layer's share of the step boundary (:meth:`OffloadRuntime.begin_step`, which
+retires landed copies), minus the time waiting for copies; what remains is the bookkeeping the
+runtime adds: the device-to-host read of the routing ids, lookups and admission through the
+policy, copy issue, slot-table updates, skip masks, the CPU part's inputs and telemetry (the calls
+of the stubs and of the look-ahead router, which returns its drawn ids, are counted with it).
 Each case runs twice: with the cpu device's copy thread (a copy's hand-over to that thread and the
 GIL is part of the cost) and with copies done inline at issue (the runtime's own work per miss, as
-on CUDA where a copy is an asynchronous stream operation). With misses computed on the CPU, the
-part of it spent in the CPU part's call around its stubbed kernel (the calls into it, the norms
-and sum arguments) is also shown on its own. Every case runs ``--repeats`` times,
+on CUDA where a copy is an asynchronous stream operation). Every case runs ``--repeats`` times,
 interleaved with the others; the table gives the run with the lowest median and the range of
 the runs' medians (on a shared machine, load from elsewhere only ever adds time). Target:
 <= 25 us per MoE layer per decode step.
@@ -43,6 +43,7 @@ from residency.runtime.ledger import DeviceLedger
 from residency.runtime.store import ExpertLayout, HostExpertStore
 
 EXPERTS, TOP_K, LAYERS = 512, 22, 8
+WARM_UP = 20  # steps before the timed ones: numba compilation, the allocator, the first fills
 INNER, WIDTH = 8, 8  # tiny records: the benchmark measures bookkeeping, not copies or math
 
 
@@ -97,81 +98,61 @@ def run_case(slots_per_layer: int, prefetch: bool, steps: int, seed: int = 0, st
     for buf in store.buffers:
         buf.normal_()
     gen = torch.Generator().manual_seed(seed)
-    # skewed routing with some repeats, roughly like real traces
+    # skewed routing with some repeats, roughly like real traces; drawn before the run, the look-ahead's
+    # predictions too, so that the timed calls contain no routing compute (the router's call is counted)
     popularity = torch.distributions.Dirichlet(torch.full((EXPERTS,), 0.3)).sample((LAYERS,))
-    router_s = [0.0]
+    total = steps + WARM_UP
+    routes = [[torch.multinomial(popularity[j], TOP_K, generator=gen)[None] for j in range(LAYERS)]
+              for _ in range(total)]
+    predictions = [[torch.multinomial(popularity[j], TOP_K, generator=gen)[None] for j in range(LAYERS)]
+                   for _ in range(total)]
+    now = [0]
 
     def make_router(j: int):
         def router(hidden):
-            t0 = time.perf_counter()
-            ids = torch.multinomial(popularity[j], TOP_K, generator=gen)[None]
-            router_s[0] += time.perf_counter() - t0  # look-ahead routing is compute, not bookkeeping
-            return ids, None, None
+            return predictions[now[0]][j], None, None
         return router
 
-    routers = [make_router(j) for j in range(LAYERS)]
     plans = [LayerSlotPlan(tuple(range(slots_per_layer)), 0, "copy") if static else
              LayerSlotPlan((), slots_per_layer, "copy") for _ in range(LAYERS)]
     ledger = DeviceLedger(torch.device("cpu"), None)
     runtime = OffloadRuntime(store, plans, ledger, RuntimeOptions(mode="cpu", prefetch=prefetch, cpu_experts=cpu,
-                                                                  staging_slots=2 * TOP_K), routers, TOP_K)
+                                                                  staging_slots=2 * TOP_K),
+                             [make_router(j) for j in range(LAYERS)], TOP_K)
     if inline:
         runtime.copies.close()
         runtime.copies = InlineCopies()
-    kernel_s = [0.0]
-    real_kernel = backend_module.moe_gather_gemm
+    # the expert kernels are stubs that write nothing (their compute is not bookkeeping; their call is counted)
+    real_kernel, real_cpu_kernel = backend_module.moe_gather_gemm, cpu_experts_module._cpu_moe_kernel
 
-    def timed_kernel(x, *args, out=None, **kwargs):
-        t0 = time.perf_counter()
-        out = torch.zeros_like(x) if out is None else out.zero_()
-        kernel_s[0] += time.perf_counter() - t0
-        return out
+    def kernel_stub(x, *args, out=None, **kwargs):
+        return torch.empty_like(x) if out is None else out
 
-    backend_module.moe_gather_gemm = timed_kernel
-    # misses computed on the CPU: the compiled expert kernel is stubbed too (its compute is not bookkeeping;
-    # the Python around it is)
-    cpu_kernel_s = [0.0]
-    real_cpu_kernel = cpu_experts_module._cpu_moe_kernel
+    def cpu_kernel_stub(*args):
+        pass
 
-    def timed_cpu_kernel(x, *args):
-        t0 = time.perf_counter()
-        args[10][:] = 0.0  # out
-        cpu_kernel_s[0] += time.perf_counter() - t0
-
-    cpu_experts_module._cpu_moe_kernel = timed_cpu_kernel
-    # the CPU part's set-up around that kernel (the call into it, its buffers) is timed apart too
-    cpu_part_s = [0.0]
-    real_cpu_compute = runtime._cpu_compute
-
-    def timed_cpu_compute(*args, **kwargs):
-        t0 = time.perf_counter()
-        result = real_cpu_compute(*args, **kwargs)
-        cpu_part_s[0] += time.perf_counter() - t0
-        return result
-
-    runtime._cpu_compute = timed_cpu_compute
-    per_step, per_step_cpu = [], []
+    backend_module.moe_gather_gemm = kernel_stub
+    cpu_experts_module._cpu_moe_kernel = cpu_kernel_stub
+    per_step = []
     try:
         x = torch.randn(1, WIDTH)
-        for step in range(steps + 20):
-            if step == 20:  # warm-up done: numba compilation, allocator, first fills
+        weights = torch.rand(1, TOP_K)
+        for step in range(total):
+            if step == WARM_UP:  # warm-up done: numba compilation, allocator, first fills
                 runtime.reset_stats()
+            now[0] = step
             # the step boundary retires landed copies of every layer: its share per layer is bookkeeping too
             t0 = time.perf_counter()
             runtime.begin_step(None, True)
             boundary = (time.perf_counter() - t0) / LAYERS
             for j in range(LAYERS):
-                ids = routers[j](None)[0]
-                work = Work(ids, torch.rand(1, TOP_K), x, x)
-                kernel_s[0] = router_s[0] = cpu_kernel_s[0] = cpu_part_s[0] = 0.0
+                work = Work(routes[step][j], weights, x, x)
                 stall_before = runtime.telemetry["decode"].stall_s[j]
                 t0 = time.perf_counter()
                 runtime.collect(j, runtime.submit(j, work), work)
-                total = time.perf_counter() - t0
-                stall = runtime.telemetry["decode"].stall_s[j] - stall_before
-                if step >= 20:
-                    per_step.append(boundary + total - kernel_s[0] - cpu_kernel_s[0] - router_s[0] - stall)
-                    per_step_cpu.append(cpu_part_s[0] - cpu_kernel_s[0])
+                took = time.perf_counter() - t0
+                if step >= WARM_UP:
+                    per_step.append(boundary + took - (runtime.telemetry["decode"].stall_s[j] - stall_before))
         stats = runtime.stats()
     finally:
         backend_module.moe_gather_gemm = real_kernel
@@ -183,7 +164,6 @@ def run_case(slots_per_layer: int, prefetch: bool, steps: int, seed: int = 0, st
             "cpu_experts": cpu,
             "layer_steps": len(per_step),
             "median_us": float(statistics.median(us)), "p90_us": float(np.percentile(us, 90)),
-            "cpu_part_median_us": float(statistics.median(np.array(per_step_cpu) * 1e6)),
             "hit_rate": stats["hits"] / looked if looked else None, "demand_copies": stats["demand_copies"],
             "prefetch_issued": stats["prefetch_issued"]}
 
@@ -216,8 +196,8 @@ def main() -> None:
         "range of the runs' medians)",
         "",
         "| slots per layer | prefetch | misses | copies | hit rate | demand copies per layer-step | median us | "
-        "runs' medians us | p90 us | of it: CPU part's call, median us |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "runs' medians us | p90 us |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         hit = "n/a" if r["hit_rate"] is None else f"{100 * r['hit_rate']:.1f} %"
@@ -226,8 +206,7 @@ def main() -> None:
         lines.append(f"| {r['slots_per_layer']} {kind} | {'on' if r['prefetch'] else 'off'} | "
                      f"{'CPU' if r['cpu_experts'] else 'copied'} | {copies} | {hit} | "
                      f"{r['demand_copies'] / r['layer_steps']:.1f} | {r['median_us']:.1f} | "
-                     f"{min(r['medians_us']):.1f}-{max(r['medians_us']):.1f} | {r['p90_us']:.1f} | "
-                     + (f"{r['cpu_part_median_us']:.1f} |" if r["cpu_experts"] else "|"))
+                     f"{min(r['medians_us']):.1f}-{max(r['medians_us']):.1f} | {r['p90_us']:.1f} |")
     own = max(r["median_us"] for r in rows if r["inline_copies"] or r["static"])
     thread = max(r["median_us"] for r in rows if not (r["inline_copies"] or r["static"]))
     lines += ["", f"worst median, copies inline (the runtime's own work; on CUDA a copy is a stream operation): "
@@ -242,8 +221,8 @@ def main() -> None:
         args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
         header = (f"# Runtime control-plane cost\n\n`benchmarks/bench_runtime.py`, {meta['date']}, {meta['cpu']}, "
                   f"torch {meta['torch']}, numpy {meta['numpy']}, commit {meta['commit']}, 1 torch thread. "
-                  "Bookkeeping = time of submit + collect, plus a layer's share of the step boundary, minus the "
-                  "expert-kernel stub and copy waits.\n\n")
+                  "Bookkeeping = time of submit + collect, plus a layer's share of the step boundary, minus copy "
+                  "waits; the expert kernels are stubs that write nothing, routing is drawn before the run.\n\n")
         args.out.with_suffix(".md").write_text(header + text + "\n")
 
 

@@ -157,16 +157,15 @@ class _CpuPart:
     """The CPU pairs of one layer call, read to the host in ``submit`` and computed in ``collect``."""
 
     layer: int
-    tokens: np.ndarray  # [P] token of each CPU pair
-    picks: np.ndarray  # [P] its top-k position
-    rows: np.ndarray  # [P] its expert's record in the host store
+    pairs: np.ndarray  # int64 [PAIR_ROWS, >= n]: token, top-k position, store record, flat index of each CPU pair
+    n: int  # how many pairs
     x: np.ndarray  # [T, L] fp32 latent activations
-    weights: np.ndarray  # [P] fp32 routing weights
+    weights: np.ndarray  # [T, k] fp32 routing weights (the CPU kernels read the pairs' own)
     h_round: int = 0  # how the intermediate is rounded: as the GPU kernel of the call's other pairs does
 
     def own_pairs(self) -> None:
-        """Copy the pair lists, views of the runtime's workspace until now, before that is reused."""
-        self.tokens, self.picks, self.rows = self.tokens.copy(), self.picks.copy(), self.rows.copy()
+        """Copy the pair lists, the runtime's workspace until now, before that is reused."""
+        self.pairs = self.pairs[:, :self.n].copy()
 
 
 @dataclass(slots=True)
@@ -325,9 +324,12 @@ class OffloadRuntime:
         self._scratch_pair = np.zeros(E, dtype=np.int8)
         self._work = control.new_work(E)
         self._no_prediction = np.empty((0, 1), dtype=np.int64)  # layer_call's look-ahead input when there is none
-        self._skip_ws = np.empty(0, dtype=np.bool_)  # see _grow_pair_workspace
-        self._pairs_ws = np.empty((control.PAIR_ROWS, 0), dtype=np.int64)
         self._skip_views: dict[tuple[int, ...], torch.Tensor] = {}  # see _skip_tensor
+        self._grow_pair_workspace(0)  # (the skip mask and CPU pair lists)
+        # per layer, the arguments of layer_call that stay the same objects for the runtime's life (the policy's,
+        # slot and table state, the store's records), gathered once: the decode path's host work is this call
+        self._layer_args = [None if c is None else (c.policy._I, c.policy._F, c.state, store.row_of_expert[j],
+                                                    c.table_host) for j, c in enumerate(self.caches)]
         self._open_part: _CpuPart | None = None  # a CPU part submitted, not yet collected
         self._ahead = [self._looks_ahead(j) for j in range(store.num_layers + 1)]  # per layer: predicted?
         # per layer: unified memory with no expert on disk (a call never stages, see _submit)
@@ -394,8 +396,9 @@ class OffloadRuntime:
             return
         row = int(self.store.row_of_expert[j][self.store.row_of_expert[j] >= 0][0])
         x = np.zeros((1, self.layout.width), dtype=np.float32)
-        part = _CpuPart(j, np.zeros(1, np.int64), np.zeros(1, np.int64), np.array([row], np.int64), x,
-                        np.zeros(1, np.float32))
+        pairs = np.zeros((control.PAIR_ROWS, 1), np.int64)
+        pairs[control.PAIR_ROW] = row
+        part = _CpuPart(j, pairs, 1, x, np.zeros((1, 1), np.float32))
         self._cpu_compute(part, want_norms=False)
 
     def close(self) -> None:
@@ -619,21 +622,17 @@ class OffloadRuntime:
                 phase.stall_s[j] += cache.settle()
             out, counts = self._out, self._counts
             demand_job, back_job = cache.new_job(), cache.new_job()
-            policy = cache.policy
+            own = self._layer_args[j]
             if predicted_h is not None:  # the next layer's predicted experts are admitted in the same call
                 ahead, pf_job = self.caches[j + 1], self.caches[j + 1].new_job()
-                ahead_args = (predicted_h, ahead.policy._I, ahead.policy._F, ahead.state,
-                              self.store.row_of_expert[j + 1], ahead.table_host, pf_job)
+                predicted_in, ahead_args = predicted_h, self._layer_args[j + 1]
                 tel_next = self.telemetry["decode"].rows[j + 1]
-            else:
-                ahead_args = (self._no_prediction, policy._I, policy._F, cache.state, self.store.row_of_expert[j],
-                              cache.table_host, 0)
-                tel_next = tel
+            else:  # (no prediction: the next layer's arguments are not read)
+                predicted_in, ahead_args, pf_job, tel_next = self._no_prediction, own, 0, tel
             # lookup, admission, the copy-or-CPU choice, slot state and table, the pair masks, the look-ahead's
             # admission, the telemetry: one compiled call
-            control.layer_call(policy.kind, decode, ids_h, self._cpu_limits[j], policy._I, policy._F, cache.state,
-                               self.store.row_of_expert[j], cache.table_host, demand_job, back_job, *ahead_args,
-                               self._work, self._scratch_pair, out, counts, self._skip_ws, pairs, tel, tel_next,
+            control.layer_call(cache.policy.kind, decode, ids_h, self._cpu_limits[j], *own, demand_job, back_job,
+                               predicted_in, *ahead_args, pf_job, *self._call_workspaces, tel, tel_next,
                                self._record_bytes)
             c = counts.tolist()
             n_gpu, n_demand, n_back, n_staged, n_cpu, n_wait = c[:control.HITS]
@@ -665,9 +664,8 @@ class OffloadRuntime:
             # read the CPU pairs' inputs now, before the GPU kernels below are queued behind them; on CUDA
             # this waits for the latent projection only, so the CPU part (computed in collect) overlaps them
             x_h, w_h = host_fp32(work.latent, work.weights, merged=not self._on_cpu)
-            # (the pair lists are views of the workspace, see own_pairs; take flattens a C array)
-            cpu_part = _CpuPart(j, pairs[control.PAIR_TOKEN, :n_pairs], pairs[control.PAIR_PICK, :n_pairs],
-                                pairs[control.PAIR_ROW, :n_pairs], x_h, w_h.take(pairs[control.PAIR_FLAT, :n_pairs]),
+            # (the pair lists are the workspace, see own_pairs)
+            cpu_part = _CpuPart(j, pairs, n_pairs, x_h, w_h,
                                 self._intermediate_rounding(work, up, down, table) if self._gpu_kernels else 0)
             self._open_part = cpu_part
 
@@ -743,6 +741,7 @@ class OffloadRuntime:
         it is collected or the next call begins, see :meth:`_CpuPart.own_pairs`)."""
         self._skip_ws = np.empty(size, dtype=np.bool_)
         self._pairs_ws = np.empty((control.PAIR_ROWS, size), dtype=np.int64)
+        self._call_workspaces = (self._work, self._scratch_pair, self._out, self._counts, self._skip_ws, self._pairs_ws)
         self._skip_views.clear()
 
     def _skip_tensor(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -764,7 +763,7 @@ class OffloadRuntime:
         """
         out = torch.zeros(part.x.shape, dtype=torch.float32) if into is None else None
         target = out.numpy() if into is None else into
-        norms = np.full(part.tokens.size, np.nan, dtype=np.float32) if want_norms else self._no_norms
+        norms = np.full(part.n, np.nan, dtype=np.float32) if want_norms else self._no_norms
         j = part.layer
         prepared = self._cpu_prepared[j]
         if prepared is None:  # checked once per layer: the store's buffers never change
@@ -777,7 +776,7 @@ class OffloadRuntime:
 
                 prepared = prepare_banks(*self._store_views[j])
             self._cpu_prepared[j] = prepared
-        self._cpu_call(prepared, part.x, part.tokens, part.rows, part.weights, target, norms, part.h_round)
+        self._cpu_call(prepared, part.x, part.pairs, part.n, part.weights, target, norms, part.h_round)
         return out, norms if want_norms else None
 
     def _intermediate_rounding(self, work, up, down, table) -> int:
@@ -809,7 +808,7 @@ class OffloadRuntime:
                 out += cpu_out.to(out.device, non_blocking=True)
             if norms is not None:
                 dev = out.device
-                work.pair_norms[torch.from_numpy(part.tokens).to(dev, non_blocking=True),
-                                torch.from_numpy(part.picks).to(dev, non_blocking=True)] = (
-                    torch.from_numpy(norms).to(dev, non_blocking=True))
+                at = torch.from_numpy(part.pairs[(control.PAIR_TOKEN, control.PAIR_PICK), :part.n]).to(dev,
+                                                                                                     non_blocking=True)
+                work.pair_norms[at[0], at[1]] = torch.from_numpy(norms).to(dev, non_blocking=True)
         return out if out.dtype == work.latent.dtype else out.to(work.latent.dtype)

@@ -49,6 +49,7 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
+from .control import PAIR_FLAT, PAIR_ROW, PAIR_ROWS, PAIR_TOKEN
 from .jit import njit
 
 __all__ = [
@@ -252,18 +253,47 @@ def _add_pairs_by_token(tok: np.ndarray, wgt: np.ndarray, y: np.ndarray, out: np
             out[t, l] += acc[l]
 
 
+@njit
+def _pair_lists(pairs: np.ndarray, num_pairs: int, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The kernels' pair inputs as per-pair arrays: tokens and expert rows (views of ``pairs``) and weights.
+
+    ``pairs``: int64 ``[PAIR_ROWS, >= num_pairs]`` with the rows of the runtime's CPU pair lists
+    (:data:`~residency.runtime.control.PAIR_TOKEN` .. ``PAIR_FLAT``: token, top-k position, expert or
+    record, flat index of the pair's weight in ``weights``); ``weights``: fp32 2-D, read at those flat
+    indices (row-major). The runtime hands its workspace and the call's ``[T, k]`` weights as they are,
+    so a layer call builds no per-pair array in Python.
+    """
+    tok = pairs[PAIR_TOKEN, :num_pairs]
+    rec = pairs[PAIR_ROW, :num_pairs]
+    cols = weights.shape[1]
+    wgt = np.empty(num_pairs, np.float32)
+    for p in range(num_pairs):
+        f = pairs[PAIR_FLAT, p]
+        wgt[p] = weights[f // cols, f % cols]
+    return tok, rec, wgt
+
+
+def pair_array(pairs_token: np.ndarray, pairs_expert: np.ndarray) -> np.ndarray:
+    """The ``pairs`` argument of the kernels for plain per-pair lists (weights then ``[1, P]``, in pair order)."""
+    n = pairs_token.shape[0]
+    pairs = np.zeros((PAIR_ROWS, n), np.int64)
+    pairs[PAIR_TOKEN], pairs[PAIR_ROW], pairs[PAIR_FLAT] = pairs_token, pairs_expert, np.arange(n)
+    return pairs
+
+
 @njit(parallel=True, fastmath=False)
 def _cpu_moe_kernel(x: np.ndarray, up: np.ndarray, up_e: int, up_i: int, down: np.ndarray, down_e: int, down_l: int,
-                    inter: int, tok: np.ndarray, exp: np.ndarray, wgt: np.ndarray, out: np.ndarray,
+                    inter: int, pairs: np.ndarray, num_pairs: int, weights: np.ndarray, out: np.ndarray,
                     norms: np.ndarray, rows_up: int, rows_down: int, h_round: int) -> None:
     """The phases of the module docstring. Inputs are validated by :func:`cpu_moe`.
 
     x, out: [T, L] fp32 C-contiguous. up, down: 1-D spans (uint16 or fp32) of the banks, expert
     ``e``'s row ``i`` of up at ``e * up_e + i * up_i`` (``L`` elements), its row ``l`` of down at
-    ``e * down_e + l * down_l`` (``inter`` elements). tok, exp: [P] int64; wgt: [P] fp32;
-    norms: [P] fp32 or empty (not wanted). h_round: :func:`rounding_code` of the intermediate.
+    ``e * down_e + l * down_l`` (``inter`` elements). pairs, num_pairs, weights: the pairs, see
+    :func:`_pair_lists`; norms: [P] fp32 or empty (not wanted). h_round: :func:`rounding_code` of
+    the intermediate.
     """
-    num_pairs = tok.shape[0]
+    tok, exp, wgt = _pair_lists(pairs, num_pairs, weights)
     latent = x.shape[1]
 
     by_expert = np.argsort(exp, kind="mergesort")  # stable: pairs of one expert in input order
@@ -515,16 +545,18 @@ def cpu_moe_prepared(banks: PreparedBanks, x: np.ndarray, pairs_token: np.ndarra
     """
     norms = check_prepared_call(x, out, banks.latent, pairs_token, pairs_expert, pairs_weight, pair_norms)
     if norms is not None:
-        run_prepared(banks, x, pairs_token, pairs_expert, pairs_weight, out, norms, h_round)
+        run_prepared(banks, x, pair_array(pairs_token, pairs_expert), pairs_token.shape[0], pairs_weight[None, :], out,
+                     norms, h_round)
 
 
-def run_prepared(banks: PreparedBanks, x: np.ndarray, pairs_token: np.ndarray, pairs_expert: np.ndarray,
-                 pairs_weight: np.ndarray, out: np.ndarray, norms: np.ndarray, h_round: int = ROUND_NONE) -> None:
+def run_prepared(banks: PreparedBanks, x: np.ndarray, pairs: np.ndarray, num_pairs: int, weights: np.ndarray,
+                 out: np.ndarray, norms: np.ndarray, h_round: int = ROUND_NONE) -> None:
     """:func:`cpu_moe_prepared` without its checks, for the offload runtime, whose inputs have those types by
-    construction (its latent and sum buffers, its pair lists): at least one pair, ``norms`` empty when not
-    wanted. Wrong types or shapes here read or write out of bounds."""
+    construction (its latent and sum buffers, its pair workspace and the call's ``[T, k]`` weights, see
+    :func:`_pair_lists`): at least one pair, ``norms`` empty when not wanted. Wrong types or shapes here read
+    or write out of bounds."""
     head, tail = banks.kernel_args
-    _cpu_moe_kernel(x, *head, pairs_token, pairs_expert, pairs_weight, out, norms, *tail, h_round)
+    _cpu_moe_kernel(x, *head, pairs, num_pairs, weights, out, norms, *tail, h_round)
 
 
 def _upcast(bank: np.ndarray) -> torch.Tensor:

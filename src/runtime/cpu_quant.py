@@ -88,8 +88,10 @@ from .cpu_experts import (
     _add_pairs_by_token,
     _as_array,
     _group_starts,
+    _pair_lists,
     _row_dot,
     check_prepared_call,
+    pair_array,
     round_intermediate,
     rounding_code,
 )
@@ -645,12 +647,14 @@ def _cpu_moe_quant_kernel(x: np.ndarray, bank: np.ndarray, words: np.ndarray, fl
                           halves: np.ndarray, record_bytes: int, tag: np.ndarray, fmt: int, inter: int,
                           pj_up: np.ndarray,
                           pj_down: np.ndarray, symmetric: bool, scale_bits: int, e2m1: np.ndarray,
-                          e4m3: np.ndarray, t16: np.ndarray, tok: np.ndarray, rec: np.ndarray, wgt: np.ndarray,
+                          e4m3: np.ndarray, t16: np.ndarray, pairs: np.ndarray, num_pairs: int, weights: np.ndarray,
                           out: np.ndarray, norms: np.ndarray, rows_up: int, rows_down: int,
                           x_scale: np.float32, h_round: int) -> None:
     """The module docstring's phases; ``pj_up`` / ``pj_down``: each projection's parameters (``_P_*``);
-    ``h_round``: :func:`~residency.runtime.cpu_experts.rounding_code` of the intermediate."""
-    num_pairs = tok.shape[0]
+    ``pairs``, ``num_pairs``, ``weights``: the pairs (records in the expert row), see
+    :func:`residency.runtime.cpu_experts._pair_lists`; ``h_round``:
+    :func:`~residency.runtime.cpu_experts.rounding_code` of the intermediate."""
+    tok, rec, wgt = _pair_lists(pairs, num_pairs, weights)
     latent = x.shape[1]
     by_rec = np.argsort(rec, kind="mergesort")
     starts = _group_starts(rec, by_rec)
@@ -898,17 +902,17 @@ def cpu_moe_quant_prepared(records: PreparedRecords, x: np.ndarray, pairs_token:
     """
     norms = check_prepared_call(x, out, records.layout.width, pairs_token, pairs_record, pairs_weight, pair_norms)
     if norms is not None:
-        run_prepared_quant(records, x, pairs_token, pairs_record, pairs_weight, out, norms, h_round)
+        run_prepared_quant(records, x, pair_array(pairs_token, pairs_record), pairs_token.shape[0],
+                           pairs_weight[None, :], out, norms, h_round)
 
 
-def run_prepared_quant(records: PreparedRecords, x: np.ndarray, pairs_token: np.ndarray, pairs_record: np.ndarray,
-                       pairs_weight: np.ndarray, out: np.ndarray, norms: np.ndarray,
-                       h_round: int = ROUND_NONE) -> None:
+def run_prepared_quant(records: PreparedRecords, x: np.ndarray, pairs: np.ndarray, num_pairs: int,
+                       weights: np.ndarray, out: np.ndarray, norms: np.ndarray, h_round: int = ROUND_NONE) -> None:
     """:func:`cpu_moe_quant_prepared` without its checks, for the offload runtime, whose inputs have those types
-    by construction: at least one pair, ``norms`` empty when not wanted. Wrong types or shapes here read or
-    write out of bounds."""
+    by construction (pairs as :func:`~residency.runtime.cpu_experts.run_prepared` takes them): at least one
+    pair, ``norms`` empty when not wanted. Wrong types or shapes here read or write out of bounds."""
     head, tail = records.kernel_args
-    _cpu_moe_quant_kernel(x, *head, pairs_token, pairs_record, pairs_weight, out, norms, *tail, h_round)
+    _cpu_moe_quant_kernel(x, *head, pairs, num_pairs, weights, out, norms, *tail, h_round)
 
 
 def cpu_moe_quant_reference(x: Any, layout: ExpertRecordLayout, records: Any, pairs_token: Any, pairs_record: Any,

@@ -101,6 +101,25 @@ def test_offloaded_equals_resident(case, size, cpu, prefetch):
         model.runtime.close()
 
 
+@pytest.mark.parametrize("size", ["smallest", "few"])
+def test_profiling_an_offloaded_model_whose_misses_run_on_the_cpu_gives_the_resident_profile(case, size):
+    """REAP saliency needs each pair's expert-output norm: the CPU kernels write those of the pairs they compute,
+    at their top-k positions, so the offloaded profile equals the resident one."""
+    folder, resident, ids, _, _ = case
+    prompts = [ids[0].tolist(), list(range(40, 52))]
+    want = resident.profile(prompts, decode_tokens=6)
+    model = load(folder, budgets(resident.config)[size], cpu_experts=True, prefetch=False)
+    try:
+        got = model.profile(prompts, decode_tokens=6)
+        assert model.stats()["experts"]["cpu_computed"] > 0
+    finally:
+        model.runtime.close()
+    assert torch.equal(got.counts, want.counts)
+    assert torch.allclose(got.gate_mass, want.gate_mass, rtol=1e-5, atol=0)
+    assert torch.allclose(got.saliency, want.saliency, rtol=1e-5, atol=1e-7)
+    assert (got.saliency[want.counts > 0] > 0).all()
+
+
 @pytest.mark.parametrize("cpu_experts", ["auto", True])
 def test_unified_mode_reads_the_store_in_place_and_equals_resident(case, cpu_experts):
     """cpu_experts=True changes nothing on unified memory: RAM experts are read in place, disk experts staged."""
