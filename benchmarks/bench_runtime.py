@@ -99,7 +99,9 @@ def run_case(slots_per_layer: int, prefetch: bool, steps: int, seed: int = 0, st
         buf.normal_()
     gen = torch.Generator().manual_seed(seed)
     # skewed routing with some repeats, roughly like real traces; drawn before the run, the look-ahead's
-    # predictions too, so that the timed calls contain no routing compute (the router's call is counted)
+    # predictions too, so that the timed calls contain no routing compute (the router's call is counted); the
+    # same draws for every case of one seed
+    torch.manual_seed(seed)  # (the Dirichlet draws from the global generator)
     popularity = torch.distributions.Dirichlet(torch.full((EXPERTS,), 0.3)).sample((LAYERS,))
     total = steps + WARM_UP
     routes = [[torch.multinomial(popularity[j], TOP_K, generator=gen)[None] for j in range(LAYERS)]

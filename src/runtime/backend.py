@@ -737,7 +737,7 @@ class OffloadRuntime:
 
     def _grow_pair_workspace(self, size: int) -> None:
         """Room for ``size`` routed pairs in the skip-mask and CPU-pair workspaces (they grow to the largest call
-        seen; a call's views of the mask are used within the call, the CPU part's views of the pair lists until
+        seen; a call's views of the mask are used within the call; a CPU part reads the pair lists' workspace until
         it is collected or the next call begins, see :meth:`_CpuPart.own_pairs`)."""
         self._skip_ws = np.empty(size, dtype=np.bool_)
         self._pairs_ws = np.empty((control.PAIR_ROWS, size), dtype=np.int64)

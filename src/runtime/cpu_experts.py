@@ -290,7 +290,7 @@ def _cpu_moe_kernel(x: np.ndarray, up: np.ndarray, up_e: int, up_i: int, down: n
     x, out: [T, L] fp32 C-contiguous. up, down: 1-D spans (uint16 or fp32) of the banks, expert
     ``e``'s row ``i`` of up at ``e * up_e + i * up_i`` (``L`` elements), its row ``l`` of down at
     ``e * down_e + l * down_l`` (``inter`` elements). pairs, num_pairs, weights: the pairs, see
-    :func:`_pair_lists`; norms: [P] fp32 or empty (not wanted). h_round: :func:`rounding_code` of
+    :func:`_pair_lists`; norms: [num_pairs] fp32 or empty (not wanted). h_round: :func:`rounding_code` of
     the intermediate.
     """
     tok, exp, wgt = _pair_lists(pairs, num_pairs, weights)

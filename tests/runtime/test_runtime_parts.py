@@ -228,16 +228,17 @@ class _Work:
         self.is_decode = True
 
 
-def test_cpu_parts_of_calls_submitted_before_either_is_collected_keep_their_own_pairs():
-    """The CPU pair lists are views of a workspace the next call reuses: a call submitted before the previous
-    one is collected must not change what that one computes."""
+@pytest.mark.parametrize("tokens", [(3, 3), (3, 5)], ids=["same-size", "workspace-grows"])
+def test_cpu_parts_of_calls_submitted_before_either_is_collected_keep_their_own_pairs(tokens):
+    """A CPU part reads the pair lists in a workspace the next call reuses (or replaces, when it needs more room):
+    a call submitted before the previous one is collected must not change what that one computes."""
     from residency.runtime.backend import LayerSlotPlan, OffloadRuntime, RuntimeOptions
 
     layers, experts, k = 2, 12, 3
     layout = ExpertLayout(6, 5, torch.float32)
     gen = torch.Generator().manual_seed(0)
-    works = [_Work(torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(3)]),
-                   torch.rand(3, k, generator=gen), torch.randn(3, 5, generator=gen)) for _ in range(layers)]
+    works = [_Work(torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(t)]),
+                   torch.rand(t, k, generator=gen), torch.randn(t, 5, generator=gen)) for t in tokens]
 
     def runtime():
         store = HostExpertStore(layout, layers, experts)
