@@ -68,6 +68,7 @@ from .copies import (
     CopyTicket,
     CudaCopyEngine,
     DeferredTicket,
+    HostUploads,
     JoinedTicket,
     ThreadCopyEngine,
 )
@@ -281,7 +282,7 @@ class OffloadRuntime:
         if any((rows < 0).any() for rows in store.row_of_expert):
             from concurrent.futures import ThreadPoolExecutor
 
-            pinned = options.mode == "cuda"
+            pinned = self.device.type == "cuda"  # (also unified memory on a CUDA device: staged through copies)
             self._disk = DiskReader(store, options.disk_readers, pinned=pinned, name="residency-disk")
             self._fill_disk = DiskReader(store, options.disk_readers, pinned=pinned, name="residency-disk-fill-reads")
             self._fills = ThreadPoolExecutor(1, thread_name_prefix="residency-disk-fills")
@@ -305,6 +306,7 @@ class OffloadRuntime:
                 self.caches.append(SlotCache(j, store.num_experts, plan.static, plan.dynamic_slots, lay, ledger,
                                              policy=options.policy, prior=plan.prior,
                                              prior_tokens=options.prior_tokens, mirror_table=options.mirror_tables))
+        self._upload = HostUploads(self.device)  # small host-to-device copies: tables, masks, CPU sums, norms
         self.staging = ledger.empty((options.staging_slots, lay.record_numel), lay.dtype, "staging slots")
         self.staging_up, self.staging_down = lay.up(self.staging), lay.down(self.staging)
         self.staging_table = ledger.empty((store.num_experts,), torch.int32, "slot tables")
@@ -497,10 +499,11 @@ class OffloadRuntime:
 
         def read_then_copy(by_caller: bool) -> CopyTicket:
             # (a call that needs the fill before the fills thread took it reads with the calls' readers, which never
-            # queue behind guesses)
+            # queue behind guesses, and copies at demand priority, not behind the prefetches queued)
             sources = (call_reader if by_caller else fill_reader).sources(j, disk_experts)
             with torch.cuda.device(device) if device.type == "cuda" else _no_context():
-                return copies.copy_many([(bank[s], src, after) for s, src in zip(disk_slots, sources)], PREFETCH)
+                return copies.copy_many([(bank[s], src, after) for s, src in zip(disk_slots, sources)],
+                                        DEMAND if by_caller else PREFETCH)
 
         tickets.append(DeferredTicket(self._fills, read_then_copy, len(disk_slots) * self._record_bytes))
         return tickets[0] if len(tickets) == 1 else JoinedTicket(tickets)
@@ -671,7 +674,7 @@ class OffloadRuntime:
 
         written = cache is None or n_gpu > 0  # the slot-bank launch writes every row of acc
         # its mask goes to the device ahead of the waits for copies below (on CUDA a small copy on the compute stream)
-        skip = self._skip_tensor(ids_h.shape, work.ids.device) if written and parts else None
+        skip = self._skip_tensor(ids_h.shape) if written and parts else None
         if cache is not None:
             if self._mirrored:
                 cache.flush_table()
@@ -724,9 +727,9 @@ class OffloadRuntime:
             tel[tm.H2D_BYTES] += m * self._record_bytes
             tel[tm.DISK_BYTES] += from_disk * self._record_bytes
             phase.stall_s[j] += ticket.order_before_compute()
-            if self._staging_table_src is not None:
-                self.staging_table.copy_(self._staging_table_src, non_blocking=True)
-            skip = self._skip_tensor(ids_h.shape, work.ids.device)
+            if self._staging_table_src is not None:  # (the host table changes at the next round)
+                self._upload(self._staging_table_src, out=self.staging_table)
+            skip = self._skip_tensor(ids_h.shape)
             into = acc if first_writes and start == 0 else (part if part is not None else torch.empty_like(acc))
             self._gemm(work.latent, self.staging_up, self.staging_down, self.staging_table, work.ids,
                        work.weights, skip, out=into, pair_norms=work.pair_norms)
@@ -744,16 +747,16 @@ class OffloadRuntime:
         self._call_workspaces = (self._work, self._scratch_pair, self._out, self._counts, self._skip_ws, self._pairs_ws)
         self._skip_views.clear()
 
-    def _skip_tensor(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        """The skip-mask workspace's first ``T * k`` entries as a ``[T, k]`` tensor on ``device``: on the cpu device
-        a view of the workspace (kept per shape, so a decode step builds none), else a copy on the device."""
+    def _skip_tensor(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """The skip-mask workspace's first ``T * k`` entries as a ``[T, k]`` tensor on the runtime's device: on the cpu
+        device a view of the workspace (kept per shape, so a decode step builds none), else a copy on the device."""
         t = self._skip_views.get(shape)
         if t is None:
             if len(self._skip_views) > 64:  # (prefill chunks of many lengths)
                 self._skip_views.clear()
             n = shape[0] * shape[1]
             t = self._skip_views[shape] = torch.from_numpy(self._skip_ws[:n].reshape(shape))
-        return t if self._on_cpu else t.to(device, non_blocking=True)
+        return t if self._on_cpu else self._upload(t)  # (the workspace changes at the next round or call)
 
     def _cpu_compute(self, part: _CpuPart, want_norms: bool,
                      into: np.ndarray | None = None) -> tuple[torch.Tensor | None, np.ndarray | None]:
@@ -761,8 +764,13 @@ class OffloadRuntime:
 
         ``into``: a host fp32 ``[T, L]`` array the sum is added to in place (then None is returned for it).
         """
-        out = torch.zeros(part.x.shape, dtype=torch.float32) if into is None else None
-        target = out.numpy() if into is None else into
+        out = None
+        if into is None:  # (page-locked when it goes to a GPU: uploaded asynchronously, see collect)
+            out = self._upload.host_empty(tuple(part.x.shape), torch.float32)
+            target = out.numpy()
+            target[...] = 0.0
+        else:
+            target = into
         norms = np.full(part.n, np.nan, dtype=np.float32) if want_norms else self._no_norms
         j = part.layer
         prepared = self._cpu_prepared[j]
@@ -804,11 +812,8 @@ class OffloadRuntime:
                 _, norms = self._cpu_compute(part, work.pair_norms is not None, into=pending.out_host)
             else:
                 cpu_out, norms = self._cpu_compute(part, work.pair_norms is not None)
-                # from pageable memory: staged before the call returns, so the host does not wait for the GPU here
-                out += cpu_out.to(out.device, non_blocking=True)
+                out += self._upload(cpu_out, staged=True)  # (asynchronous: the host does not wait for the GPU here)
             if norms is not None:
-                dev = out.device
-                at = torch.from_numpy(part.pairs[(control.PAIR_TOKEN, control.PAIR_PICK), :part.n]).to(dev,
-                                                                                                     non_blocking=True)
-                work.pair_norms[at[0], at[1]] = torch.from_numpy(norms).to(dev, non_blocking=True)
+                at = self._upload(torch.from_numpy(part.pairs[(control.PAIR_TOKEN, control.PAIR_PICK), :part.n]))
+                work.pair_norms[at[0], at[1]] = self._upload(torch.from_numpy(norms))
         return out if out.dtype == work.latent.dtype else out.to(work.latent.dtype)

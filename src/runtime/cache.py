@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from . import control
-from .copies import CopyTicket
+from .copies import CopyTicket, HostUploads
 from .ledger import DeviceLedger
 from .policy import LRU, ExpertCache, make_policy
 from .store import ExpertLayout
@@ -61,6 +61,7 @@ class SlotCache:
         else:
             self.table_host = np.full(num_experts, -1, dtype=np.int32)
             self._table_src = torch.from_numpy(self.table_host)
+        self._upload = HostUploads(self.table.device)
         self._table_dirty = False
         kwargs = {} if prior is None else {"prior": prior, "prior_tokens": prior_tokens}
         self.policy: ExpertCache = make_policy(policy, num_experts, self.num_slots, list(static), **kwargs)
@@ -146,21 +147,24 @@ class SlotCache:
         if not self._table_dirty:
             return
         self._table_dirty = False
-        if self._table_src is not None:
-            # from pageable memory: the source is staged before the call returns, so it may change after
-            self.table.copy_(self._table_src, non_blocking=True)
+        if self._table_src is not None:  # (through a page-locked block: table_host may change right after)
+            self._upload(self._table_src, out=self.table)
 
     # ------------------------------------------------------------------ checks
     def check_resident(self, slots: Sequence[int], experts: Sequence[int]) -> None:
         """Raise if a slot about to be computed has not landed or holds another expert (a broken promise).
 
-        A host-side check, meaningful where compute is ordered on the host (the CPU device); the
-        runtime runs it when built with ``verify=True``. It also checks the table the kernel reads.
+        A host-side check; the runtime runs it when built with ``verify=True``. On the CPU device compute is
+        ordered on the host, so a copy still in flight here is a broken promise. On CUDA the compute stream is
+        ordered after the copies on the device, which the host cannot see: there it first waits on the host for
+        the slots' copies, then checks what they hold. It also checks the table the kernel reads.
         """
         table = self.table.cpu().numpy()  # what the kernel reads
         for s, e in zip(np.asarray(slots).tolist(), np.asarray(experts).tolist()):
             job = int(self.state[control.JOB, s])
             ticket = self.jobs.get(job) if job >= 0 else None
+            if ticket is not None and self.table.device.type == "cuda":
+                ticket.wait()
             in_flight = ticket is not None and not ticket.done()
             if int(self.state[control.EXPERT, s]) != e or in_flight or int(table[e]) != s:
                 raise AssertionError(

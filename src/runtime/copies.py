@@ -171,6 +171,56 @@ class DeferredTicket(CopyTicket):
         return time.perf_counter() - t0 + issued.order_before_compute()
 
 
+class HostUploads:
+    """Small host-to-device copies of data the host reuses or frees right after (slot and staging tables,
+    skip masks, a CPU part's sum, norms), asynchronous and safe on every platform.
+
+    Each goes through a page-locked block of PyTorch's caching host allocator, which hands a block out
+    again only after the copy reading it has completed, so the host may overwrite or free its own
+    array at once. An asynchronous copy straight from pageable memory is safe only where the driver
+    stages the source before the call returns, which CUDA does not promise (systems whose GPU reads
+    pageable memory directly, such as unified-memory machines, may read it later). Where page-locked
+    memory cannot be had, the copies run from pageable memory synchronously (warned once). For a CPU
+    device nothing is staged.
+    """
+
+    _warned = False
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.pin = device.type == "cuda"
+
+    def host_empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A host tensor to fill and then upload with ``staged=True`` (page-locked when that works)."""
+        if self.pin:
+            try:
+                return torch.empty(shape, dtype=dtype, pin_memory=True)
+            except RuntimeError as exc:
+                self._no_pinning(exc)
+        return torch.empty(shape, dtype=dtype)
+
+    def __call__(self, src: torch.Tensor, out: torch.Tensor | None = None, *, staged: bool = False) -> torch.Tensor:
+        """``src`` (host) on the device: copied into ``out`` when given, else into a new tensor. ``staged``: ``src``
+        came from :meth:`host_empty` and is not changed after this call (it is not copied again)."""
+        if self.device.type != "cuda":
+            return src if out is None else out.copy_(src)
+        if not staged and self.pin:
+            block = self.host_empty(tuple(src.shape), src.dtype)
+            src = block.copy_(src) if self.pin else src
+        if out is None:
+            return src.to(self.device, non_blocking=self.pin)
+        return out.copy_(src, non_blocking=self.pin)
+
+    def _no_pinning(self, exc: BaseException) -> None:
+        self.pin = False
+        if not HostUploads._warned:
+            import warnings
+
+            HostUploads._warned = True
+            warnings.warn(f"page-locked host memory could not be allocated ({exc}); small host-to-device copies "
+                          "run synchronously from pageable memory", RuntimeWarning, stacklevel=4)
+
+
 class CopyEngine:
     """Issues ``dst.copy_(src)`` asynchronously; see the module docstring.
 

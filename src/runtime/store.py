@@ -139,14 +139,16 @@ class HostExpertStore:
     def unpin(self) -> None:
         """Unregister the buffers, after every copy from them on :attr:`copy_device` has finished (whatever the
         order in which the garbage collector takes the store and the runtime apart)."""
-        if self._registered:
-            if self.copy_device is not None:
+        try:
+            if self._registered and self.copy_device is not None:
                 torch.cuda.synchronize(self.copy_device)
-            cudart = torch.cuda.cudart()
-            for ptr in self._registered:
-                cudart.cudaHostUnregister(ptr)
-            self._registered.clear()
-        self.pinned = False
+        finally:  # (a sticky CUDA error in the wait must not leave memory registered that is then freed)
+            if self._registered:
+                cudart = torch.cuda.cudart()
+                for ptr in self._registered:
+                    cudart.cudaHostUnregister(ptr)
+                self._registered.clear()
+            self.pinned = False
 
     def __del__(self) -> None:  # pragma: no cover - interpreter shutdown order varies
         try:

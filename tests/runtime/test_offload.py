@@ -889,6 +889,26 @@ def test_on_cuda_offloaded_tokens_equal_the_resident_run(tmp_path, cpu_experts):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_verify_checks_every_launch_and_finds_nothing_wrong(tmp_path):
+    """``verify=True`` on CUDA: before each launch the host waits for the copies into the slots it reads (the
+    compute stream is ordered after them on the device, which the host cannot see) and checks what the slots and
+    the table hold; a correctly ordered run raises nothing and gives the resident answers."""
+    folder, ids, logits, tokens, forced, budget_for = cuda_reference(tmp_path, 16)
+    model = OffloadedNemotron.from_pretrained(folder, device="cuda", vram_budget=f"{budget_for(0.25)}B",
+                                              context=CONTEXT, cpu_experts=False, prefetch=True, quiet=True,
+                                              runtime_options={"verify": True})
+    try:
+        assert model.runtime.options.verify
+        assert rel(model(ids).float().cpu(), logits.float().cpu()) <= 2e-3
+        got = model.generate(ids, max_new_tokens=16, temperature=0, stop_at_eos=False).cpu()
+        assert model.stats()["experts"]["misses"] > 0
+        assert_greedy_matches(model, got, tokens, forced, ids.shape[1])
+    finally:
+        model.runtime.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_cuda_unified_mode_equals_the_resident_run_and_decodes_without_host_routing(tmp_path, monkeypatch):
     """Unified mode on a CUDA device (on a discrete GPU the store is device memory; the code path is DGX Spark's):
     with part of the experts on disk it stages them; with every expert in RAM its decode steps read no routing

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from residency.runtime import store as store_module
-from residency.runtime.copies import DEMAND, PREFETCH, ThreadCopyEngine
+from residency.runtime.copies import DEMAND, PREFETCH, HostUploads, ThreadCopyEngine
 from residency.runtime.ledger import DeviceLedger
 from residency.runtime.policy import make_policy
 from residency.runtime.store import ExpertLayout, HostExpertStore
@@ -211,6 +211,69 @@ def test_unpinning_waits_for_the_copy_device_first(monkeypatch):
     assert events == [("sync", torch.device("cuda", 1)), "unregister", "unregister"]
     store.unpin()  # nothing registered any more: no wait either
     assert len(events) == 3
+
+
+def test_unpinning_unregisters_even_when_waiting_for_the_copy_device_fails(monkeypatch):
+    """A sticky CUDA error in the wait must not leave the buffers registered when they are freed (a later store at
+    the same address could not be registered)."""
+    unregistered = []
+
+    class FakeCudart:
+        def cudaHostRegister(self, ptr, size, flags):
+            return 0
+
+        def cudaHostUnregister(self, ptr):
+            unregistered.append(ptr)
+            return 0
+
+    def failing_sync(device=None):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(store_module.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(store_module.torch.cuda, "cudart", lambda: FakeCudart())
+    monkeypatch.setattr(store_module.torch.cuda, "synchronize", failing_sync)
+    store = HostExpertStore(ExpertLayout(2, 2, torch.float32), 2, 3, pin=True)
+    store.copy_device = torch.device("cuda", 0)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        store.unpin()
+    assert len(unregistered) == 2 and not store.pinned
+    store.unpin()  # nothing registered any more
+    assert len(unregistered) == 2
+
+
+def test_host_uploads_to_a_cpu_device_stage_nothing():
+    src = torch.arange(6, dtype=torch.int32)
+    up = HostUploads(torch.device("cpu"))
+    assert up(src) is src and not up.pin
+    out = torch.full((6,), -1, dtype=torch.int32)
+    assert up(src, out=out) is out and torch.equal(out, src)
+    assert not up.host_empty((2, 3), torch.float32).is_pinned()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_host_uploads_keep_what_the_host_held_when_it_changes_right_after():
+    """Tables and masks are host workspaces rewritten right after their upload is queued: each upload goes through
+    a page-locked block, so the device gets what the host held at the call, on every platform, while the compute
+    stream is still busy."""
+    up = HostUploads(torch.device("cuda"))
+    host = np.zeros(1 << 16, dtype=np.int32)
+    src = torch.from_numpy(host)
+    busy = torch.randn(4096, 4096, device="cuda")
+    outs = []
+    for i in range(32):
+        busy = busy @ busy.T / 4096  # keeps the stream busy, so the copies queue behind it
+        host[:] = i
+        outs.append(up(src))
+        host[:] = -1  # overwritten at once
+    into = torch.empty(1 << 16, dtype=torch.int32, device="cuda")
+    host[:] = 7
+    up(src, out=into)
+    host[:] = -1
+    block = up.host_empty((3,), torch.float32)
+    assert up.pin and block.is_pinned()
+    torch.cuda.synchronize()
+    assert all(bool((o == i).all()) for i, o in enumerate(outs)) and bool((into == 7).all())
 
 
 def test_rows_of_disk_experts_are_minus_one():
