@@ -35,11 +35,9 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import torch
+from bench_runtime import EXPERTS, INNER, LAYERS, TOP_K, WARM_UP, WIDTH, Work, draw_routing, inline_copies
 
-EXPERTS, TOP_K, LAYERS, INNER, WIDTH = 512, 22, 8, 8, 8
-WARM_UP = 20
 ROOT = Path(__file__).resolve().parent.parent
 #: the source trees and where they sit in the installed package (pyproject: ``residency`` with ``runtime`` and
 #: ``kernels`` inside it)
@@ -84,62 +82,15 @@ def load(name: str) -> SimpleNamespace:
     return SimpleNamespace(**{m: importlib.import_module(f"{name}.runtime.{m}") for m in mods})
 
 
-class Work:
-    """What an MoE layer hands its backend (the attributes of residency.model.moe.ExpertWork)."""
-
-    def __init__(self, ids: torch.Tensor, weights: torch.Tensor, x: torch.Tensor) -> None:
-        self.ids, self.weights, self.latent, self.hidden = ids, weights, x, x
-        self.pair_norms = None
-        self.is_decode = True
-
-
 def build(ns: SimpleNamespace, slots: int, prefetch: bool, cpu: bool, seed: int, steps: int):
     """One side's runtime for one case and run; returns ``(step, close)``: ``step(i, times)`` runs decode step ``i``
     of every layer and appends each layer-step's bookkeeping seconds to ``times``."""
-
-    class Done(ns.copies.CopyTicket):
-        def done(self) -> bool:
-            return True
-
-        def wait(self) -> float:
-            return 0.0
-
-    class InlineCopies(ns.copies.CopyEngine):
-        """Copies on the calling thread at issue (bench_runtime's)."""
-
-        def __init__(self) -> None:
-            self.views: dict[int, tuple[torch.Tensor, np.ndarray]] = {}
-
-        def _bytes(self, t: torch.Tensor) -> np.ndarray:
-            hit = self.views.get(id(t))
-            if hit is None or hit[0] is not t:
-                hit = self.views[id(t)] = (t, t.view(torch.uint8).numpy())
-            return hit[1]
-
-        def copy_records(self, dst, src, dst_rows, src_rows, priority=0, after=None):
-            ns.control.copy_rows(self._bytes(dst), self._bytes(src), dst_rows, src_rows)
-            return Done(dst_rows.size * self._bytes(src).shape[1])
-
-        def copy_many(self, jobs, priority=0):
-            for dst, src, _ in jobs:
-                dst.copy_(src)
-            return Done(sum(src.numel() * src.element_size() for _, src, _ in jobs))
-
-        def synchronize(self) -> None:
-            pass
-
     layout = ns.store.ExpertLayout(INNER, WIDTH, torch.float32)
     store = ns.store.HostExpertStore(layout, LAYERS, EXPERTS)
     for buf in store.buffers:
         buf.normal_()
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    popularity = torch.distributions.Dirichlet(torch.full((EXPERTS,), 0.3)).sample((LAYERS,))
     total = steps + WARM_UP
-    routes = [[torch.multinomial(popularity[j], TOP_K, generator=gen)[None] for j in range(LAYERS)]
-              for _ in range(total)]
-    predictions = [[torch.multinomial(popularity[j], TOP_K, generator=gen)[None] for j in range(LAYERS)]
-                   for _ in range(total)]
+    routes, predictions = draw_routing(seed, total)
     now = [0]
     routers = [lambda hidden, j=j: (predictions[now[0]][j], None, None) for j in range(LAYERS)]
     plans = [ns.backend.LayerSlotPlan((), slots, "copy") for _ in range(LAYERS)]
@@ -147,7 +98,7 @@ def build(ns: SimpleNamespace, slots: int, prefetch: bool, cpu: bool, seed: int,
     runtime = ns.backend.OffloadRuntime(store, plans, ns.ledger.DeviceLedger(torch.device("cpu"), None), options,
                                         routers, TOP_K)
     runtime.copies.close()
-    runtime.copies = InlineCopies()
+    runtime.copies = inline_copies(ns.copies, ns.control.copy_rows)()
     x, weights = torch.randn(1, WIDTH), torch.rand(1, TOP_K)
     stall = runtime.telemetry["decode"].stall_s
 
@@ -157,7 +108,7 @@ def build(ns: SimpleNamespace, slots: int, prefetch: bool, cpu: bool, seed: int,
         runtime.begin_step(None, True)
         share = (time.perf_counter() - t0) / LAYERS
         for j in range(LAYERS):
-            work = Work(routes[i][j], weights, x)
+            work = Work(routes[i][j], weights, x, x)
             before = stall[j]
             t0 = time.perf_counter()
             runtime.collect(j, runtime.submit(j, work), work)

@@ -35,10 +35,10 @@ import numpy as np
 import torch
 from _machine import cpu_model, git_commit
 from residency.runtime import backend as backend_module
+from residency.runtime import copies as copies_module
 from residency.runtime import cpu_experts as cpu_experts_module
 from residency.runtime.backend import LayerSlotPlan, OffloadRuntime, RuntimeOptions
 from residency.runtime.control import copy_rows
-from residency.runtime.copies import DEMAND, CopyEngine, CopyTicket
 from residency.runtime.ledger import DeviceLedger
 from residency.runtime.store import ExpertLayout, HostExpertStore
 
@@ -56,39 +56,60 @@ class Work:
         self.is_decode = True
 
 
-class InlineCopies(CopyEngine):
-    """Copies done on the calling thread at issue: isolates the runtime's own per-miss work from the
-    cpu device's hand-over to its copy thread (on CUDA a copy is an asynchronous stream operation)."""
+def inline_copies(copies_module, copy_rows_fn) -> type:
+    """A copy engine (of ``copies_module``, the runtime's ``copies``) whose copies are done on the calling thread at
+    issue, with ``copy_rows_fn`` (the runtime's ``control.copy_rows``): it isolates the runtime's own per-miss work
+    from the cpu device's hand-over to its copy thread (on CUDA a copy is an asynchronous stream operation).
+    A factory, so that ``ab_runtime.py`` builds one per revision it imports."""
 
-    class Done(CopyTicket):
+    class Done(copies_module.CopyTicket):
         def done(self) -> bool:
             return True
 
         def wait(self) -> float:
             return 0.0
 
-    def copy_many(self, jobs, priority=DEMAND):
-        for dst, src, _ in jobs:
-            dst.copy_(src)
-        return self.Done(sum(src.numel() * src.element_size() for _, src, _ in jobs))
+    class InlineCopies(copies_module.CopyEngine):
+        def __init__(self) -> None:
+            # byte views of banks and buffers, kept as the engines keep them
+            self.views: dict[int, tuple[torch.Tensor, np.ndarray]] = {}
 
-    def __init__(self) -> None:
-        # byte views of banks and buffers, kept as the engines keep them
-        self.views: dict[int, tuple[torch.Tensor, np.ndarray]] = {}
+        def _bytes(self, t: torch.Tensor) -> np.ndarray:
+            hit = self.views.get(id(t))
+            if hit is None or hit[0] is not t:
+                hit = self.views[id(t)] = (t, t.view(torch.uint8).numpy())
+            return hit[1]
 
-    def _bytes(self, t: torch.Tensor) -> np.ndarray:
-        hit = self.views.get(id(t))
-        if hit is None or hit[0] is not t:
-            hit = self.views[id(t)] = (t, t.view(torch.uint8).numpy())
-        return hit[1]
+        def copy_records(self, dst, src, dst_rows, src_rows, priority=0, after=None):
+            d, s = self._bytes(dst), self._bytes(src)
+            copy_rows_fn(d, s, dst_rows, src_rows)
+            return Done(dst_rows.size * s.shape[1])
 
-    def copy_records(self, dst, src, dst_rows, src_rows, priority=DEMAND, after=None):
-        d, s = self._bytes(dst), self._bytes(src)
-        copy_rows(d, s, dst_rows, src_rows)
-        return self.Done(dst_rows.size * s.shape[1])
+        def copy_many(self, jobs, priority=0):
+            for dst, src, _ in jobs:
+                dst.copy_(src)
+            return Done(sum(src.numel() * src.element_size() for _, src, _ in jobs))
 
-    def synchronize(self) -> None:
-        pass
+        def synchronize(self) -> None:
+            pass
+
+    return InlineCopies
+
+
+InlineCopies = inline_copies(copies_module, copy_rows)
+
+
+def draw_routing(seed: int, total: int) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
+    """``total`` decode steps of skewed routing with some repeats, roughly like real traces, per MoE layer: the ids
+    each layer routes to and the look-ahead's predictions of them (the same draws for every case of one seed)."""
+    torch.manual_seed(seed)  # (the Dirichlet draws from the global generator)
+    gen = torch.Generator().manual_seed(seed)
+    popularity = torch.distributions.Dirichlet(torch.full((EXPERTS,), 0.3)).sample((LAYERS,))
+    routes = [[torch.multinomial(popularity[j], TOP_K, generator=gen)[None] for j in range(LAYERS)]
+              for _ in range(total)]
+    predictions = [[torch.multinomial(popularity[j], TOP_K, generator=gen)[None] for j in range(LAYERS)]
+                   for _ in range(total)]
+    return routes, predictions
 
 
 def run_case(slots_per_layer: int, prefetch: bool, steps: int, seed: int = 0, static: bool = False,
@@ -97,17 +118,10 @@ def run_case(slots_per_layer: int, prefetch: bool, steps: int, seed: int = 0, st
     store = HostExpertStore(layout, LAYERS, EXPERTS)
     for buf in store.buffers:
         buf.normal_()
-    gen = torch.Generator().manual_seed(seed)
-    # skewed routing with some repeats, roughly like real traces; drawn before the run, the look-ahead's
-    # predictions too, so that the timed calls contain no routing compute (the router's call is counted); the
-    # same draws for every case of one seed
-    torch.manual_seed(seed)  # (the Dirichlet draws from the global generator)
-    popularity = torch.distributions.Dirichlet(torch.full((EXPERTS,), 0.3)).sample((LAYERS,))
+    # drawn before the run, the look-ahead's predictions too, so that the timed calls contain no routing compute
+    # (the router's call is counted)
     total = steps + WARM_UP
-    routes = [[torch.multinomial(popularity[j], TOP_K, generator=gen)[None] for j in range(LAYERS)]
-              for _ in range(total)]
-    predictions = [[torch.multinomial(popularity[j], TOP_K, generator=gen)[None] for j in range(LAYERS)]
-                   for _ in range(total)]
+    routes, predictions = draw_routing(seed, total)
     now = [0]
 
     def make_router(j: int):
