@@ -31,12 +31,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from bench_runtime import EXPERTS, INNER, LAYERS, TOP_K, WARM_UP, WIDTH, Work, draw_routing, inline_copies
+from bench_runtime import EXPERTS, INNER, LAYERS, TOP_K, WARM_UP, WIDTH, draw_routing, inline_copies, timed_decode_step
 
 ROOT = Path(__file__).resolve().parent.parent
 #: the source trees and where they sit in the installed package (pyproject: ``residency`` with ``runtime`` and
@@ -100,21 +99,10 @@ def build(ns: SimpleNamespace, slots: int, prefetch: bool, cpu: bool, seed: int,
     runtime.copies.close()
     runtime.copies = inline_copies(ns.copies, ns.control.copy_rows)()
     x, weights = torch.randn(1, WIDTH), torch.rand(1, TOP_K)
-    stall = runtime.telemetry["decode"].stall_s
 
     def step(i: int, times: list[float]) -> None:
         now[0] = i
-        t0 = time.perf_counter()
-        runtime.begin_step(None, True)
-        share = (time.perf_counter() - t0) / LAYERS
-        for j in range(LAYERS):
-            work = Work(routes[i][j], weights, x, x)
-            before = stall[j]
-            t0 = time.perf_counter()
-            runtime.collect(j, runtime.submit(j, work), work)
-            took = time.perf_counter() - t0
-            if i >= WARM_UP:
-                times.append(share + took - (stall[j] - before))
+        timed_decode_step(runtime, routes[i], weights, x, times if i >= WARM_UP else None)
 
     return step, runtime.close
 

@@ -112,6 +112,25 @@ def draw_routing(seed: int, total: int) -> tuple[list[list[torch.Tensor]], list[
     return routes, predictions
 
 
+def timed_decode_step(runtime, routes: list[torch.Tensor], weights: torch.Tensor, x: torch.Tensor,
+                      times: list[float] | None) -> None:
+    """One decode step of every MoE layer (``routes``: each layer's ids) through ``runtime``; appends each layer-step's
+    bookkeeping seconds to ``times`` (None: untimed): its submit + collect, plus its share of the step boundary
+    (which retires landed copies of every layer), minus its waits for copies."""
+    t0 = time.perf_counter()
+    runtime.begin_step(None, True)
+    boundary = (time.perf_counter() - t0) / LAYERS
+    stall = runtime.telemetry["decode"].stall_s
+    for j in range(LAYERS):
+        work = Work(routes[j], weights, x, x)
+        before = stall[j]
+        t0 = time.perf_counter()
+        runtime.collect(j, runtime.submit(j, work), work)
+        took = time.perf_counter() - t0
+        if times is not None:
+            times.append(boundary + took - (stall[j] - before))
+
+
 def run_case(slots_per_layer: int, prefetch: bool, steps: int, seed: int = 0, static: bool = False,
              inline: bool = False, cpu: bool = False) -> dict:
     layout = ExpertLayout(INNER, WIDTH, torch.float32)
@@ -157,18 +176,7 @@ def run_case(slots_per_layer: int, prefetch: bool, steps: int, seed: int = 0, st
             if step == WARM_UP:  # warm-up done: numba compilation, allocator, first fills
                 runtime.reset_stats()
             now[0] = step
-            # the step boundary retires landed copies of every layer: its share per layer is bookkeeping too
-            t0 = time.perf_counter()
-            runtime.begin_step(None, True)
-            boundary = (time.perf_counter() - t0) / LAYERS
-            for j in range(LAYERS):
-                work = Work(routes[step][j], weights, x, x)
-                stall_before = runtime.telemetry["decode"].stall_s[j]
-                t0 = time.perf_counter()
-                runtime.collect(j, runtime.submit(j, work), work)
-                took = time.perf_counter() - t0
-                if step >= WARM_UP:
-                    per_step.append(boundary + took - (runtime.telemetry["decode"].stall_s[j] - stall_before))
+            timed_decode_step(runtime, routes[step], weights, x, per_step if step >= WARM_UP else None)
         stats = runtime.stats()
     finally:
         backend_module.moe_gather_gemm = real_kernel
