@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
+from datetime import datetime, timezone
 from pathlib import Path
 
 
@@ -33,3 +35,20 @@ def git_commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         return os.environ.get("RESIDENCY_COMMIT") or "unknown"
     return head + ("+dirty" if dirty else "")
+
+
+def run_meta(**extra: object) -> dict:
+    """What a CPU benchmark's report names first: date (UTC), CPU model, Python and torch versions; then ``extra``
+    in the caller's order (the commit, thread counts, ...)."""
+    import torch
+
+    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "cpu": cpu_model(),
+            "python": platform.python_version(), "torch": torch.__version__, **extra}
+
+
+def save_report(out: Path, meta: dict, rows: list, header: str, text: str) -> None:
+    """``out.json`` (``{"meta": meta, "rows": rows}``) and ``out.md`` (``header``, then the printed table ``text``),
+    the folder made first."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    out.with_suffix(".md").write_text(header + text + "\n")

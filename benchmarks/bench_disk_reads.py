@@ -18,18 +18,15 @@ records read are checked against the checkpoint's tensors first.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
-from _machine import cpu_model, git_commit
+from _machine import git_commit, run_meta, save_report
 from residency.runtime.backend import LayerSlotPlan, OffloadRuntime, RuntimeOptions
 from residency.runtime.ledger import DeviceLedger
 from residency.runtime.store import ExpertLayout, HostExpertStore
@@ -108,14 +105,10 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.out is not None:
-        meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "cpu": cpu_model(),
-                "python": platform.python_version(), "torch": torch.__version__, "commit": git_commit(),
-                "source": source, "cores": os.cpu_count()}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+        meta = run_meta(commit=git_commit(), source=source, cores=os.cpu_count())
         header = (f"# Disk-tier reads\n\n`benchmarks/bench_disk_reads.py`, {meta['date']}, {meta['cpu']} "
                   f"({meta['cores']} cores), torch {meta['torch']}, commit {meta['commit']}.\n\n")
-        args.out.with_suffix(".md").write_text(header + text + "\n")
+        save_report(args.out, meta, rows, header, text)
 
 
 if __name__ == "__main__":

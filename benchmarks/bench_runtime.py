@@ -24,16 +24,13 @@ the runs' medians (on a shared machine, load from elsewhere only ever adds time)
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
-from _machine import cpu_model, git_commit
+from _machine import git_commit, run_meta, save_report
 from residency.runtime import backend as backend_module
 from residency.runtime import copies as copies_module
 from residency.runtime import cpu_experts as cpu_experts_module
@@ -238,16 +235,12 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.out is not None:
-        meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "cpu": cpu_model(),
-                "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-                "commit": git_commit(), "threads": 1}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+        meta = run_meta(numpy=np.__version__, commit=git_commit(), threads=1)
         header = (f"# Runtime control-plane cost\n\n`benchmarks/bench_runtime.py`, {meta['date']}, {meta['cpu']}, "
                   f"torch {meta['torch']}, numpy {meta['numpy']}, commit {meta['commit']}, 1 torch thread. "
                   "Bookkeeping = time of submit + collect, plus a layer's share of the step boundary, minus copy "
                   "waits; the expert kernels are stubs that write nothing, routing is drawn before the run.\n\n")
-        args.out.with_suffix(".md").write_text(header + text + "\n")
+        save_report(args.out, meta, rows, header, text)
 
 
 if __name__ == "__main__":
